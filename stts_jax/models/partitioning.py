@@ -31,8 +31,13 @@ _ACTIVE: contextvars.ContextVar[Optional[tuple[Any, tuple]]] = contextvars.Conte
 
 
 def with_names(init, names: Sequence[Optional[str]]):
-  """Wraps a parameter initializer so the variable records its logical axis names."""
-  return nnx.with_partitioning(init, tuple(names))
+  """Wraps a parameter initializer so the variable records its logical axis names.
+
+  `eager_sharding=False`: the names are *logical*; flax's default eager sharding would try to
+  place the value on a mesh at creation (and fail without one, e.g. in unit tests). Placement
+  comes from the rules table instead (sharded init under jit with out_shardings).
+  """
+  return nnx.with_partitioning(init, tuple(names), eager_sharding=False)
 
 
 @contextlib.contextmanager

@@ -1,0 +1,193 @@
+"""Molmo2 vision tower (SigLIP-so400m style) in Flax NNX, with per-range block execution.
+
+Parameter layout (names match the HF checkpoint modules; kernels are torch weights transposed):
+  patch_embedding.kernel     [I, D]  ("patch_in", "vit_embed"); I = 14*14*3 = 588 flattened in
+                                      (pixel_row, pixel_col, channel) order, channel fastest
+  patch_embedding.bias       [D]     ("vit_embed",)
+  positional_embedding       [P, D]  ("vit_pos", "vit_embed"); added to the embedded patches
+  blocks.*  one pre-LN encoder block, stacked on a leading `L` axis ("layers") when scan_layers:
+    layer_norm1.{scale,bias}             [D]      ("norm",)
+    self_attn.{q,k,v}_proj.kernel        [D, N*H] ("vit_embed", "vit_heads"); bias [N*H] ("vit_heads",)
+    self_attn.o_proj.kernel              [N*H, D] ("vit_heads", "vit_embed"); bias [D] ("vit_embed",)
+    layer_norm2.{scale,bias}             [D]      ("norm",)
+    mlp.fc1.kernel [D, F] ("vit_embed", "vit_mlp"), bias [F] ("vit_mlp",)
+    mlp.fc2.kernel [F, D] ("vit_mlp", "vit_embed"), bias [D] ("vit_embed",)
+  No final norm. Block l maps the output of block l-1 (or the embeddings for l = 0) to its output;
+  HF `hidden_states[l + 1]` is the output of block l.
+"""
+
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Bool, Float, Int
+
+from stts_jax.config import ViTConfig
+from stts_jax.models import layers
+from stts_jax.models import partitioning
+
+_ACT_NAMES = ("act_batch", "act_patches", "act_vit_embed")
+REMAT_POLICIES = ("none", "full", "dots")
+
+
+class ViTMLP(nnx.Module):
+  """fc1 -> GELU (tanh approximation) -> fc2, both with bias."""
+
+  def __init__(self, cfg: ViTConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.fc1 = layers.Linear(cfg.hidden_size, cfg.intermediate_size, names=("vit_embed", "vit_mlp"), **kw)
+    self.fc2 = layers.Linear(cfg.intermediate_size, cfg.hidden_size, names=("vit_mlp", "vit_embed"), **kw)
+
+  def __call__(self, x: Float[Array, "*batch D"]) -> Float[Array, "*batch D"]:
+    return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
+
+
+class ViTBlock(nnx.Module):
+  """Pre-LN encoder block: `h += o(attn(LN1 h))`, then `h += fc2(gelu(fc1(LN2 h)))`."""
+
+  def __init__(self, cfg: ViTConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.layer_norm1 = layers.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, **kw)
+    self.self_attn = layers.Attention(
+        cfg.hidden_size, cfg.num_heads, cfg.head_dim, cfg.hidden_size, in_name="vit_embed",
+        heads_name="vit_heads", out_name="vit_embed", use_bias=True, **kw)
+    self.layer_norm2 = layers.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, **kw)
+    self.mlp = ViTMLP(cfg, **kw)
+
+  def __call__(self, x_npd: Float[Array, "N P D"], bias: Optional[Float[Array, "N 1 1 P"]] = None,
+               mask: Optional[Bool[Array, "N 1 P P"]] = None) -> Float[Array, "N P D"]:
+    x_npd = x_npd + self.self_attn(self.layer_norm1(x_npd), bias=bias, mask=mask).astype(x_npd.dtype)
+    x_npd = x_npd + self.mlp(self.layer_norm2(x_npd)).astype(x_npd.dtype)
+    return partitioning.constrain(x_npd, _ACT_NAMES)
+
+
+def _remat(fn, remat: str, *, prevent_cse: bool):
+  if remat == "none":
+    return fn
+  policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if remat == "dots" else None
+  return jax.checkpoint(fn, policy=policy, prevent_cse=prevent_cse)
+
+
+def attention_inputs(
+    key_bias: Optional[Float[Array, "N P"]], segment_ids: Optional[Int[Array, "N P"]],
+) -> tuple[Optional[Float[Array, "N 1 1 P"]], Optional[Bool[Array, "N 1 P P"]]]:
+  """Per-row key bias and block-diagonal mask in the layout the blocks consume.
+
+  mask[n, 0, q, k] = segment_ids[n, q] == segment_ids[n, k] and segment_ids[n, k] >= 0.
+  """
+  bias = None if key_bias is None else key_bias.astype(jnp.float32)[:, None, None, :]
+  mask = None
+  if segment_ids is not None:
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    mask = (same & (segment_ids[:, None, :] >= 0))[:, None]
+  return bias, mask
+
+
+class VisionTransformer(nnx.Module):
+  """The Molmo2 ViT; see the module docstring for the parameter layout.
+
+  Args:
+    cfg: sizes. `num_layers` (default `cfg.num_layers`) blocks are built; the VLM passes
+      `max(adapter.vit_layers) + 1` so trailing checkpoint blocks are never built or run.
+    dtype: compute dtype; param_dtype: storage dtype.
+    scan_layers: stack the blocks (leading "layers" axis) and run ranges with `lax.scan`;
+      otherwise an `nnx.List` of blocks run in a Python loop. Same numbers either way.
+    remat: "none" | "full" | "dots" (`jax.checkpoint`, policy dots_with_no_batch_dims_saveable).
+  """
+
+  def __init__(self, cfg: ViTConfig, *, num_layers: Optional[int] = None, dtype=jnp.float32,
+               param_dtype=jnp.float32, scan_layers: bool = True, remat: str = "none",
+               rngs: nnx.Rngs):
+    cfg.validate()
+    num_layers = cfg.num_layers if num_layers is None else num_layers
+    if not 1 <= num_layers <= cfg.num_layers:
+      raise ValueError(f"VisionTransformer: num_layers={num_layers} outside [1, {cfg.num_layers}]")
+    if remat not in REMAT_POLICIES:
+      raise ValueError(f"VisionTransformer: remat must be one of {REMAT_POLICIES}, got {remat!r}")
+    self.cfg = cfg
+    self.num_layers = num_layers
+    self.scan_layers = scan_layers
+    self.remat = remat
+    self.dtype = dtype
+    kw = dict(dtype=dtype, param_dtype=param_dtype)
+    self.patch_embedding = layers.Linear(cfg.patch_dim, cfg.hidden_size, names=("patch_in", "vit_embed"),
+                                         rngs=rngs, **kw)
+    self.positional_embedding = nnx.Param(partitioning.with_names(
+        nnx.initializers.normal(0.02), ("vit_pos", "vit_embed"))(
+            rngs.params(), (cfg.num_patches, cfg.hidden_size), param_dtype))
+    if scan_layers:
+      @nnx.split_rngs(splits=num_layers)
+      @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+      def make_blocks(block_rngs: nnx.Rngs) -> ViTBlock:
+        return ViTBlock(cfg, rngs=block_rngs, **kw)
+      self.blocks = make_blocks(rngs)
+    else:
+      self.blocks = nnx.List([ViTBlock(cfg, rngs=rngs, **kw) for _ in range(num_layers)])
+
+  def embed(self, patches: Float[Array, "N P I"]) -> Float[Array, "N P D"]:
+    """Linear patch embedding plus the learned positional embedding: `[N, P, I] -> [N, P, D]`."""
+    n, p, i = patches.shape
+    if p != self.cfg.num_patches or i != self.cfg.patch_dim:
+      raise ValueError(f"ViT.embed: patches [N, P, I] = {patches.shape}; expected P={self.cfg.num_patches} "
+                       f"(one per positional embedding) and I={self.cfg.patch_dim}")
+    hidden = self.patch_embedding(patches)
+    hidden = hidden + self.positional_embedding[...].astype(hidden.dtype)[None]
+    return partitioning.constrain(hidden, _ACT_NAMES)
+
+  def run_blocks(
+      self, hidden: Float[Array, "N P D"], start: int, stop: int, *, taps: Sequence[int] = (),
+      key_bias: Optional[Float[Array, "N P"]] = None, segment_ids: Optional[Int[Array, "N P"]] = None,
+  ) -> tuple[Float[Array, "N P D"], dict[int, Float[Array, "N P D"]]]:
+    """Runs blocks `start .. stop-1` (static ints) on `hidden` `[N, P, D]`.
+
+    Returns the output of block `stop-1` (the input if start == stop) and `{i: output of block i}`
+    for every `i` in `taps` with `start <= i < stop`.
+    key_bias `[N, P]`: additive attention bias per key (same for every head and query).
+    segment_ids `[N, P]`: query q sees key k iff ids equal and id[k] >= 0 (packed frames; -1 empty);
+      a query with no visible key gets a zero attention output (no NaN).
+    The positions P need not equal cfg.num_patches here (packed rows).
+    """
+    if not 0 <= start <= stop <= self.num_layers:
+      raise ValueError(f"ViT.run_blocks: need 0 <= start <= stop <= {self.num_layers}, got {start}, {stop}")
+    bias, mask = attention_inputs(key_bias, segment_ids)
+    hidden = hidden.astype(self.dtype)
+    ends = sorted({t + 1 for t in taps if start <= t < stop} | {stop})
+    outputs: dict[int, jax.Array] = {}
+    lo = start
+    for hi in ends:
+      if hi > lo:
+        hidden = self._run_range(hidden, lo, hi, bias, mask)
+      if hi - 1 in taps:
+        outputs[hi - 1] = hidden
+      lo = hi
+    return hidden, outputs
+
+  def _run_range(self, hidden, lo: int, hi: int, bias, mask):
+    if self.scan_layers:
+      graphdef, state = nnx.split(self.blocks)
+      state = jax.tree.map(lambda a: a[lo:hi], state)
+
+      def body(x, layer_state):
+        return nnx.merge(graphdef, layer_state)(x, bias, mask), None
+
+      hidden, _ = jax.lax.scan(_remat(body, self.remat, prevent_cse=False), hidden, state)
+      return hidden
+    for block in self.blocks[lo:hi]:
+      graphdef, state = nnx.split(block)
+
+      def apply(x, block_state, graphdef=graphdef):
+        return nnx.merge(graphdef, block_state)(x, bias, mask)
+
+      hidden = _remat(apply, self.remat, prevent_cse=True)(hidden, state)
+    return hidden
+
+  def __call__(self, patches: Float[Array, "N P I"], taps: Sequence[int]) -> dict[int, Float[Array, "N P D"]]:
+    """Embeds, runs blocks 0..max(taps) and returns `{l: output of block l}` for l in taps."""
+    taps = tuple(taps)
+    if not taps:
+      raise ValueError("ViT: at least one tap (block index) is required")
+    if min(taps) < 0 or max(taps) >= self.num_layers:
+      raise ValueError(f"ViT: taps {taps} outside the {self.num_layers} built blocks")
+    _, outputs = self.run_blocks(self.embed(patches), 0, max(taps) + 1, taps=taps)
+    return outputs

@@ -1,0 +1,226 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from stts_jax.models import vit as vit_lib
+from stts_jax.testing.tiny import tiny_model_config
+
+TOL = 1e-5   # max abs diff, fp32
+
+
+@pytest.fixture(scope="module")
+def cfg():
+  return tiny_model_config().vit   # D=32, 2 heads x 16, 6 blocks, 126 px -> 9x9 = 81 patches
+
+
+@pytest.fixture(scope="module")
+def model(cfg):
+  return vit_lib.VisionTransformer(cfg, rngs=nnx.Rngs(0))
+
+
+@pytest.fixture(scope="module")
+def patches(cfg):
+  return jax.random.normal(jax.random.key(1), (2, cfg.num_patches, cfg.patch_dim))
+
+
+def _unrolled_copy(model, **kw):
+  """An unrolled (nnx.List) ViT with the same weights as the stacked `model`."""
+  other = vit_lib.VisionTransformer(model.cfg, num_layers=model.num_layers, scan_layers=False,
+                                    rngs=nnx.Rngs(99), **kw)
+  nnx.update(other.patch_embedding, nnx.state(model.patch_embedding))
+  other.positional_embedding[...] = model.positional_embedding[...]
+  stacked = nnx.state(model.blocks)
+  for i, block in enumerate(other.blocks):
+    nnx.update(block, jax.tree.map(lambda a: a[i], stacked))
+  return other
+
+
+def test_param_shapes_and_logical_names(model, cfg):
+  d, f, l = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
+  expect = {
+      ("patch_embedding", "kernel"): ((cfg.patch_dim, d), ("patch_in", "vit_embed")),
+      ("positional_embedding",): ((cfg.num_patches, d), ("vit_pos", "vit_embed")),
+      ("blocks", "self_attn", "q_proj", "kernel"): ((l, d, d), ("layers", "vit_embed", "vit_heads")),
+      ("blocks", "self_attn", "q_proj", "bias"): ((l, d), ("layers", "vit_heads")),
+      ("blocks", "self_attn", "o_proj", "kernel"): ((l, d, d), ("layers", "vit_heads", "vit_embed")),
+      ("blocks", "mlp", "fc1", "kernel"): ((l, d, f), ("layers", "vit_embed", "vit_mlp")),
+      ("blocks", "mlp", "fc2", "kernel"): ((l, f, d), ("layers", "vit_mlp", "vit_embed")),
+      ("blocks", "layer_norm1", "scale"): ((l, d), ("layers", "norm")),
+  }
+  flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+  for path, (shape, names) in expect.items():
+    var = flat[path]
+    assert var[...].shape == shape, path
+    assert tuple(var.get_metadata()["out_sharding"]) == names, path
+  # every parameter is named
+  for path, var in flat.items():
+    assert len(var.get_metadata()["out_sharding"]) == var[...].ndim, path
+
+
+def test_num_layers_builds_only_leading_blocks(cfg):
+  small = vit_lib.VisionTransformer(cfg, num_layers=3, rngs=nnx.Rngs(0))
+  assert small.blocks.mlp.fc1.kernel[...].shape[0] == 3
+  with pytest.raises(ValueError, match="outside the 3 built blocks"):
+    small(jnp.zeros((1, cfg.num_patches, cfg.patch_dim)), taps=(3,))
+
+
+def test_scan_equals_unrolled(model, patches):
+  other = _unrolled_copy(model)
+  a = model(patches, taps=(5, 3, 0))
+  b = other(patches, taps=(5, 3, 0))
+  assert sorted(a) == sorted(b) == [0, 3, 5]
+  for l in a:
+    np.testing.assert_allclose(a[l], b[l], atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("remat", ["full", "dots"])
+def test_remat_same_values_and_grads(model, patches, remat):
+  remat_model = _unrolled_copy(model, remat=remat)
+  plain = _unrolled_copy(model)
+
+  def loss(m):
+    return jnp.sum(jnp.square(m(patches, taps=(2,))[2]))
+
+  va, ga = nnx.value_and_grad(loss)(plain)
+  vb, gb = nnx.value_and_grad(loss)(remat_model)
+  np.testing.assert_allclose(va, vb, rtol=1e-6)
+  np.testing.assert_allclose(ga.blocks[1].mlp.fc1.kernel[...], gb.blocks[1].mlp.fc1.kernel[...],
+                             atol=1e-5, rtol=1e-5)
+
+
+def test_remat_scan_grads_match(model, patches):
+  stacked_remat = vit_lib.VisionTransformer(model.cfg, remat="dots", rngs=nnx.Rngs(0))
+  nnx.update(stacked_remat, nnx.state(model))
+
+  def loss(m):
+    return jnp.sum(jnp.square(m(patches, taps=(3,))[3]))
+
+  ga = nnx.grad(loss)(model)
+  gb = nnx.grad(loss)(stacked_remat)
+  np.testing.assert_allclose(ga.blocks.self_attn.k_proj.kernel[...], gb.blocks.self_attn.k_proj.kernel[...],
+                             atol=1e-5, rtol=1e-5)
+
+
+def test_split_ranges_and_taps(model, patches):
+  h0 = model.embed(patches)
+  full, taps_full = model.run_blocks(h0, 0, 6, taps=(1, 4, 5, 9))
+  assert sorted(taps_full) == [1, 4, 5]                       # 9 is outside the range
+  np.testing.assert_array_equal(taps_full[5], full)
+  mid, taps_a = model.run_blocks(h0, 0, 2, taps=(1, 4))
+  assert sorted(taps_a) == [1]
+  out, taps_b = model.run_blocks(mid, 2, 6, taps=(1, 4))
+  assert sorted(taps_b) == [4]
+  np.testing.assert_allclose(out, full, atol=TOL, rtol=0)
+  np.testing.assert_allclose(taps_a[1], taps_full[1], atol=TOL, rtol=0)
+  np.testing.assert_allclose(taps_b[4], taps_full[4], atol=TOL, rtol=0)
+  # one block at a time gives the same result
+  h = h0
+  for i in range(6):
+    h, _ = model.run_blocks(h, i, i + 1)
+  np.testing.assert_allclose(h, full, atol=TOL, rtol=0)
+  # empty range is the identity
+  same, none = model.run_blocks(h0, 3, 3, taps=(3,))
+  assert none == {}
+  np.testing.assert_array_equal(same, h0)
+  # __call__ == embed + run_blocks
+  np.testing.assert_allclose(model(patches, taps=(4,))[4], taps_full[4], atol=TOL, rtol=0)
+
+
+def test_key_bias_large_negative_equals_removed_key(model, patches):
+  h0 = model.embed(patches)                                   # [2, 81, D]
+  drop = 7
+  bias = jnp.zeros(h0.shape[:2]).at[:, drop].set(-1e9)
+  biased, _ = model.run_blocks(h0, 0, 3, key_bias=bias)
+  keep = np.array([i for i in range(h0.shape[1]) if i != drop])
+  removed, _ = model.run_blocks(h0[:, keep], 0, 3)
+  np.testing.assert_allclose(biased[:, keep], removed, atol=TOL, rtol=0)
+  # a finite bias changes the result (it is not ignored)
+  soft, _ = model.run_blocks(h0, 0, 3, key_bias=bias * 0 - 1.0 * (jnp.arange(81) % 2))
+  unbiased, _ = model.run_blocks(h0, 0, 3)
+  assert float(jnp.abs(soft - unbiased).max()) > 1e-3
+
+
+def test_segment_ids_packing_equals_separate_runs(model, patches):
+  h0 = model.embed(patches)                                   # frames 0 and 1
+  a_idx, b_idx = np.arange(0, 50, 2), np.arange(3, 81, 5)     # 25 and 16 kept patches
+  row = jnp.concatenate([h0[0, a_idx], h0[1, b_idx], jnp.full((40, h0.shape[-1]), 3.0)])[None]
+  seg = np.concatenate([np.zeros(25), np.ones(16), -np.ones(40)]).astype(np.int32)[None]
+  packed, taps = model.run_blocks(row, 0, 4, taps=(1,), segment_ids=jnp.asarray(seg))
+  alone_a, _ = model.run_blocks(h0[0:1, a_idx], 0, 4)
+  alone_b, _ = model.run_blocks(h0[1:2, b_idx], 0, 4)
+  np.testing.assert_allclose(packed[0, :25], alone_a[0], atol=TOL, rtol=0)
+  np.testing.assert_allclose(packed[0, 25:41], alone_b[0], atol=TOL, rtol=0)
+  assert np.isfinite(np.asarray(packed)).all() and np.isfinite(np.asarray(taps[1])).all()
+
+  # a row with no valid key at all: finite outputs and finite gradients
+  def loss(m, x):
+    out, _ = m.run_blocks(x, 0, 2, segment_ids=jnp.full(x.shape[:2], -1, jnp.int32))
+    return jnp.sum(out)
+
+  grads = nnx.grad(loss, argnums=(0, 1))(model, row)
+  assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
+
+
+def test_jit_compiles_once(model, cfg):
+  traces = []
+
+  @nnx.jit
+  def forward(m, x, seg, bias):
+    traces.append(1)
+    h, taps = m.run_blocks(m.embed(x), 0, 4, taps=(1, 3), segment_ids=seg, key_bias=bias)
+    return h, taps
+
+  rng = np.random.default_rng(0)
+  for i in range(3):
+    x = jnp.asarray(rng.normal(size=(2, cfg.num_patches, cfg.patch_dim)), jnp.float32)
+    seg = jnp.asarray(rng.integers(-1, 3, size=(2, cfg.num_patches)), jnp.int32)
+    bias = jnp.asarray(rng.uniform(-2, 0, size=(2, cfg.num_patches)), jnp.float32)
+    h, taps = forward(model, x, seg, bias)
+    assert sorted(taps) == [1, 3] and np.isfinite(np.asarray(h)).all()
+  assert len(traces) == 1
+
+
+def test_bad_inputs_raise(model, cfg):
+  with pytest.raises(ValueError, match="expected P=81"):
+    model.embed(jnp.zeros((1, 80, cfg.patch_dim)))
+  with pytest.raises(ValueError, match="start <= stop"):
+    model.run_blocks(jnp.zeros((1, 81, cfg.hidden_size)), 4, 2)
+  with pytest.raises(ValueError, match="remat"):
+    vit_lib.VisionTransformer(cfg, remat="some", rngs=nnx.Rngs(0))
+
+
+def test_bfloat16_compute(model, patches):
+  bf = vit_lib.VisionTransformer(model.cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  nnx.update(bf, nnx.state(model))
+  out = bf(patches, taps=(5,))[5]
+  assert out.dtype == jnp.bfloat16
+  ref = model(patches, taps=(5,))[5]
+  err = float(jnp.abs(out.astype(jnp.float32) - ref).max() / jnp.abs(ref).max())
+  assert err < 0.05, err
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_hidden_states_match_transformers(cfg, scan_layers):
+  """Every block output vs HF `hidden_states[l + 1]` (eager attention, fp32), max abs diff <= 1e-5."""
+  pytest.importorskip("transformers")
+  import torch
+  from tests.models import hf_vision
+
+  hf = hf_vision.tiny_hf_vision(cfg, num_layers=cfg.num_layers, seed=0)
+  ours = vit_lib.VisionTransformer(cfg, scan_layers=scan_layers, rngs=nnx.Rngs(0))
+  hf_vision.load_vit_from_torch(ours, hf)
+  torch.manual_seed(2)
+  pixels = torch.rand(3, cfg.num_patches, cfg.patch_dim) * 2 - 1
+  with torch.no_grad():
+    hidden = hf(pixels, output_hidden_states=True).hidden_states
+  assert len(hidden) == cfg.num_layers + 1
+  x = jnp.asarray(pixels.numpy())
+  np.testing.assert_allclose(ours.embed(x), hidden[0].numpy(), atol=TOL, rtol=0)
+  taps = ours(x, taps=tuple(range(cfg.num_layers)))
+  for l in range(cfg.num_layers):
+    ref = hidden[l + 1].numpy()
+    assert float(np.abs(ref).max()) > 0.1                     # non-trivial values
+    np.testing.assert_allclose(taps[l], ref, atol=TOL, rtol=0, err_msg=f"block {l}")
