@@ -1,0 +1,131 @@
+"""Training sections of the top-level config: `train` (TrainConfig with nested OptimConfig)
+and `mesh` (MeshConfig). Registered with `stts_jax.config.register_section` on import.
+
+Example (configs/*.py):
+  config.train = dict(num_steps=900, grad_accum=1, aux_weight=0.5,
+                      optim=dict(learning_rate=3e-4, scorer_learning_rate=1e-3, warmup_steps=50))
+  config.mesh = dict(data=1, fsdp=-1, tensor=1)
+"""
+
+import dataclasses
+import re
+from typing import Optional
+
+from stts_jax import config as config_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Device mesh ('data', 'fsdp', 'tensor'). One size may be -1 (= the remaining devices).
+
+  rules: overrides of the logical-axis rules table (`stts_jax/train/sharding.py: RULES`), as
+    (logical name, mesh axes) pairs; mesh axes are comma-separated ("data,fsdp") or "" (replicated).
+    An override replaces the default entry of that logical name.
+  """
+  data: int = 1
+  fsdp: int = -1
+  tensor: int = 1
+  rules: tuple[tuple[str, str], ...] = ()
+
+  def validate(self):
+    sizes = (self.data, self.fsdp, self.tensor)
+    if sum(s == -1 for s in sizes) > 1:
+      raise ValueError(f"mesh: at most one of data/fsdp/tensor may be -1, got {sizes}")
+    if any(s == 0 or s < -1 for s in sizes):
+      raise ValueError(f"mesh: sizes must be positive or -1, got {sizes}")
+    for logical, axes in self.rules:
+      for a in filter(None, axes.split(",")):
+        if a.strip() not in ("data", "fsdp", "tensor"):
+          raise ValueError(f"mesh.rules: {logical!r} -> unknown mesh axis {a!r}")
+    return self
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  """AdamW with linear warmup + cosine decay and global-norm clipping.
+
+  Parameter paths are '/'-joined NNX paths (e.g. 'vit/blocks/attn/q_proj/kernel').
+  freeze: regexes (re.search) over paths; matching params get no gradient and no optimizer state.
+  scorer_pattern / scorer_learning_rate: params matching the pattern use their own peak learning
+    rate (None = the main one) under the same schedule shape.
+  Weight decay applies to params of rank >= 2 only (not norms or biases).
+  """
+  learning_rate: float = 1e-5
+  scorer_learning_rate: Optional[float] = None
+  scorer_pattern: str = r"(^|/)scorer(/|$)"
+  freeze: tuple[str, ...] = ()
+  warmup_steps: int = 0
+  decay_steps: Optional[int] = None      # cosine length after warmup; None -> train.num_steps - warmup
+  min_lr_ratio: float = 0.0              # final lr = peak * min_lr_ratio
+  weight_decay: float = 0.0
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-8
+  clip_norm: float = 1.0                 # 0 disables clipping
+
+  def validate(self):
+    if self.learning_rate < 0 or (self.scorer_learning_rate or 0.0) < 0:
+      raise ValueError("optim: learning rates must be >= 0")
+    if self.warmup_steps < 0 or (self.decay_steps is not None and self.decay_steps < 1):
+      raise ValueError("optim: warmup_steps must be >= 0 and decay_steps >= 1")
+    if self.clip_norm < 0:
+      raise ValueError("optim.clip_norm must be >= 0")
+    for pattern in (self.scorer_pattern, *self.freeze):
+      try:
+        re.compile(pattern)
+      except re.error as e:
+        raise ValueError(f"optim: bad regex {pattern!r}: {e}") from e
+    return self
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """The training loop. One step = one optimizer update on one global batch.
+
+  grad_accum: the global batch is split into this many microbatches inside the step (scan);
+    the loss is normalised by the answer-token count of the whole batch, so any grad_accum gives
+    the same update as grad_accum=1 (up to float rounding).
+  skip_nonfinite: a step whose loss or gradient norm is not finite leaves params and optimizer
+    state unchanged and increments the `skipped` counter (in the compiled step).
+  """
+  num_steps: int = 1000
+  grad_accum: int = 1
+  aux_weight: float = 0.5
+  seed: int = 0
+  skip_nonfinite: bool = True
+  log_every: int = 10
+  eval_every: int = 0                    # 0: no eval hook calls during training
+  checkpoint_every: int = 500            # 0: only the final (and SIGTERM) checkpoints
+  max_to_keep: int = 3
+  async_checkpoint: bool = True
+  tensorboard: bool = True
+  progress_bar: bool = True
+  optim: OptimConfig = OptimConfig()
+
+  def validate(self):
+    if self.num_steps < 1 or self.grad_accum < 1:
+      raise ValueError("train: num_steps and grad_accum must be >= 1")
+    if self.log_every < 1 or self.eval_every < 0 or self.checkpoint_every < 0:
+      raise ValueError("train: log_every >= 1, eval_every >= 0, checkpoint_every >= 0")
+    if self.max_to_keep < 1:
+      raise ValueError("train.max_to_keep must be >= 1")
+    self.optim.validate()
+    return self
+
+  @property
+  def decay_steps(self) -> int:
+    if self.optim.decay_steps is not None:
+      return self.optim.decay_steps
+    return max(self.num_steps - self.optim.warmup_steps, 1)
+
+
+def build_train_config(cfg) -> TrainConfig:
+  return config_lib.from_dict(TrainConfig, cfg, "train").validate()
+
+
+def build_mesh_config(cfg) -> MeshConfig:
+  return config_lib.from_dict(MeshConfig, cfg, "mesh").validate()
+
+
+config_lib.register_section("train", build_train_config)
+config_lib.register_section("mesh", build_mesh_config)

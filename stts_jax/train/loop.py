@@ -1,0 +1,230 @@
+"""The training loop: sharded init, one compiled step, metrics, eval hook, checkpoints.
+
+The step is compiled once under `jax.set_mesh(mesh)`: `nnx.split` of the TrainState, a pure
+`(state, batch) -> (state, metrics)` under `jax.jit` with in/out shardings from the rules table
+and the state donated, then `nnx.merge` inside. Metrics go to `workdir/metrics.jsonl` and
+TensorBoard (`workdir/tb`) from process 0 only; checkpoints to `workdir/checkpoints`.
+"""
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Optional
+
+import jax
+import numpy as np
+from flax import nnx
+
+from stts_jax.models import partitioning
+from stts_jax.train import checkpoint as ckpt_lib
+from stts_jax.train import sharding
+from stts_jax.train import step as step_lib
+from stts_jax.train.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+# Host batch fields of these dtypes go to the devices; others (int64 example ids, strings) stay
+# on the host (logged, never traced).
+_DEVICE_DTYPES = (np.bool_, np.uint8, np.int32, np.float32, np.float16)
+
+
+@dataclasses.dataclass
+class TrainResult:
+  graphdef: Any
+  state: nnx.State                  # final TrainState state (sharded arrays)
+  history: list[dict[str, float]]   # logged metrics (every log_every steps) of this run
+  preempted: bool                   # stopped by SIGTERM (checkpoint written)
+  compilations: int                 # compilations of the step function in this run
+
+
+def device_fields(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  return {k: v for k, v in batch.items() if np.asarray(v).dtype.type in _DEVICE_DTYPES}
+
+
+def abstract_state(model_fn: Callable[[], nnx.Module], cfg: TrainConfig, mesh: jax.sharding.Mesh,
+                   rules: Sequence[tuple[str, Any]]) -> tuple[Any, nnx.State, Any]:
+  """(graphdef, abstract state with sharded ShapeDtypeStructs, shardings); nothing allocated."""
+  # No mesh context here: under one, nnx.eval_shape would read the *logical* names as mesh axes.
+  abs_ts = nnx.eval_shape(lambda: step_lib.TrainState(model_fn(), cfg))
+  graphdef, abs_state = nnx.split(abs_ts)
+  shardings = sharding.state_shardings(abs_state, mesh, rules)
+  abs_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                           abs_state, shardings)
+  return graphdef, abs_state, shardings
+
+
+def init_state(model_fn: Callable[[], nnx.Module], cfg: TrainConfig, mesh: jax.sharding.Mesh,
+               rules: Sequence[tuple[str, Any]]) -> tuple[Any, nnx.State, Any]:
+  """Sharded init under jit: every array is created directly in its final layout."""
+  graphdef, _, shardings = abstract_state(model_fn, cfg, mesh, rules)
+  with jax.set_mesh(mesh):
+    state = jax.jit(lambda: nnx.split(step_lib.TrainState(model_fn(), cfg))[1],
+                    out_shardings=shardings)()
+  return graphdef, state, shardings
+
+
+def make_step_fn(graphdef: Any, state_shardings: Any, batch_shardings: Mapping[str, Any],
+                 mesh: jax.sharding.Mesh, rules: Sequence[tuple[str, Any]], cfg: TrainConfig,
+                 forward: Optional[step_lib.Forward] = None):
+  """jit(pure step) with explicit shardings; the state argument is donated."""
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+  def pure_step(state, batch):
+    with partitioning.activation_rules(mesh, rules):
+      ts = nnx.merge(graphdef, state)
+      metrics = step_lib.train_step(ts, batch, cfg=cfg, forward=forward)
+      return nnx.state(ts), metrics
+
+  return jax.jit(pure_step, in_shardings=(state_shardings, dict(batch_shardings)),
+                 out_shardings=(state_shardings, replicated), donate_argnums=0)
+
+
+class _MetricsWriter:
+  """JSONL + TensorBoard from process 0; no-op elsewhere."""
+
+  def __init__(self, workdir: str, tensorboard: bool):
+    self.active = jax.process_index() == 0
+    self.tb = None
+    if not self.active:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    if tensorboard:
+      import tensorboardX
+      self.tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tb"))
+
+  def write(self, step: int, metrics: Mapping[str, float]) -> None:
+    if not self.active:
+      return
+    self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+    self.jsonl.flush()
+    if self.tb is not None:
+      for k, v in metrics.items():
+        self.tb.add_scalar(k, v, step)
+
+  def close(self) -> None:
+    if self.active:
+      self.jsonl.close()
+      if self.tb is not None:
+        self.tb.close()
+
+
+class _Preemption:
+  """SIGTERM -> flag; the loop saves and stops at the next step boundary."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    def handler(signum, frame):
+      del signum, frame
+      self.requested = True
+    try:
+      self._previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:   # not the main thread: no handler
+      self._previous = None
+    return self
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+  def any_process(self) -> bool:
+    if jax.process_count() == 1:
+      return self.requested
+    from jax.experimental import multihost_utils
+    flags = multihost_utils.process_allgather(np.asarray(self.requested, np.int32))
+    return bool(np.any(flags))
+
+
+def _scalars(metrics: Mapping[str, jax.Array]) -> dict[str, float]:
+  return {k: float(v) for k, v in jax.device_get(dict(metrics)).items()}
+
+
+def run(model_fn: Callable[[], nnx.Module], data_iter: Iterator[Mapping[str, np.ndarray]],
+        cfg: TrainConfig, mesh: jax.sharding.Mesh, rules: Sequence[tuple[str, Any]], workdir: str, *,
+        config_json: Optional[dict] = None, forward: Optional[step_lib.Forward] = None,
+        eval_fn: Optional[Callable[[nnx.Module, int], Mapping[str, float]]] = None) -> TrainResult:
+  """Trains to `cfg.num_steps`, resuming from the latest checkpoint in `workdir/checkpoints`.
+
+  data_iter: yields host batches (this process's rows) and has get_state()/set_state().
+  eval_fn(model, step) -> metrics, called every `eval_every` steps and at the end (if set).
+  """
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(os.path.abspath(workdir), "checkpoints"),
+                                       max_to_keep=cfg.max_to_keep, async_save=cfg.async_checkpoint)
+  latest = checkpointer.latest_step()
+  if latest is None:
+    graphdef, state, shardings = init_state(model_fn, cfg, mesh, rules)
+  else:
+    graphdef, abs_state, shardings = abstract_state(model_fn, cfg, mesh, rules)
+    state, _ = checkpointer.restore(latest, abs_state, data_iter)
+    log.info("resumed from step %d", latest)
+  start = int(jax.device_get(state["step"].get_value()))
+  writer = _MetricsWriter(workdir, cfg.tensorboard)
+  history: list[dict[str, float]] = []
+  step_fn = None
+  preempted = False
+  config_json = config_json or {}
+  progress = None
+  if cfg.progress_bar and jax.process_index() == 0:
+    import tqdm
+    progress = tqdm.tqdm(total=cfg.num_steps, initial=start, desc="train", dynamic_ncols=True)
+
+  def evaluate(step: int) -> None:
+    if eval_fn is None:
+      return
+    model = nnx.merge(graphdef, state).model
+    with jax.set_mesh(mesh):
+      scores = {f"eval/{k}": float(v) for k, v in eval_fn(model, step).items()}
+    writer.write(step, scores)
+    history.append({"step": float(step), **scores})
+
+  try:
+    with _Preemption() as preemption, jax.set_mesh(mesh):
+      window_start, window_steps, window_tokens = time.perf_counter(), 0, 0.0
+      for step in range(start, cfg.num_steps):
+        host_batch = next(data_iter)
+        batch = sharding.shard_batch(device_fields(host_batch), mesh, rules)
+        if step_fn is None:
+          batch_shardings = {k: v.sharding for k, v in batch.items()}
+          step_fn = make_step_fn(graphdef, shardings, batch_shardings, mesh, rules, cfg, forward)
+        state, metrics = step_fn(state, batch)
+        window_steps += 1
+        window_tokens += float(np.sum(host_batch["token_mask"])) * jax.process_count()
+        done = step + 1
+        if progress is not None:
+          progress.update(1)
+        if done % cfg.log_every == 0 or done == cfg.num_steps:
+          scalars = _scalars(metrics)
+          elapsed = time.perf_counter() - window_start
+          scalars["step_time"] = elapsed / window_steps
+          scalars["tokens_per_s"] = window_tokens / max(elapsed, 1e-9)
+          writer.write(done, scalars)
+          history.append(scalars)
+          if progress is not None:
+            progress.set_postfix(loss=f"{scalars['loss']:.4f}", skipped=int(scalars["skipped_total"]))
+          window_start, window_steps, window_tokens = time.perf_counter(), 0, 0.0
+        if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.num_steps:
+          evaluate(done)
+        if preemption.any_process():
+          checkpointer.save(done, state, data_iter, config_json)
+          log.warning("SIGTERM: saved checkpoint at step %d, stopping", done)
+          preempted = True
+          break
+        if done == cfg.num_steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
+          checkpointer.save(done, state, data_iter, config_json)
+      if not preempted and start < cfg.num_steps:
+        evaluate(cfg.num_steps)
+  finally:
+    checkpointer.close()
+    writer.close()
+    if progress is not None:
+      progress.close()
+  compilations = step_fn._cache_size() if step_fn is not None else 0
+  return TrainResult(graphdef=graphdef, state=state, history=history, preempted=preempted,
+                     compilations=compilations)

@@ -1,0 +1,152 @@
+"""One training step on NNX objects: forward, loss, gradients (with in-step accumulation),
+non-finite guard, optimizer update. Pure of host state; the loop jits it once.
+
+loss = sum over answer tokens of CE / (answer tokens in the global batch)
+       + aux_weight * temporal aux loss (DESIGN.md section 3.10).
+"""
+
+from collections.abc import Callable
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jaxtyping import Array, Bool, Float, Int
+
+from stts_jax.models import partitioning
+from stts_jax.train import optim
+from stts_jax.train.config import TrainConfig
+
+Forward = Callable[..., Any]   # forward(model, batch, *, rng, deterministic) -> VideoOutput
+
+
+class Counter(nnx.Variable):
+  """Integer training counters (not trained, not in the optimizer)."""
+
+
+class TrainState(nnx.Module):
+  """Everything a step changes and a checkpoint stores: model, optimizer, counters.
+
+  step: steps run (applied or skipped); skipped: steps whose update was dropped as non-finite.
+  `optimizer.step` counts applied updates (it drives the learning-rate schedule).
+  """
+
+  def __init__(self, model: nnx.Module, cfg: TrainConfig):
+    self.model = model
+    self.optimizer = optim.make_optimizer(model, cfg)
+    self.step = Counter(jnp.zeros((), jnp.int32))
+    self.skipped = Counter(jnp.zeros((), jnp.int32))
+
+
+def answer_cross_entropy(logits_bsv: Float[Array, "B S V"], target_ids_bs: Int[Array, "B S"],
+                         loss_mask_bs: Bool[Array, "B S"]) -> Float[Array, ""]:
+  """Sum of float32 cross entropy over positions where `loss_mask` is True."""
+  logits = logits_bsv.astype(jnp.float32)
+  logz = jax.nn.logsumexp(logits, axis=-1)
+  target = jnp.take_along_axis(logits, target_ids_bs[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  return jnp.sum(jnp.where(loss_mask_bs, logz - target, 0.0))
+
+
+def _microbatches(batch: dict[str, jax.Array], num_micro: int) -> dict[str, jax.Array]:
+  """[B, ...] -> [A, B/A, ...], microbatch a = rows a, a+A, a+2A, ... so every device's
+  contiguous block of the batch holds rows of every microbatch (no resharding)."""
+  out = {}
+  for key, x in batch.items():
+    b = x.shape[0]
+    if b % num_micro:
+      raise ValueError(f"batch field {key!r}: batch {b} not divisible by grad_accum={num_micro}")
+    out[key] = jnp.moveaxis(x.reshape(b // num_micro, num_micro, *x.shape[1:]), 1, 0)
+  return out
+
+
+def _constrain_batch(mb: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  return {k: partitioning.constrain(v, ("act_batch",) + (None,) * (v.ndim - 1)) for k, v in mb.items()}
+
+
+def _default_forward() -> Forward:
+  from stts_jax.models import video_forward
+  return video_forward.forward_video
+
+
+def _apply_update(optimizer: nnx.Optimizer, model: nnx.Module, grads: Any) -> None:
+  optimizer.update(model, grads)
+
+
+def _skip_update(optimizer: nnx.Optimizer, model: nnx.Module, grads: Any) -> None:
+  del optimizer, model, grads
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], *, cfg: TrainConfig,
+               forward: Optional[Forward] = None) -> dict[str, jax.Array]:
+  """Runs one step in place on `state`; returns scalar metrics.
+
+  batch: the device batch (global arrays), fields as the data pipeline's (`input_ids [B, S]`,
+  `loss_mask [B, S]`, `frame_mask [B, T]`, `patches [B, T, P, 588]`, ...). `loss_mask` counts the
+  answer tokens that normalise the loss (pruning never removes answer tokens).
+  forward: `forward(model, batch, *, rng, deterministic)` returning an object with `logits`,
+  `target_ids`, `loss_mask`, `aux_loss`, `keep_mask`; default `video_forward.forward_video`.
+  """
+  forward = forward or _default_forward()
+  model, optimizer = state.model, state.optimizer
+  num_micro = cfg.grad_accum
+  rng = jax.random.fold_in(jax.random.key(cfg.seed), state.step[...])
+  normalizer = jnp.maximum(jnp.sum(batch["loss_mask"]), 1).astype(jnp.float32)
+  graphdef, params, rest = nnx.split(model, optimizer.wrt, ...)
+
+  def micro_loss(params_, mb, micro_rng):
+    m = nnx.merge(graphdef, params_, rest, copy=True)
+    out = forward(m, mb, rng=micro_rng, deterministic=False)
+    ce_sum = answer_cross_entropy(out.logits, out.target_ids, out.loss_mask)
+    aux = jnp.asarray(out.aux_loss, jnp.float32)
+    loss = ce_sum / normalizer + cfg.aux_weight * aux / num_micro
+    keep = out.keep_mask & mb["frame_mask"][:, :, None]
+    stats = {"ce_sum": ce_sum, "aux_loss": aux / num_micro,
+             "kept_windows": jnp.sum(keep).astype(jnp.float32),
+             "valid_windows": (jnp.sum(mb["frame_mask"]) * keep.shape[-1]).astype(jnp.float32),
+             "loss_tokens": jnp.sum(out.loss_mask).astype(jnp.float32)}
+    return loss, stats
+
+  grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+  if num_micro == 1:
+    (loss, stats), grads = grad_fn(params, _constrain_batch(batch), rng)
+  else:
+    micro = _microbatches(batch, num_micro)
+
+    def body(carry, xs):
+      i, mb = xs
+      (l, st), g = grad_fn(params, _constrain_batch(mb), jax.random.fold_in(rng, i))
+      acc_loss, acc_stats, acc_grads = carry
+      return (acc_loss + l, jax.tree.map(jnp.add, acc_stats, st),
+              jax.tree.map(jnp.add, acc_grads, g)), None
+
+    zeros_stats = {k: jnp.zeros((), jnp.float32) for k in
+                   ("ce_sum", "aux_loss", "kept_windows", "valid_windows", "loss_tokens")}
+    zeros_grads = jax.tree.map(jnp.zeros_like, params)
+    (loss, stats, grads), _ = jax.lax.scan(
+        body, (jnp.zeros((), jnp.float32), zeros_stats, zeros_grads),
+        (jnp.arange(num_micro), micro))
+
+  grad_norm = optax.tree.norm(grads)
+  ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  lr = {name: sched(optimizer.step[...]) for name, sched in optim.schedules(cfg).items()}
+  if cfg.skip_nonfinite:
+    nnx.cond(ok, _apply_update, _skip_update, optimizer, model, grads)
+  else:
+    optimizer.update(model, grads)
+  skipped = jnp.logical_not(ok).astype(jnp.int32) if cfg.skip_nonfinite else jnp.zeros((), jnp.int32)
+  state.skipped[...] += skipped
+  state.step[...] += 1
+  return {
+      "loss": loss,
+      "ce": stats["ce_sum"] / normalizer,
+      "aux_loss": stats["aux_loss"],
+      "kept_ratio": stats["kept_windows"] / jnp.maximum(stats["valid_windows"], 1.0),
+      "loss_tokens": stats["loss_tokens"],
+      "grad_norm": grad_norm,
+      "lr": lr["main"],
+      "lr_scorer": lr["scorer"],
+      "skipped": skipped,
+      "skipped_total": state.skipped[...],
+      "step": state.step[...],
+  }

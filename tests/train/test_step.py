@@ -1,0 +1,95 @@
+"""train_step: sharded == single device, accumulation == one batch, non-finite skip, one compile."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tests.train import helpers, toy_model
+
+
+def _run(mesh, cfg, batch_list, **kw):
+  _, state, step_fn = helpers.build_step(mesh, cfg, batch=batch_list[0], **kw)
+  metrics = []
+  with jax.set_mesh(mesh):
+    for b in batch_list:
+      state, m = step_fn(state, helpers.put(b, mesh))
+      metrics.append(jax.device_get(m))
+  return state, metrics, step_fn
+
+
+@pytest.mark.multidevice
+def test_sharded_step_equals_single_device():
+  cfg = helpers.train_cfg(optim={"warmup_steps": 0})
+  batch_list = [next(helpers.batches())]
+  s8, m8, _ = _run(helpers.mesh_8(), cfg, batch_list)
+  s1, m1, _ = _run(helpers.mesh_1(), cfg, batch_list)
+  np.testing.assert_allclose(m8[0]["loss"], m1[0]["loss"], rtol=1e-5, atol=1e-5)
+  a, b = helpers.flat_arrays(s8), helpers.flat_arrays(s1)
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-5, err_msg=k)
+  # The update moved the params (so the comparison above is not vacuous).
+  _, s0, _ = helpers.build_step(helpers.mesh_1(), cfg)
+  before = helpers.flat_arrays(s0)
+  assert np.abs(before["model/up"] - a["model/up"]).max() > 1e-4
+  # Params and optimizer moments are laid out as the rules say.
+  model, opt = s8["model"], s8["optimizer"]
+  P = jax.sharding.PartitionSpec
+  assert model["embed"].get_value().sharding.spec == P(("tensor", "fsdp"), None)
+  assert model["head"].get_value().sharding.spec == P("fsdp", "tensor")
+  assert model["up"].get_value().sharding.spec == P("fsdp", "tensor")
+  assert model["norm"].get_value().sharding.spec == P(None)
+  mu_up = opt["opt_state"][1]["inner_states"]["main"]["inner_state"][0]["mu"]["up"]
+  assert mu_up.get_value().sharding.spec == P("fsdp", "tensor")
+  shard_shape = model["up"].get_value().addressable_shards[0].data.shape
+  assert shard_shape == (32 // 2, 128 // 2)
+
+
+def test_grad_accumulation_equals_full_batch():
+  batch_list = [next(helpers.batches(batch_size=4))]
+  mesh = helpers.mesh_1()
+  s1, m1, _ = _run(mesh, helpers.train_cfg(grad_accum=1), batch_list)
+  s4, m4, _ = _run(mesh, helpers.train_cfg(grad_accum=2), batch_list)
+  np.testing.assert_allclose(m4[0]["loss"], m1[0]["loss"], rtol=1e-6)
+  np.testing.assert_allclose(m4[0]["grad_norm"], m1[0]["grad_norm"], rtol=1e-5)
+  a, b = helpers.flat_arrays(s1), helpers.flat_arrays(s4)
+  for k in a:
+    np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def _nan_forward(model, batch, *, rng=None, deterministic=True):
+  """toy_forward whose logits turn NaN when a timestamp is NaN (poisons loss and grads)."""
+  out = toy_model.toy_forward(model, batch, rng=rng, deterministic=deterministic)
+  poison = jnp.sum(batch["timestamps"]) * 0.0
+  return dataclasses.replace(out, logits=out.logits + poison)
+
+
+@pytest.mark.multidevice
+def test_nonfinite_step_is_skipped_and_counted_with_one_compilation():
+  it = helpers.batches()
+  b0, b1, b2 = next(it), next(it), next(it)
+  b1 = dict(b1, timestamps=np.full_like(b1["timestamps"], np.nan))
+  mesh = helpers.mesh_8()
+  cfg = helpers.train_cfg(optim={"warmup_steps": 0})
+  _, state, step_fn = helpers.build_step(mesh, cfg, forward=_nan_forward, batch=b0)
+  snapshots, metrics = [], []
+  with jax.set_mesh(mesh):
+    for b in (b0, b1, b2):
+      state, m = step_fn(state, helpers.put(b, mesh))
+      snapshots.append(helpers.flat_arrays(state))
+      metrics.append(jax.device_get(m))
+  assert [int(m["skipped"]) for m in metrics] == [0, 1, 0]
+  assert [int(m["skipped_total"]) for m in metrics] == [0, 1, 1]
+  assert [int(m["step"]) for m in metrics] == [1, 2, 3]
+  assert not np.isfinite(metrics[1]["loss"])
+  assert np.isfinite(metrics[2]["loss"])
+  for k, v in snapshots[0].items():   # skipped: params, moments and optimizer step unchanged
+    if k not in ("step", "skipped"):
+      np.testing.assert_array_equal(snapshots[1][k], v, err_msg=k)
+  assert int(snapshots[1]["optimizer/step"]) == 1 and int(snapshots[2]["optimizer/step"]) == 2
+  assert np.abs(snapshots[2]["model/up"] - snapshots[1]["model/up"]).max() > 0
+  assert all(np.isfinite(v).all() for v in snapshots[2].values())
+  assert step_fn._cache_size() == 1   # one compilation across three different batches
