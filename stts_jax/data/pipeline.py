@@ -1,0 +1,330 @@
+"""Grain input pipelines: source -> process shard -> shuffle -> decode/preprocess/tokenize -> batch.
+
+A batch is a dict of numpy arrays with static shapes (B = per-process batch, T = max_frames,
+P = patches per frame, S = seq_len, K = max_options):
+  patches uint8 [B, T, P, 3*patch^2] (Molmo2-resized, row-major patches, (row, col, channel)),
+  frame_mask bool [B, T] (real frames first), timestamps float32 [B, T],
+  input_ids int32 [B, S] (right-padded with tokens.pad), token_mask bool [B, S],
+  target_ids int32 [B, S] (next token), loss_mask bool [B, S] (target is an answer token),
+  example_id int64 [B] (row of the split's manifest/source; -1 for padding slots),
+  answer_index int32 [B] (-1 if open-ended), option_ids int32 [B, K] (option letter token ids,
+  -1 padded), prompt_len int32 [B] (tokens before the answer), valid bool [B],
+  skipped bool [B] (a bad example replaced by an empty slot).
+Each real frame contributes exactly W = rows*cols `<im_patch>` tokens, frames in order.
+
+Bad input: with `on_error="raise"` the first bad example raises `DataError` naming the example,
+its video and the problem. With `"skip"` (default) it becomes an empty slot (valid=False, all
+masks False, so it adds nothing to the loss), is logged with the same message and counted
+(`batch["skipped"]`, `DataIterator.num_skipped`, saved in the iterator state). Keeping the slot
+instead of filtering keeps batch composition, and hence checkpoint resumption, exact.
+"""
+
+import dataclasses
+import logging
+import os
+from typing import Any, Optional
+
+import grain
+import numpy as np
+
+from stts_jax import config as config_lib
+from stts_jax.data import manifest as manifest_lib
+from stts_jax.data import preprocess
+from stts_jax.data import prompt as prompt_lib
+from stts_jax.data import tokenizer as tokenizer_lib
+from stts_jax.data import video as video_lib
+from stts_jax.data.config import DataConfig
+
+
+class DataError(ValueError):
+  """An example could not be turned into model inputs (names the example, video and problem)."""
+
+
+# ----------------------------------------------------------------------------------------
+# sources: random access to raw records {"index", "id", "question", "options", "answer",
+# "answer_index", and "video" (path or bytes) or "frames" + "fps"}
+# ----------------------------------------------------------------------------------------
+class ManifestSource:
+  """Records of a JSONL manifest; videos are decoded from their files."""
+
+  def __init__(self, examples: list[manifest_lib.Example]):
+    self.examples = examples
+
+  def __len__(self) -> int:
+    return len(self.examples)
+
+  def __getitem__(self, i: int) -> dict:
+    ex = self.examples[i]
+    return {"index": i, "id": ex.id, "video": ex.video, "video_name": ex.video, "question": ex.question,
+            "options": list(ex.options) if ex.options else None, "answer": ex.answer,
+            "answer_index": ex.answer_index}
+
+  def example(self, index: int) -> manifest_lib.Example:
+    return self.examples[index]
+
+
+class ArraysSource(ManifestSource):
+  """Manifest records with all frames of every video pre-decoded into one uint8 .npy [N, F, H, W, 3].
+
+  `fps` is the frame rate of the encoded videos; sampling then applies the same
+  `video.sample_indices` rule to the stored frames as decoding the files would.
+  """
+
+  def __init__(self, examples: list[manifest_lib.Example], frames_path: str, fps: float,
+               rows: Optional[list[int]] = None):
+    super().__init__(examples)
+    self.frames_path = frames_path
+    self.fps = float(fps)
+    self.rows = rows if rows is not None else list(range(len(examples)))
+    self._frames = None
+
+  def __getstate__(self):
+    state = dict(self.__dict__)
+    state["_frames"] = None
+    return state
+
+  def __getitem__(self, i: int) -> dict:
+    if self._frames is None:
+      self._frames = np.load(self.frames_path, mmap_mode="r")
+    rec = super().__getitem__(i)
+    rec["frames"] = np.asarray(self._frames[self.rows[i]])
+    rec["fps"] = self.fps
+    return rec
+
+
+class TfdsSource:
+  """Records of a prepared `tfds_builder.VideoQa` split (encoded video bytes)."""
+
+  def __init__(self, data_dir: str, split: str):
+    from stts_jax.data import tfds_builder
+    self._source = tfds_builder.data_source(data_dir, split)
+    self._to_raw = tfds_builder.record_to_raw
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, i: int) -> dict:
+    return self._to_raw(self._source[i])
+
+
+class _Padded:
+  """A fixed list of source rows; -1 entries are padding records."""
+
+  def __init__(self, source, rows: np.ndarray):
+    self.source = source
+    self.rows = rows
+
+  def __len__(self) -> int:
+    return len(self.rows)
+
+  def __getitem__(self, i: int) -> dict:
+    row = int(self.rows[i])
+    return {"index": -1} if row < 0 else self.source[row]
+
+
+# ----------------------------------------------------------------------------------------
+# one record -> fixed-shape model inputs
+# ----------------------------------------------------------------------------------------
+class ExampleProcessor:
+  """decode + sample + preprocess + tokenize one raw record into fixed-shape arrays."""
+
+  def __init__(self, cfg: DataConfig, tok: tokenizer_lib.Tokenizer, token_ids: config_lib.TokenIds):
+    self.cfg = cfg
+    self.tok = tok
+    self.ids = token_ids
+    rows, cols = preprocess.pooled_grid((cfg.grid, cfg.grid), cfg.pool)
+    self.builder = prompt_lib.PromptBuilder(
+        tok, token_ids, rows=rows, cols=cols, use_frame_special_tokens=cfg.use_frame_special_tokens,
+        video_use_col_tokens=cfg.video_use_col_tokens)
+    self.letter_ids = [tok.single_token_id(prompt_lib.LETTERS[k]) for k in range(cfg.max_options)]
+
+  def frames(self, rec: dict) -> tuple[np.ndarray, np.ndarray]:
+    cfg = self.cfg
+    if "frames" in rec:
+      all_frames = rec["frames"]
+      if all_frames.shape[0] == 0:
+        raise video_lib.VideoError(rec.get("video_name", rec["id"]), "video has zero frames")
+      idx = video_lib.sample_indices(all_frames.shape[0], rec["fps"], all_frames.shape[0] / rec["fps"],
+                                     cfg.max_frames, cfg.max_fps)
+      return np.asarray(all_frames[idx]), idx / rec["fps"]
+    name = rec.get("video_name") or (rec["video"] if isinstance(rec["video"], str) else rec["id"])
+    return video_lib.sample_frames(rec["video"], cfg.max_frames, cfg.max_fps, name=name, seek_gap=cfg.seek_gap)
+
+  def empty(self, skipped: bool) -> dict[str, np.ndarray]:
+    cfg = self.cfg
+    t, s = cfg.max_frames, cfg.seq_len
+    p = cfg.grid * cfg.grid
+    return {
+        "patches": np.zeros((t, p, 3 * cfg.patch_size ** 2), np.uint8),
+        "frame_mask": np.zeros(t, bool), "timestamps": np.zeros(t, np.float32),
+        "input_ids": np.full(s, self.ids.pad, np.int32), "token_mask": np.zeros(s, bool),
+        "target_ids": np.full(s, self.ids.pad, np.int32), "loss_mask": np.zeros(s, bool),
+        "example_id": np.int64(-1), "answer_index": np.int32(-1),
+        "option_ids": np.full(cfg.max_options, -1, np.int32), "prompt_len": np.int32(0),
+        "valid": np.bool_(False), "skipped": np.bool_(skipped),
+    }
+
+  def process(self, rec: dict) -> dict[str, np.ndarray]:
+    cfg = self.cfg
+    frames, timestamps = self.frames(rec)
+    t = frames.shape[0]
+    if t > cfg.max_frames:
+      raise DataError(f"{t} sampled frames exceed max_frames {cfg.max_frames}")
+    options = rec.get("options")
+    if options and len(options) > cfg.max_options:
+      raise DataError(f"{len(options)} options exceed data.max_options {cfg.max_options}")
+    question = prompt_lib.format_question(rec["question"], options, cfg.mc_template)
+    answer = prompt_lib.LETTERS[rec["answer_index"]] if options else rec["answer"]
+    ids = self.builder.build(timestamps, question, answer)
+    out = self.empty(skipped=False)
+    out["patches"][:t] = preprocess.preprocess_frames(frames, cfg.image_size, cfg.patch_size)
+    out["frame_mask"][:t] = True
+    out["timestamps"][:t] = timestamps
+    out.update(prompt_lib.pad_for_training(ids, cfg.seq_len, self.ids.pad))
+    if options:
+      out["option_ids"][:len(options)] = self.letter_ids[:len(options)]
+    out["example_id"] = np.int64(rec["index"])
+    out["answer_index"] = np.int32(rec["answer_index"] if options else -1)
+    out["prompt_len"] = np.int32(ids.prompt_len)
+    out["valid"] = np.bool_(True)
+    return out
+
+  def __call__(self, rec: dict) -> dict[str, np.ndarray]:
+    if rec["index"] < 0:
+      return self.empty(skipped=False)
+    try:
+      return self.process(rec)
+    except (video_lib.VideoError, DataError, manifest_lib.ManifestError, ValueError, OSError) as e:
+      video = rec.get("video")
+      where = rec.get("video_name") or (video if isinstance(video, str) else "<bytes>")
+      msg = f"example {rec.get('id')!r} (video {where}): {e}"
+      if self.cfg.on_error == "raise":
+        raise DataError(msg) from e
+      logging.warning("skipping bad example: %s", msg)
+      return self.empty(skipped=True)
+
+
+# ----------------------------------------------------------------------------------------
+# datasets and iterators
+# ----------------------------------------------------------------------------------------
+def open_source(cfg: DataConfig, split: str):
+  """The random-access source of `split` for `cfg.format`; returns (source, manifest_errors)."""
+  if cfg.format == "tfds":
+    return TfdsSource(os.path.join(cfg.path, "tfds"), split), []
+  examples, errors = manifest_lib.read_manifest(os.path.join(cfg.path, f"{split}.jsonl"),
+                                                on_error=cfg.on_error)
+  if cfg.format == "manifest":
+    return ManifestSource(examples), errors
+  frames_path = os.path.join(cfg.path, f"{split}_frames.npy")
+  if not os.path.isfile(frames_path):
+    raise FileNotFoundError(f"{frames_path}: pre-decoded frames not found (data.format='arrays')")
+  fps = {float(ex.extra.get("fps", 0.0)) for ex in examples}
+  if len(fps) != 1 or 0.0 in fps:
+    raise ValueError(f"{cfg.path}/{split}.jsonl: format 'arrays' needs one positive 'fps' in every line, got {fps}")
+  rows = [int(ex.extra["row"]) for ex in examples]
+  return ArraysSource(examples, frames_path, fps.pop(), rows=rows), errors
+
+
+def _batches(ds: grain.MapDataset, cfg: DataConfig, processor: ExampleProcessor, batch: int,
+             drop_remainder: bool) -> grain.IterDataset:
+  ds = ds.map(processor).batch(batch, drop_remainder=drop_remainder)
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.num_threads, prefetch_buffer_size=cfg.prefetch_buffer))
+  if cfg.num_workers > 0:
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
+  return it
+
+
+def train_dataset(cfg: DataConfig, source, processor: ExampleProcessor, *, process_index: int = 0,
+                  process_count: int = 1) -> grain.IterDataset:
+  """Shuffled (reshuffled every epoch), repeated `cfg.num_epochs` times (None: forever) batches.
+
+  Every process takes a disjoint, equally long slice `[process_index::process_count]` of the
+  first `len - len % process_count` records, so all hosts run the same number of steps.
+  """
+  batch = cfg.per_process_batch(process_count)
+  n = (len(source) // process_count) * process_count
+  if n // process_count < batch:
+    raise ValueError(f"split has {len(source)} examples: too few for {process_count} process(es) x batch {batch}")
+  ds = grain.MapDataset.source(source)[:n][process_index::process_count]
+  ds = ds.shuffle(seed=cfg.shuffle_seed).repeat(cfg.num_epochs)
+  return _batches(ds, cfg, processor, batch, drop_remainder=True)
+
+
+def eval_dataset(cfg: DataConfig, source, processor: ExampleProcessor, *, process_index: int = 0,
+                 process_count: int = 1) -> grain.IterDataset:
+  """Every example exactly once, in order, split across processes; the last batches are padded
+  with empty slots (valid=False) so every process yields the same number of full batches."""
+  batch = cfg.per_process_batch(process_count)
+  shard = np.arange(process_index, len(source), process_count)
+  per_process = -(-len(source) // process_count)
+  num_batches = max(1, -(-per_process // batch))
+  rows = np.full(num_batches * batch, -1, np.int64)
+  rows[:shard.shape[0]] = shard
+  ds = grain.MapDataset.source(_Padded(source, rows))
+  return _batches(ds, cfg, processor, batch, drop_remainder=False)
+
+
+class DataIterator:
+  """Iterates batches; counts skipped examples; state = grain state + counters (JSON-able)."""
+
+  def __init__(self, dataset: grain.IterDataset, source, manifest_errors: Optional[list[str]] = None):
+    self.dataset = dataset
+    self.source = source
+    self._it = iter(dataset)
+    self.num_skipped = 0
+    self.manifest_errors = list(manifest_errors or [])
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    batch = next(self._it)
+    n = int(np.sum(batch["skipped"]))
+    if n:
+      self.num_skipped += n
+      logging.warning("data: %d bad example(s) skipped in this batch (%d so far)", n, self.num_skipped)
+    return batch
+
+  def get_state(self) -> dict[str, Any]:
+    return {"grain": self._it.get_state(), "num_skipped": self.num_skipped}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._it.set_state(state["grain"])
+    self.num_skipped = int(state.get("num_skipped", 0))
+
+  def example(self, example_id: int) -> manifest_lib.Example:
+    """Host-side record of a batch's `example_id` (question, option strings, answer, extra)."""
+    if not hasattr(self.source, "example"):
+      raise TypeError(f"{type(self.source).__name__} keeps no host-side examples (use format manifest/arrays)")
+    return self.source.example(int(example_id))
+
+  def close(self) -> None:
+    close = getattr(self._it, "close", None)
+    if close is not None:
+      close()
+
+
+def make_processor(cfg: DataConfig, token_ids: config_lib.TokenIds,
+                   tok: Optional[tokenizer_lib.Tokenizer] = None) -> ExampleProcessor:
+  tok = tok or tokenizer_lib.load_tokenizer(cfg.tokenizer_path)
+  return ExampleProcessor(cfg, tok, token_ids)
+
+
+def train_iterator(cfg: DataConfig, token_ids: config_lib.TokenIds, *, process_index: int = 0,
+                   process_count: int = 1, tok: Optional[tokenizer_lib.Tokenizer] = None) -> DataIterator:
+  source, errors = open_source(cfg, cfg.train_split)
+  ds = train_dataset(cfg, source, make_processor(cfg, token_ids, tok), process_index=process_index,
+                     process_count=process_count)
+  return DataIterator(ds, source, errors)
+
+
+def eval_iterator(cfg: DataConfig, token_ids: config_lib.TokenIds, split: str, *, process_index: int = 0,
+                  process_count: int = 1, tok: Optional[tokenizer_lib.Tokenizer] = None) -> DataIterator:
+  source, errors = open_source(cfg, split)
+  ds = eval_dataset(cfg, source, make_processor(cfg, token_ids, tok), process_index=process_index,
+                    process_count=process_count)
+  return DataIterator(ds, source, errors)
+
+
+__all__ = ["DataError", "ManifestSource", "ArraysSource", "TfdsSource", "ExampleProcessor", "open_source",
+           "train_dataset", "eval_dataset", "DataIterator", "make_processor", "train_iterator", "eval_iterator"]
