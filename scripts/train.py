@@ -1,0 +1,49 @@
+"""Train (or AOT-size) an STTS Molmo2 model.
+
+  python scripts/train.py --config configs/train_tiny.py --workdir /tmp/tiny
+  python scripts/train.py --config configs/train_tiny.py:steps=50 --config.train.log_every=5 --workdir ...
+  python scripts/train.py --config configs/molmo2_4b_stts.py --aot        # 8 virtual CPU devices:
+      XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu python scripts/train.py ...
+  Multi-process: --coordinator host:port --num_processes N --process_id i (or cluster env vars
+  with --distributed).
+"""
+
+import logging
+
+from absl import app, flags
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", None, "configs/<file>.py[:arg]", lock_config=True)
+flags.DEFINE_string("workdir", None, "checkpoints, metrics.jsonl and TensorBoard logs")
+flags.DEFINE_bool("aot", False, "lower+compile the step from abstract shapes, print FLOPs and memory")
+flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() from the cluster env")
+flags.DEFINE_string("coordinator", None, "multi-process: coordinator host:port")
+flags.DEFINE_integer("num_processes", None, "multi-process: number of processes")
+flags.DEFINE_integer("process_id", None, "multi-process: this process's id")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  del argv
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+  from stts_jax.train import main as train_main
+  if FLAGS.distributed or FLAGS.coordinator:
+    train_main.init_distributed(coordinator=FLAGS.coordinator, num_processes=FLAGS.num_processes,
+                                process_id=FLAGS.process_id)
+  import jax
+  logging.info("jax %s, backend %s, %d processes, devices: %s", jax.__version__, jax.default_backend(),
+               jax.process_count(), jax.devices())
+  if FLAGS.aot:
+    report = train_main.aot_from_config(FLAGS.config)
+    print(report.summary(), flush=True)
+    return
+  if not FLAGS.workdir:
+    raise app.UsageError("--workdir is required for training")
+  result = train_main.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  if result.history:
+    logging.info("final metrics: %s", result.history[-1])
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config"])
+  app.run(main)

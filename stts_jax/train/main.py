@@ -1,0 +1,90 @@
+"""Library entry points behind `scripts/train.py`: config -> mesh, model, data -> loop / AOT.
+
+  init_distributed(...)                 multi-process setup (before any other JAX call)
+  train_and_evaluate(config, workdir)   builds everything from a top-level config and trains
+  aot_from_config(config, ...)          compiles the step from abstract shapes and reports sizes
+"""
+
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any, Optional
+
+import jax
+import ml_collections
+from flax import nnx
+
+from stts_jax import config as config_lib
+from stts_jax.train import aot
+from stts_jax.train import loop
+from stts_jax.train import mesh as mesh_lib
+from stts_jax.train import sharding
+from stts_jax.train.config import MeshConfig, TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+def init_distributed(*, coordinator: Optional[str] = None, num_processes: Optional[int] = None,
+                     process_id: Optional[int] = None, cpu_collectives: str = "gloo") -> None:
+  """`jax.distributed.initialize` for multi-process runs. With all arguments None it relies on the
+  cluster environment (TPU pods, SLURM, ...). On CPU, cross-process collectives use `gloo`."""
+  jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
+  jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                             process_id=process_id)
+
+
+def _sections(config: Any) -> dict[str, Any]:
+  if not isinstance(config, ml_collections.ConfigDict):
+    config = ml_collections.ConfigDict(dict(config))
+  cfgs = config_lib.build(config)
+  cfgs.setdefault("train", TrainConfig())
+  cfgs.setdefault("mesh", MeshConfig())
+  return cfgs
+
+
+def model_builder(model_cfg: config_lib.ModelConfig, seed: int) -> Callable[[], nnx.Module]:
+  """Zero-argument constructor of the Molmo2 model (called under eval_shape / jit)."""
+  from stts_jax.models import vlm
+  return lambda: vlm.Molmo2(model_cfg, rngs=nnx.Rngs(seed))
+
+
+def train_and_evaluate(config: Any, workdir: str, *, data_iter: Any = None,
+                       model_fn: Optional[Callable[[], nnx.Module]] = None,
+                       forward: Optional[Callable[..., Any]] = None,
+                       eval_fn: Optional[Callable[[nnx.Module, int], Mapping[str, float]]] = None
+                       ) -> loop.TrainResult:
+  """Trains per `config` (ConfigDict or dict with sections model, data, train, mesh) in `workdir`,
+  resuming from its latest checkpoint. Each process reads its own shard of the training data."""
+  cfgs = _sections(config)
+  model_cfg, train_cfg, mesh_cfg = cfgs["model"], cfgs["train"], cfgs["mesh"]
+  mesh = mesh_lib.make_mesh(mesh_cfg)
+  rules = sharding.make_rules(mesh_cfg)
+  log.info("jax %s, %d processes, %d devices, mesh %s", jax.__version__, jax.process_count(),
+           jax.device_count(), dict(mesh.shape))
+  if data_iter is None:
+    from stts_jax.data import pipeline
+    data_cfg = cfgs["data"]
+    data_cfg.check_model(model_cfg)
+    data_iter = pipeline.train_iterator(data_cfg, model_cfg.tokens, process_index=jax.process_index(),
+                                        process_count=jax.process_count())
+  raw = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
+  return loop.run(model_fn or model_builder(model_cfg, train_cfg.seed), data_iter, train_cfg, mesh, rules,
+                  workdir, config_json=raw, forward=forward, eval_fn=eval_fn)
+
+
+def aot_from_config(config: Any, *, batch_size: Optional[int] = None, num_frames: Optional[int] = None,
+                    seq_len: Optional[int] = None, count_flops: bool = True,
+                    forward: Optional[Callable[..., Any]] = None) -> aot.AotReport:
+  """AOT-compiles the step of `config` on the mesh of its `mesh` section over all devices.
+  Batch shape: the `data` section's (global batch_size, max_frames, seq_len) unless given."""
+  cfgs = _sections(config)
+  model_cfg, train_cfg, mesh_cfg = cfgs["model"], cfgs["train"], cfgs["mesh"]
+  data_cfg = cfgs.get("data")
+  pick = lambda given, name: given if given is not None else getattr(data_cfg, name)
+  if data_cfg is None and None in (batch_size, num_frames, seq_len):
+    raise ValueError("aot: config has no data section; pass batch_size, num_frames and seq_len")
+  batch = aot.abstract_batch(model_cfg, batch_size=pick(batch_size, "batch_size"),
+                             num_frames=pick(num_frames, "max_frames"), seq_len=pick(seq_len, "seq_len"))
+  mesh = mesh_lib.make_mesh(mesh_cfg)
+  return aot.compile_train_step(model_cfg, train_cfg, mesh, sharding.make_rules(mesh_cfg), batch,
+                                model_fn=lambda c: model_builder(c, train_cfg.seed)(),
+                                forward=forward, count_flops=count_flops)
