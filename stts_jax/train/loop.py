@@ -134,9 +134,13 @@ class _Preemption:
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
 
-  def any_process(self) -> bool:
+  def any_process(self, boundary: bool) -> bool:
+    """Single process: the local flag. Multi-process: all processes agree (an all-gather, a host
+    sync), so it is only asked at `boundary` steps (log/checkpoint steps) to keep dispatch async."""
     if jax.process_count() == 1:
       return self.requested
+    if not boundary:
+      return False
     from jax.experimental import multihost_utils
     flags = multihost_utils.process_allgather(np.asarray(self.requested, np.int32))
     return bool(np.any(flags))
@@ -211,7 +215,9 @@ def run(model_fn: Callable[[], nnx.Module], data_iter: Iterator[Mapping[str, np.
           window_start, window_steps, window_tokens = time.perf_counter(), 0, 0.0
         if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.num_steps:
           evaluate(done)
-        if preemption.any_process():
+        boundary = (done % cfg.log_every == 0 or done == cfg.num_steps
+                    or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0))
+        if preemption.any_process(boundary):
           checkpointer.save(done, state, data_iter, config_json)
           log.warning("SIGTERM: saved checkpoint at step %d, stopping", done)
           preempted = True

@@ -1,4 +1,5 @@
-"""Preemption (SIGTERM) after step k, resume, run to n == an uninterrupted n-step run."""
+"""Preemption (SIGTERM) after step k, resume, run to n == an uninterrupted n-step run; metrics
+files, eval hook and the checkpoint layout."""
 
 import json
 import os
@@ -12,22 +13,32 @@ from tests.train import helpers, toy_model
 
 @pytest.mark.multidevice
 def test_sigterm_resume_matches_uninterrupted(tmp_path):
-  cfg = helpers.train_cfg(num_steps=5, checkpoint_every=0, max_to_keep=2)
+  cfg = helpers.train_cfg(num_steps=4, checkpoint_every=0, max_to_keep=2, eval_every=2, tensorboard=True)
   mesh, rules = helpers.mesh_8(), sharding.make_rules()
-  run = lambda it, wd: loop.run(helpers.toy_model_fn(), it, cfg, mesh, rules, str(wd),
-                                forward=toy_model.toy_forward)
-  full = run(helpers.batches(), tmp_path / "full")
-  assert not full.preempted and len(full.history) == 5
+  eval_calls = []
 
-  first = run(helpers.SigtermAt(helpers.batches(), at=2), tmp_path / "split")
+  def eval_fn(model, step):
+    eval_calls.append(step)
+    return {"up_norm": float(np.linalg.norm(np.asarray(model.up[...])))}
+
+  def run(it, wd):
+    return loop.run(helpers.toy_model_fn(), it, cfg, mesh, rules, str(wd), forward=toy_model.toy_forward,
+                    eval_fn=eval_fn)
+
+  train_only = lambda hist: [h for h in hist if "loss" in h]
+  full = run(helpers.batches(), tmp_path / "full")
+  assert not full.preempted and len(train_only(full.history)) == 4
+  assert eval_calls == [2, 4] and full.compilations == 1
+
+  first = run(helpers.SigtermAt(helpers.batches(), at=3), tmp_path / "split")
   assert first.preempted
-  assert [h["step"] for h in first.history] == [1.0, 2.0]
+  assert [h["step"] for h in train_only(first.history)] == [1.0, 2.0, 3.0]
   second = run(helpers.batches(), tmp_path / "split")      # fresh iterator: position comes from ckpt
   assert not second.preempted
-  assert [h["step"] for h in second.history] == [3.0, 4.0, 5.0]
+  assert [h["step"] for h in train_only(second.history)] == [4.0]
 
-  losses_full = [h["loss"] for h in full.history]
-  losses_split = [h["loss"] for h in first.history + second.history]
+  losses_full = [h["loss"] for h in train_only(full.history)]
+  losses_split = [h["loss"] for h in train_only(first.history + second.history)]
   np.testing.assert_array_equal(losses_split, losses_full)
   a, b = helpers.flat_arrays(full.state), helpers.flat_arrays(second.state)
   assert a.keys() == b.keys()
@@ -35,9 +46,13 @@ def test_sigterm_resume_matches_uninterrupted(tmp_path):
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
   # The checkpoint holds the data iterator position (one JSON per process) and the config.
-  step2 = tmp_path / "split" / "checkpoints" / "2"
-  it_state = json.loads((step2 / "data_iter" / "process_0-of-1.json").read_text())
-  assert it_state == {"format": "json", "state": {"seed": 0, "index": 2}}
-  lines = (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
-  assert [json.loads(l)["step"] for l in lines] == [1, 2, 3, 4, 5]
-  assert sorted(os.listdir(tmp_path / "split" / "checkpoints")) == ["2", "5"]
+  step3 = tmp_path / "split" / "checkpoints" / "3"
+  it_state = json.loads((step3 / "data_iter" / "process_0-of-1.json").read_text())
+  assert it_state == {"format": "json", "state": {"seed": 0, "index": 3}}
+  assert sorted(os.listdir(tmp_path / "split" / "checkpoints")) == ["3", "4"]
+  records = [json.loads(l) for l in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+  assert [r["step"] for r in records if "eval/up_norm" in r] == [2, 4]
+  assert {"loss", "ce", "aux_loss", "kept_ratio", "grad_norm", "lr", "skipped_total", "step_time",
+          "tokens_per_s"} <= set(records[0])
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "split" / "tb"))
