@@ -16,6 +16,7 @@ Parameter layout (names match the HF checkpoint modules; kernels are torch weigh
   HF `hidden_states[l + 1]` is the output of block l.
 """
 
+import functools
 from typing import Optional, Sequence
 
 import jax
@@ -67,6 +68,22 @@ def _remat(fn, remat: str, *, prevent_cse: bool):
     return fn
   policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if remat == "dots" else None
   return jax.checkpoint(fn, policy=policy, prevent_cse=prevent_cse)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "length", "remat"))
+def _scan_blocks(graphdef, state, hidden, bias, mask, lo, *, length: int, remat: str):
+  """Blocks lo..lo+length-1 of a stacked block state as one `lax.scan` over the sliced params.
+
+  Jitted with only the structure static (`lo` is traced, so every range of the same length shares
+  one compilation); under an outer jit it is inlined and `lo` is a constant.
+  """
+  state = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, lo, length, axis=0), state)
+
+  def body(x, layer_state):
+    return nnx.merge(graphdef, layer_state)(x, bias, mask), None
+
+  hidden, _ = jax.lax.scan(_remat(body, remat, prevent_cse=False), hidden, state)
+  return hidden
 
 
 def attention_inputs(
@@ -166,13 +183,7 @@ class VisionTransformer(nnx.Module):
   def _run_range(self, hidden, lo: int, hi: int, bias, mask):
     if self.scan_layers:
       graphdef, state = nnx.split(self.blocks)
-      state = jax.tree.map(lambda a: a[lo:hi], state)
-
-      def body(x, layer_state):
-        return nnx.merge(graphdef, layer_state)(x, bias, mask), None
-
-      hidden, _ = jax.lax.scan(_remat(body, self.remat, prevent_cse=False), hidden, state)
-      return hidden
+      return _scan_blocks(graphdef, state, hidden, bias, mask, lo, length=hi - lo, remat=self.remat)
     for block in self.blocks[lo:hi]:
       graphdef, state = nnx.split(block)
 
