@@ -16,6 +16,7 @@ from typing import Optional
 
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 
 from stts_jax.data import manifest as manifest_lib
 
@@ -25,6 +26,13 @@ class VideoQa(tfds.core.GeneratorBasedBuilder):
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Encoded video bytes + question/options/answer."}
+
+  @tfds.core.utils.classproperty
+  @classmethod
+  def code_path(cls) -> epath.Path:
+    # TFDS's default resolves the package through `importlib_resources`, which is not installed
+    # (and not needed): point it at this file directly.
+    return epath.Path(__file__)
 
   def __init__(self, *, manifests: Optional[dict[str, str]] = None, on_error: str = "raise", **kwargs):
     self._manifests = dict(manifests or {})

