@@ -10,8 +10,10 @@ import pytest
 from tests.train import helpers, toy_model
 
 
-def _run(mesh, cfg, batch_list, **kw):
+def _run(mesh, cfg, batch_list, initial=None, **kw):
   _, state, step_fn = helpers.build_step(mesh, cfg, batch=batch_list[0], **kw)
+  if initial is not None:
+    initial.update(helpers.flat_arrays(state))
   metrics = []
   with jax.set_mesh(mesh):
     for b in batch_list:
@@ -25,15 +27,14 @@ def test_sharded_step_equals_single_device():
   cfg = helpers.train_cfg(optim={"warmup_steps": 0})
   batch_list = [next(helpers.batches())]
   s8, m8, _ = _run(helpers.mesh_8(), cfg, batch_list)
-  s1, m1, _ = _run(helpers.mesh_1(), cfg, batch_list)
+  before = {}
+  s1, m1, _ = _run(helpers.mesh_1(), cfg, batch_list, initial=before)
   np.testing.assert_allclose(m8[0]["loss"], m1[0]["loss"], rtol=1e-5, atol=1e-5)
   a, b = helpers.flat_arrays(s8), helpers.flat_arrays(s1)
   assert a.keys() == b.keys()
   for k in a:
     np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-5, err_msg=k)
   # The update moved the params (so the comparison above is not vacuous).
-  _, s0, _ = helpers.build_step(helpers.mesh_1(), cfg)
-  before = helpers.flat_arrays(s0)
   assert np.abs(before["model/up"] - a["model/up"]).max() > 1e-4
   # Params and optimizer moments are laid out as the rules say.
   model, opt = s8["model"], s8["optimizer"]
@@ -93,3 +94,20 @@ def test_nonfinite_step_is_skipped_and_counted_with_one_compilation():
   assert np.abs(snapshots[2]["model/up"] - snapshots[1]["model/up"]).max() > 0
   assert all(np.isfinite(v).all() for v in snapshots[2].values())
   assert step_fn._cache_size() == 1   # one compilation across three different batches
+
+
+def test_freeze_and_scorer_learning_rate():
+  cfg = helpers.train_cfg(optim={"freeze": ("^patch$",), "scorer_learning_rate": 0.0, "warmup_steps": 0})
+  mesh = helpers.mesh_1()
+  b = next(helpers.batches())
+  _, state, step_fn = helpers.build_step(mesh, cfg, batch=b)
+  before = helpers.flat_arrays(state)
+  assert not any(k.endswith("/patch") for k in before if k.startswith("optimizer/"))  # no state
+  assert any(k.endswith("/mu/scorer") for k in before)
+  with jax.set_mesh(mesh):
+    state, m = step_fn(state, helpers.put(b, mesh))
+  after = helpers.flat_arrays(state)
+  np.testing.assert_array_equal(after["model/patch"], before["model/patch"])     # frozen
+  np.testing.assert_array_equal(after["model/scorer"], before["model/scorer"])   # lr 0
+  assert np.abs(after["model/up"] - before["model/up"]).max() > 1e-4
+  assert float(m["lr_scorer"]) == 0.0 and float(m["lr"]) == pytest.approx(1e-2)
