@@ -146,7 +146,7 @@ class ExampleProcessor:
         raise video_lib.VideoError(rec.get("video_name", rec["id"]), "video has zero frames")
       idx = video_lib.sample_indices(all_frames.shape[0], rec["fps"], all_frames.shape[0] / rec["fps"],
                                      cfg.max_frames, cfg.max_fps)
-      return np.asarray(all_frames[idx]), idx / rec["fps"]
+      return np.asarray(all_frames[idx]), video_lib.timestamps(idx, rec["fps"])
     name = rec.get("video_name") or (rec["video"] if isinstance(rec["video"], str) else rec["id"])
     return video_lib.sample_frames(rec["video"], cfg.max_frames, cfg.max_fps, name=name, seek_gap=cfg.seek_gap)
 

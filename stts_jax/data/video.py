@@ -5,7 +5,9 @@ the target count is `max_frames`, capped at `int(duration * max_fps)` when the v
 exceeds `max_fps`, clamped to [1, total]; indices are a floor-uniform stride from frame 0
 (`arange(0, total, total / target)` in float32, truncated). Metadata follows transformers'
 `read_video_pyav`: total = the stream's frame count, fps = the stream's average rate,
-duration = total / fps. Timestamps are `index / fps` seconds from the first frame.
+duration = total / fps. Timestamps are `index / fps` seconds from the first frame, computed in
+float32 exactly as transformers does (an int32 index tensor divided by the fps), which matters
+for the one-decimal timestamp text at rounding boundaries (e.g. 1.05 s).
 
 Containers that report no frame count (WebM/MKV often do) are counted by decoding. Frames are
 converted with `frame.to_ndarray(format="rgb24")` (as transformers does). Sparse indices in
@@ -24,7 +26,7 @@ from typing import Optional, Union
 
 import av
 import numpy as np
-from jaxtyping import Float64, UInt8
+from jaxtyping import Float32, UInt8
 
 VideoSource = Union[str, os.PathLike, bytes]
 
@@ -89,18 +91,21 @@ def _stream_fps(stream) -> Optional[float]:
   return None
 
 
-def _count_by_decoding(container, stream, name: str) -> int:
+def _count_by_decoding(src: VideoSource, name: str) -> int:
+  """Frames of the first video stream, counted by decoding a separately opened container."""
+  container = _open(src, name)
   count = 0
   try:
-    for _ in container.decode(stream):
+    for _ in container.decode(container.streams.video[0]):
       count += 1
   except av.error.FFmpegError as e:
     raise VideoError(name, f"decode error while counting frames after frame {count} ({e})") from e
-  container.seek(0)
+  finally:
+    container.close()
   return count
 
 
-def _probe_open(container, name: str, default_fps: float) -> VideoInfo:
+def _probe_open(container, src: VideoSource, name: str, default_fps: float) -> VideoInfo:
   stream = container.streams.video[0]
   fps = _stream_fps(stream)
   if fps is None:
@@ -110,7 +115,7 @@ def _probe_open(container, name: str, default_fps: float) -> VideoInfo:
   total = int(stream.frames or 0)
   counted = total <= 0
   if counted:
-    total = _count_by_decoding(container, stream, name)
+    total = _count_by_decoding(src, name)
   if total <= 0:
     raise VideoError(name, "video has zero decodable frames")
   return VideoInfo(total_frames=total, fps=fps, duration=total / fps, height=int(stream.height),
@@ -122,7 +127,7 @@ def probe(src: VideoSource, *, default_fps: float = 2.0, name: Optional[str] = N
   name = _name(src, name)
   container = _open(src, name)
   try:
-    return _probe_open(container, name, default_fps)
+    return _probe_open(container, src, name, default_fps)
   finally:
     container.close()
 
@@ -142,6 +147,11 @@ def sample_indices(total_frames: int, fps: float, duration: float, max_frames: i
   count = int(math.ceil(total_frames / step))
   values = (np.arange(count, dtype=np.float64) * step).astype(np.float32)
   return values.astype(np.int64)
+
+
+def timestamps(indices: np.ndarray, fps: float) -> Float32[np.ndarray, "T"]:
+  """Seconds of frame `indices`: float32(index) / float32(fps), as transformers computes them."""
+  return np.asarray(indices).astype(np.float32) / np.float32(fps)
 
 
 def _frame_index(frame, base_pts: int, time_base: float, fps: float) -> Optional[int]:
@@ -199,7 +209,7 @@ def _decode_at(container, indices: np.ndarray, info: VideoInfo, name: str,
     try:
       return _decode_pass(container, stream, wanted, info, name, seek_gap, time_base)
     except _SeekMismatch:
-      container.seek(0)
+      container.seek(0, stream=stream)
       return _decode_pass(container, stream, wanted, info, name, 0, time_base)
   except av.error.FFmpegError as e:
     raise VideoError(name, f"decode error ({type(e).__name__}: {e})") from e
@@ -215,7 +225,7 @@ def decode_frames(src: VideoSource, indices: np.ndarray, *, info: Optional[Video
     raise VideoError(name, "no frame indices requested")
   container = _open(src, name)
   try:
-    info = info or _probe_open(container, name, 2.0)
+    info = info or _probe_open(container, src, name, 2.0)
     if indices.min() < 0 or indices.max() >= info.total_frames:
       raise VideoError(name, f"frame indices outside [0, {info.total_frames}): "
                              f"{indices.min()}..{indices.max()}")
@@ -229,7 +239,7 @@ def decode_frames(src: VideoSource, indices: np.ndarray, *, info: Optional[Video
 
 def sample_frames(path: VideoSource, max_frames: int, max_fps: Optional[float], *,
                   name: Optional[str] = None, seek_gap: int = DEFAULT_SEEK_GAP,
-                  ) -> tuple[UInt8[np.ndarray, "T H W 3"], Float64[np.ndarray, "T"]]:
+                  ) -> tuple[UInt8[np.ndarray, "T H W 3"], Float32[np.ndarray, "T"]]:
   """Decodes and samples a video like the Molmo2 processor.
 
   Args:
@@ -237,17 +247,17 @@ def sample_frames(path: VideoSource, max_frames: int, max_fps: Optional[float], 
     max_frames: at most this many frames (Molmo2: 64).
     max_fps: sampling-rate cap for videos faster than it (Molmo2: 2); None for no cap.
   Returns:
-    frames uint8 [T, H, W, 3] (RGB) and timestamps float64 [T] in seconds (index / fps).
+    frames uint8 [T, H, W, 3] (RGB) and timestamps float32 [T] in seconds (index / fps).
   """
   name = _name(path, name)
   container = _open(path, name)
   try:
-    info = _probe_open(container, name, max_fps or 2.0)
+    info = _probe_open(container, path, name, max_fps or 2.0)
     indices = sample_indices(info.total_frames, info.fps, info.duration, max_frames, max_fps)
     frames = _decode_at(container, indices, info, name, seek_gap)
   finally:
     container.close()
-  return np.stack(frames), indices.astype(np.float64) / info.fps
+  return np.stack(frames), timestamps(indices, info.fps)
 
 
-__all__ = ["VideoError", "VideoInfo", "probe", "sample_indices", "decode_frames", "sample_frames"]
+__all__ = ["VideoError", "VideoInfo", "probe", "sample_indices", "timestamps", "decode_frames", "sample_frames"]
