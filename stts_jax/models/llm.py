@@ -14,7 +14,7 @@ The vision overlay reproduces HF's `mm_token_type_ids` block mask; at decode the
 `Decoder.__call__` returns the final-normed hidden states; `Decoder.logits(hidden)` applies `lm_head`.
 """
 
-from typing import Optional
+from typing import Any, Optional
 
 import flax.struct
 import jax
@@ -37,11 +37,12 @@ _REMAT_POLICIES = {
 @flax.struct.dataclass
 class KVCache:
   """Static-size decoder cache. k/v: `[L, B, T, K, H]`; `valid`/`vision`: `[B, T]` bool per slot
-  (slot filled by a real token / by a vision token)."""
-  k: jax.Array
-  v: jax.Array
-  valid: jax.Array
-  vision: jax.Array
+  (slot filled by a real token / by a vision token). Fields are typed `Any` because jax rebuilds the
+  pytree with placeholder leaves (the runtime type checker would reject them)."""
+  k: Any
+  v: Any
+  valid: Any
+  vision: Any
 
   @property
   def max_len(self) -> int:
