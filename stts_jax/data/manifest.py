@@ -10,7 +10,8 @@ import dataclasses
 import json
 import logging
 import os
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, Optional
 
 from stts_jax.data import prompt as prompt_lib
 

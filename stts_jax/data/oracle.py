@@ -9,7 +9,8 @@ the lower flat index first. An event counts as kept if any of its (frame, window
 """
 
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import numpy as np
 from jaxtyping import Bool, Float32, UInt8

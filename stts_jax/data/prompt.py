@@ -16,15 +16,17 @@ The loss covers the answer tokens and the closing `<|im_end|>` only.
 import dataclasses
 import functools
 import string
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional, Union
 
 import numpy as np
-from jaxtyping import Bool, Int32
+from jaxtyping import Bool, Float, Int32
 
 from stts_jax import config as config_lib
 from stts_jax.data import tokenizer as tokenizer_lib
 
 LETTERS = string.ascii_uppercase
+Timestamps = Union[Sequence[float], Float[np.ndarray, "T"]]
 
 
 def timestamp_text(frame_index: int, seconds: float) -> str:
@@ -32,13 +34,13 @@ def timestamp_text(frame_index: int, seconds: float) -> str:
   return (" " if frame_index > 0 else "") + f"{float(seconds):.1f} "
 
 
-def video_text(timestamps: Sequence[float], rows: int, cols: int, *, use_frame_special_tokens: bool = True,
+def video_text(timestamps: Timestamps, rows: int, cols: int, *, use_frame_special_tokens: bool = True,
                video_use_col_tokens: bool = False) -> str:
   """The expanded video string the transformers processor puts in place of `<|video|>`."""
   start = "<frame_start>" if use_frame_special_tokens else "<im_start>"
   end = "<frame_end>" if use_frame_special_tokens else "<im_end>"
   row = "<im_patch>" * cols + ("<im_col>" if video_use_col_tokens else "")
-  return "".join(timestamp_text(i, t) + start + row * rows + end for i, t in enumerate(timestamps))
+  return "".join(timestamp_text(i, float(t)) + start + row * rows + end for i, t in enumerate(timestamps))
 
 
 def format_question(question: str, options: Optional[Sequence[str]], template: str) -> str:
@@ -79,14 +81,14 @@ class PromptBuilder:
     self.patches_per_frame = rows * cols
     self._encode = functools.lru_cache(maxsize=4096)(lambda text: tuple(tok.encode(text)))
 
-  def video_ids(self, timestamps: Sequence[float]) -> list[int]:
+  def video_ids(self, timestamps: Timestamps) -> list[int]:
     out: list[int] = []
     for i, t in enumerate(timestamps):
-      out.extend(self._encode(timestamp_text(i, t)))
+      out.extend(self._encode(timestamp_text(i, float(t))))
       out.extend(self.frame_body)
     return out
 
-  def build(self, timestamps: Sequence[float], question_text: str, answer: Optional[str]) -> PromptIds:
+  def build(self, timestamps: Timestamps, question_text: str, answer: Optional[str]) -> PromptIds:
     """BOS + video + user turn (+ answer + <|im_end|> when `answer` is not None)."""
     prompt = [self.ids.chat_end] + self.video_ids(timestamps) + list(self._encode(user_turn_text(question_text)))
     answer_ids = [] if answer is None else list(self.tok.encode(answer)) + [self.ids.chat_end]

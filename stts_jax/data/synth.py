@@ -20,7 +20,8 @@ content-aware scorer need not.
 import dataclasses
 import importlib.util
 import os
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import numpy as np
 from PIL import Image

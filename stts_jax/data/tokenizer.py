@@ -7,8 +7,10 @@ verifies that a tokenizer which knows those strings maps them to the same ids.
 """
 
 import string
-from typing import Iterable, Optional
+from collections.abc import Iterable
+from typing import Optional, Union
 
+import numpy as np
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers
 
@@ -56,7 +58,7 @@ class Tokenizer:
     """Token ids of `text`; special tokens written in the text are recognised, none are added."""
     return self._tok.encode(text, add_special_tokens=False).ids
 
-  def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+  def decode(self, ids: Union[Iterable[int], np.ndarray], skip_special_tokens: bool = False) -> str:
     return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
   def token_to_id(self, token: str) -> Optional[int]:
