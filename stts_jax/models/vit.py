@@ -175,7 +175,7 @@ class VisionTransformer(nnx.Module):
     for hi in ends:
       if hi > lo:
         hidden = self._run_range(hidden, lo, hi, bias, mask)
-      if hi - 1 in taps:
+      if hi > start and hi - 1 in taps:
         outputs[hi - 1] = hidden
       lo = hi
     return hidden, outputs

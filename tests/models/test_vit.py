@@ -128,7 +128,7 @@ def test_split_ranges_and_taps(model, patches):
     h, _ = model.run_blocks(h, i, i + 1)
   np.testing.assert_allclose(h, full, atol=TOL, rtol=0)
   # empty range is the identity
-  same, none = model.run_blocks(h0, 3, 3, taps=(3,))
+  same, none = model.run_blocks(h0, 3, 3, taps=(2, 3))
   assert none == {}
   np.testing.assert_array_equal(same, h0)
   # __call__ == embed + run_blocks
@@ -144,9 +144,13 @@ def test_key_bias_large_negative_equals_removed_key(model, patches):
   removed, _ = model.run_blocks(h0[:, keep], 0, 3)
   np.testing.assert_allclose(biased[:, keep], removed, atol=TOL, rtol=0)
   # a finite bias changes the result (it is not ignored)
-  soft, _ = model.run_blocks(h0, 0, 3, key_bias=bias * 0 - 1.0 * (jnp.arange(81) % 2))
+  soft_bias = -1.0 * (jnp.arange(81) % 2) * jnp.ones((2, 1))
+  soft, _ = model.run_blocks(h0, 0, 3, key_bias=soft_bias)
   unbiased, _ = model.run_blocks(h0, 0, 3)
   assert float(jnp.abs(soft - unbiased).max()) > 1e-3
+  # the bias is differentiable (STTS: the only path from the LM loss to the scorer)
+  grad = jax.jit(jax.grad(lambda b: jnp.sum(jnp.square(model.run_blocks(h0, 2, 3, key_bias=b)[0]))))(soft_bias)
+  assert np.isfinite(np.asarray(grad)).all() and float(jnp.abs(grad).min()) > 0
 
 
 def test_segment_ids_packing_equals_separate_runs(model, patches):
@@ -166,7 +170,7 @@ def test_segment_ids_packing_equals_separate_runs(model, patches):
     out, _ = m.run_blocks(x, 0, 2, segment_ids=jnp.asarray(seg))
     return jnp.sum(out)
 
-  grads = nnx.grad(loss, argnums=(0, 1))(model, row)
+  grads = nnx.jit(nnx.grad(loss, argnums=(0, 1)))(model, row)
   assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
   assert float(jnp.abs(grads[1][0, 25]).max()) > 0
 
@@ -232,3 +236,31 @@ def test_hidden_states_match_transformers(cfg, scan_layers):
     ref = hidden[l + 1].numpy()
     assert float(np.abs(ref).max()) > 0.1                     # non-trivial values
     np.testing.assert_allclose(taps[l], ref, atol=TOL, rtol=0, err_msg=f"block {l}")
+
+
+@pytest.mark.multidevice
+def test_sharded_run_matches_unsharded(model, patches):
+  """Params placed by the logical-name rules on a 2x2x2 mesh, activations constrained: same numbers."""
+  from jax.sharding import AxisType, NamedSharding, PartitionSpec
+  from stts_jax.models import partitioning
+  from stts_jax.train import sharding
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 (virtual) devices")
+  mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
+  rules = sharding.make_rules()
+  graphdef, state = nnx.split(model)
+  state = jax.device_put(state, sharding.state_shardings(state, mesh, rules))
+  assert state["blocks"]["mlp"]["fc1"]["kernel"][...].sharding.spec != PartitionSpec()
+  seg = jnp.asarray(np.arange(2 * 81).reshape(2, 81) % 3 - 1, jnp.int32)
+  bias = -jnp.asarray(np.arange(2 * 81).reshape(2, 81) % 5, jnp.float32) / 5
+
+  def fn(s, x):
+    m = nnx.merge(graphdef, s)
+    return m.run_blocks(m.embed(x), 0, 5, taps=(2,), key_bias=bias, segment_ids=seg)
+
+  with jax.set_mesh(mesh), partitioning.activation_rules(mesh, rules):
+    x = jax.device_put(patches, NamedSharding(mesh, PartitionSpec("data")))
+    out, taps = jax.jit(fn)(state, x)
+  ref, ref_taps = run(model, model.embed(patches), 0, 5, taps=(2,), key_bias=bias, segment_ids=seg)
+  np.testing.assert_allclose(out, ref, atol=TOL, rtol=0)
+  np.testing.assert_allclose(taps[2], ref_taps[2], atol=TOL, rtol=0)
