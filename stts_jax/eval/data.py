@@ -1,0 +1,153 @@
+"""Eval splits on top of the data pipeline, with every unusable example reported by id and reason.
+
+`EvalData` reads a split through `stts_jax.data.pipeline` (manifest / arrays / TFDS): every example
+exactly once, in order, sharded over processes, last batch padded with empty slots. The pipeline's
+`on_error="skip"` replaces a bad example by an empty slot; here the slot also keeps its
+`example_id` and the error text (field `error`, utf-8 bytes in uint8 `[B, ERROR_BYTES]`), so the
+evaluators can list it and leave it out of the denominator. Bad manifest lines (no example at all)
+are in `manifest_errors`. With `on_error="raise"` the first bad example raises `DataError`.
+"""
+
+import dataclasses
+import logging
+from collections.abc import Iterator
+from typing import Any, Optional
+
+import jax
+import numpy as np
+
+from stts_jax import config as config_lib
+from stts_jax.data import manifest as manifest_lib
+from stts_jax.data import pipeline
+from stts_jax.data import tokenizer as tokenizer_lib
+from stts_jax.data import video as video_lib
+from stts_jax.data.config import DataConfig
+
+ERROR_BYTES = 512
+_ERRORS = (video_lib.VideoError, pipeline.DataError, manifest_lib.ManifestError, ValueError, OSError)
+
+
+def encode_error(text: str) -> np.ndarray:
+  """Text -> uint8 `[ERROR_BYTES]` (utf-8, zero padded, cut at a character boundary)."""
+  raw = text.encode("utf-8")[:ERROR_BYTES].decode("utf-8", "ignore").encode("utf-8")
+  out = np.zeros(ERROR_BYTES, np.uint8)
+  out[:len(raw)] = np.frombuffer(raw, np.uint8)
+  return out
+
+
+def decode_error(arr: np.ndarray) -> str:
+  return bytes(np.asarray(arr, np.uint8)).rstrip(b"\0").decode("utf-8", "replace")
+
+
+class ReportingProcessor(pipeline.ExampleProcessor):
+  """`pipeline.ExampleProcessor` whose bad examples become empty slots that keep their row
+  (`example_id`) and their error message (field `error`). Picklable (Grain worker processes)."""
+
+  def __call__(self, rec: dict) -> dict[str, np.ndarray]:
+    if rec["index"] < 0:
+      out = self.empty(skipped=False)
+      out["error"] = np.zeros(ERROR_BYTES, np.uint8)
+      return out
+    try:
+      out = self.process(rec)
+      out["error"] = np.zeros(ERROR_BYTES, np.uint8)
+      return out
+    except _ERRORS as e:
+      video = rec.get("video")
+      where = rec.get("video_name") or (video if isinstance(video, str) else "<bytes>")
+      msg = f"example {rec.get('id')!r} (video {where}): {e}"
+      if self.cfg.on_error == "raise":
+        raise pipeline.DataError(msg) from e
+      logging.warning("eval: skipping bad example: %s", msg)
+      out = self.empty(skipped=True)
+      out["example_id"] = np.int64(rec["index"])
+      out["error"] = encode_error(msg)
+      return out
+
+
+class _Head:
+  """The first `n` records of a source (keeps `example()` when the source has it)."""
+
+  def __init__(self, source, n: int):
+    self.source = source
+    self.n = min(n, len(source))
+
+  def __len__(self) -> int:
+    return self.n
+
+  def __getitem__(self, i: int) -> dict:
+    if not 0 <= i < self.n:
+      raise IndexError(i)
+    return self.source[i]
+
+  def example(self, i: int):
+    return self.source.example(i)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExampleInfo:
+  """Host-side facts of one example (for reports and open-ended answers)."""
+  id: str
+  answer: str
+  options: Optional[tuple[str, ...]]
+
+
+class EvalData:
+  """One eval split. `batches()` starts a fresh pass (this process's rows, same order every time)."""
+
+  def __init__(self, cfg: DataConfig, token_ids: config_lib.TokenIds, split: str, *,
+               tokenizer: Optional[tokenizer_lib.Tokenizer] = None, max_examples: Optional[int] = None,
+               process_index: Optional[int] = None, process_count: Optional[int] = None):
+    self.cfg = cfg
+    self.split = split
+    self.process_index = jax.process_index() if process_index is None else process_index
+    self.process_count = jax.process_count() if process_count is None else process_count
+    source, errors = pipeline.open_source(cfg, split)
+    self.source = _Head(source, max_examples) if max_examples is not None else source
+    self.manifest_errors: list[str] = list(errors)
+    tok = tokenizer or tokenizer_lib.load_tokenizer(cfg.tokenizer_path)
+    self.processor = ReportingProcessor(cfg, tok, token_ids)
+    self.tokenizer = tok
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  @property
+  def batch_size(self) -> int:
+    """Global batch size (all processes)."""
+    return self.cfg.batch_size
+
+  def num_batches(self) -> int:
+    per_process = -(-len(self.source) // self.process_count)
+    return max(1, -(-per_process // self.cfg.per_process_batch(self.process_count)))
+
+  def batches(self) -> Iterator[dict[str, np.ndarray]]:
+    ds = pipeline.eval_dataset(self.cfg, self.source, self.processor,
+                               process_index=self.process_index, process_count=self.process_count)
+    return iter(ds)
+
+  def info(self, row: int) -> ExampleInfo:
+    """Id, answer text and options of source row `row`."""
+    if hasattr(self.source, "example"):
+      ex = self.source.example(int(row))
+      return ExampleInfo(ex.id, ex.answer, tuple(ex.options) if ex.options else None)
+    rec: dict[str, Any] = self.source[int(row)]
+    options = rec.get("options")
+    return ExampleInfo(str(rec["id"]), str(rec["answer"]), tuple(options) if options else None)
+
+
+def with_frames(cfg: DataConfig, frames: int, *, tokens_per_extra_frame: Optional[int] = None,
+                max_fps: Optional[float] = None) -> DataConfig:
+  """`cfg` for T = `frames` (test-time scaling): max_frames, a sequence length grown (never shrunk)
+  by `tokens_per_extra_frame` per extra frame (default W + 2 + 8), and optionally another fps cap
+  (0 -> no cap)."""
+  extra = cfg.windows_per_frame + 2 + 8 if tokens_per_extra_frame is None else tokens_per_extra_frame
+  seq_len = cfg.seq_len + max(0, frames - cfg.max_frames) * extra
+  kw: dict[str, Any] = dict(max_frames=frames, seq_len=seq_len)
+  if max_fps is not None:
+    kw["max_fps"] = None if max_fps == 0 else float(max_fps)
+  return dataclasses.replace(cfg, **kw).validate()
+
+
+__all__ = ["ERROR_BYTES", "EvalData", "ExampleInfo", "ReportingProcessor", "decode_error", "encode_error",
+           "with_frames"]
