@@ -11,10 +11,21 @@ Attention rule (prefill and decode alike): query i may see key j iff
 The vision overlay reproduces HF's `mm_token_type_ids` block mask; at decode the caller passes
 `vision_mask=False` for the new token, as HF drops the overlay on decode steps.
 
+A query that may see no key (a padding position whose earlier keys are all padding) gets a zero
+attention output; HF averages uniformly there. Only padding positions differ.
+
 `Decoder.__call__` returns the final-normed hidden states; `Decoder.logits(hidden)` applies `lm_head`.
+
+Parameters (kernels are torch weights transposed; `layers.*` stacked on a leading L axis when scanned):
+  embed_tokens.embedding [V + extra, E] ("vocab", "embed");  lm_head.kernel [E, V] ("embed", "vocab")
+  layers.input_layernorm.scale / post_attention_layernorm.scale [E];  norm.scale [E]
+  layers.self_attn.q_proj.kernel [E, N*H] ("embed", "q_heads"), k_proj/v_proj [E, K*H] ("embed", "kv_heads"),
+    biases iff attention_bias; o_proj.kernel [N*H, E] (never a bias)
+  layers.self_attn.q_norm.scale / k_norm.scale: [H] (qwen3, per head) or [N*H] / [K*H] (olmo)
+  layers.mlp.{gate,up}_proj.kernel [E, F] ("embed", "mlp"), down_proj.kernel [F, E]
 """
 
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import flax.struct
 import jax
@@ -140,6 +151,8 @@ class Decoder(nnx.Module):
   def __init__(self, cfg: config_lib.LLMConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
                scan_layers: bool = True, remat: str = "none", rngs: nnx.Rngs):
     cfg.validate()
+    if remat not in ("none", *_REMAT_POLICIES):
+      raise ValueError(f"Decoder: remat must be none|full|dots, got {remat!r}")
     self.cfg = cfg
     self.dtype = dtype
     self.scan_layers = scan_layers
@@ -190,7 +203,7 @@ class Decoder(nnx.Module):
 
   def __call__(self, embeds_bse: Float[Array, "B S E"], positions_bs: Int[Array, "B S"],
                token_mask_bs: Bool[Array, "B S"], vision_mask_bs: Bool[Array, "B S"], *,
-               cache: Optional[KVCache] = None, cache_index=None
+               cache: Optional[KVCache] = None, cache_index: Union[int, Int[Array, ""], None] = None
                ) -> tuple[Float[Array, "B S E"], Optional[KVCache]]:
     """Runs the decoder on input embeddings.
 

@@ -117,10 +117,10 @@ def hub_to_internal(loaders: dict[str, Loader], llm: config_lib.LLMConfig
       continue
     elif (g := _match(_ATT_PROJ, name)) is not None:
       for proj, lo, hi in qkv_bounds:
-        out[_LM.format(**g) + f"self_attn.{proj}_proj.{g['s']}"] = lambda load=load, lo=lo, hi=hi: load()[lo:hi]
+        out[_LM.format(**g) + f"self_attn.{proj}_proj.{g['s']}"] = _rows(load, name, lo, hi, q_rows + 2 * kv_rows)
     elif (g := _match(_FF_PROJ, name)) is not None:
-      out[_LM.format(**g) + "mlp.up_proj.weight"] = lambda load=load: load()[:f_rows]
-      out[_LM.format(**g) + "mlp.gate_proj.weight"] = lambda load=load: load()[f_rows:2 * f_rows]
+      out[_LM.format(**g) + "mlp.up_proj.weight"] = _rows(load, name, 0, f_rows, 2 * f_rows)
+      out[_LM.format(**g) + "mlp.gate_proj.weight"] = _rows(load, name, f_rows, 2 * f_rows, 2 * f_rows)
     elif (hit := _rename(name, from_hub=True)) is not None:
       out[hit] = load
     elif name.startswith(_INTERNAL_ROOTS):
@@ -131,6 +131,16 @@ def hub_to_internal(loaders: dict[str, Loader], llm: config_lib.LLMConfig
     parts = [loaders[n] for n in _WTE if n in loaders]
     out[_EMBED] = lambda: np.concatenate([p() for p in parts], axis=0)
   return out, scorer, unknown
+
+
+def _rows(load: Loader, name: str, lo: int, hi: int, total: int) -> Loader:
+  """Loader of rows [lo, hi) of a fused tensor that must have exactly `total` rows."""
+  def rows():
+    value = load()
+    if value.shape[0] != total:
+      raise ValueError(f"{name}: {value.shape[0]} rows, the config implies {total}")
+    return value[lo:hi]
+  return rows
 
 
 def _rename(name: str, *, from_hub: bool) -> Optional[str]:
@@ -252,23 +262,27 @@ def build_from_tensors(cfg: config_lib.ModelConfig, loaders: dict[str, Loader], 
   if scorer_loaders and not scorer_values:
     log.warning("%d scorer tensors kept aside (model without scorer or no scorer importer)", len(scorer_loaders))
   used, missing, bad_shapes, fresh_paths, new_flat = set(), [], [], [], []
+
+  def lookup(name):
+    if name.startswith("scorer."):
+      if name not in scorer_values:
+        missing.append(name)
+      used.add(name)
+      return scorer_values.get(name)
+    internal_name, transpose = canonical_to_internal(name)
+    if internal_name not in internal:
+      missing.append(internal_name)
+      return None
+    used.add(internal_name)
+    value = internal[internal_name]()
+    return value.T if transpose else value
+
   for path, var, names, stacked in model_leaves(params):
-    values = []
-    for name in names:
-      if name.startswith("scorer."):
-        values.append(scorer_values.get(name))
-        continue
-      internal_name, transpose = canonical_to_internal(name)
-      if internal_name not in internal:
-        missing.append(internal_name)
-        values.append(None)
-        continue
-      used.add(internal_name)
-      value = internal[internal_name]()
-      values.append(value.T if transpose else value)
+    if path[0] == "scorer" and not scorer_values:
+      fresh_paths.append(path)          # no scorer in the checkpoint: fresh initialisation
+      continue
+    values = [lookup(name) for name in names]
     if any(v is None for v in values):
-      if path[0] == "scorer" and all(v is None for v in values):
-        fresh_paths.append(path)
       continue
     value = np.stack(values) if stacked else values[0]
     expected = var.get_value().shape
@@ -277,7 +291,7 @@ def build_from_tensors(cfg: config_lib.ModelConfig, loaders: dict[str, Loader], 
       continue
     new_flat.append((path, var.replace(jnp.asarray(value, dtype=var.get_value().dtype))))
   built_vit = max(cfg.adapter.vit_layers) + 1
-  ignored, unexpected = [], list(unknown)
+  ignored, unexpected = [], list(unknown) + sorted(set(scorer_values) - used)
   for name in sorted(set(internal) - used):
     m = re.match(r"model\.vision_tower\.layers\.(\d+)\.", name)
     (ignored if m and int(m.group(1)) >= built_vit else unexpected).append(name)
@@ -294,8 +308,8 @@ def build_from_tensors(cfg: config_lib.ModelConfig, loaders: dict[str, Loader], 
     log.info("ignored %d tensors of ViT blocks >= %d (never run): %s", len(ignored), built_vit, ignored[:4])
   if fresh_paths:
     log.info("freshly initialised %d scorer parameters (not in the checkpoint)", len(fresh_paths))
-    fresh = _fresh_values(cfg, fresh_paths, seed)
-    new_flat += [(p, dict(nnx.to_flat_state(params))[p].replace(fresh[p])) for p in fresh_paths]
+    fresh, abstract_vars = _fresh_values(cfg, fresh_paths, seed), dict(nnx.to_flat_state(params))
+    new_flat += [(p, abstract_vars[p].replace(fresh[p])) for p in fresh_paths]
   model = nnx.merge(graphdef, nnx.from_flat_state(new_flat))
   report = LoadReport(ignored=ignored, scorer_tensors={} if scorer_values else scorer_loaders,
                       fresh=[".".join(map(str, p)) for p in fresh_paths])

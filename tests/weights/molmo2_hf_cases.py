@@ -11,7 +11,6 @@ from typing import Optional
 import numpy as np
 import torch
 
-from stts_jax import config as config_lib
 from stts_jax.testing import tiny
 
 V = tiny.TINY_VOCAB

@@ -218,3 +218,32 @@ def test_config_round_trip_without_stts_key():
   expect = dataclasses.replace(model_cfg, llm=dataclasses.replace(model_cfg.llm, rope_scaling_layers=(0, 1)),
                                stts=config_lib.STTSConfig())
   assert hf_config.from_hf_config(hf) == expect
+
+
+def test_scorer_fresh_init_and_round_trip(base, tmp_path, monkeypatch):
+  """With a scorer attached: released-style checkpoints (no scorer) load with a fresh scorer; an
+  export carries the scorer in the authors' layout and loads back exactly."""
+  from stts_jax.models import scorer as scorer_lib
+  from stts_jax.models import vlm
+  original = vlm.Molmo2.__init__
+
+  def init_with_scorer(self, cfg, *, rngs):
+    original(self, cfg, rngs=rngs)
+    if self.scorer is None and cfg.stts.method == "stts":
+      self.scorer = scorer_lib.WindowScorer(cfg.vit.hidden_size, cfg.stts, rngs=rngs)
+  monkeypatch.setattr(vlm.Molmo2, "__init__", init_with_scorer)
+  stts = config_lib.STTSConfig(method="stts", prune_at=1, scorer_hidden=64, scorer_heads=2)
+  model, report = weights.load_molmo2_with_report(base["ckpt"], stts=stts)
+  assert sorted(report.fresh) == sorted(f"scorer.{m}.{p}" for m in ("q_proj", "k_proj", "v_proj", "o_proj",
+                                                                     "fc1", "fc2", "fc3") for p in ("kernel", "bias"))
+  fc1 = np.asarray(model.scorer.fc1.kernel.get_value())
+  assert fc1.shape == (64, 64) and 0 < fc1.std() < 1
+  _check_logits(model, base)                     # the host model is untouched
+  weights.save_molmo2(model, str(tmp_path))
+  names = list(safetensors_io.open_checkpoint(str(tmp_path)))
+  assert sum(n.startswith(hf_molmo2.HUB_SCORER_PREFIX) for n in names) == 14
+  again, report2 = weights.load_molmo2_with_report(str(tmp_path))
+  assert report2.fresh == [] and again.config.stts == stts
+  after = _params(again)
+  for path, value in _params(model).items():
+    np.testing.assert_array_equal(after[path], value, err_msg=str(path))
