@@ -48,18 +48,23 @@ class AotReport:
     return self.argument_bytes + self.temp_bytes
 
   def summary(self) -> str:
-    gib = 1024 ** 3
     flops = "n/a" if self.flops is None else f"{self.flops:.4e} ({self.flops / self.num_devices:.4e} per device)"
     return "\n".join([
         f"mesh {self.mesh_shape} ({self.num_devices} devices), params {self.num_params:,}",
         f"FLOPs per step: {flops}",
-        f"per-device memory: arguments {self.argument_bytes / gib:.3f} GiB, temporaries "
-        f"{self.temp_bytes / gib:.3f} GiB, outputs {self.output_bytes / gib:.3f} GiB "
-        f"(aliased {self.alias_bytes / gib:.3f} GiB); arguments + temporaries "
-        f"{self.per_device_bytes / gib:.3f} GiB",
+        f"per-device memory: arguments {_size(self.argument_bytes)}, temporaries {_size(self.temp_bytes)}, "
+        f"outputs {_size(self.output_bytes)} (aliased {_size(self.alias_bytes)}); arguments + temporaries "
+        f"{_size(self.per_device_bytes)}",
         f"compile time {self.compile_seconds:.1f} s (scanned layers; compiled_flops_per_device="
         f"{self.compiled_flops_per_device:.4e}, undercounts scanned layers)",
     ])
+
+
+def _size(num_bytes: int) -> str:
+  for unit, scale in (("GiB", 1024 ** 3), ("MiB", 1024 ** 2), ("KiB", 1024)):
+    if num_bytes >= scale:
+      return f"{num_bytes / scale:.3f} {unit}"
+  return f"{num_bytes} B"
 
 
 def abstract_batch(model_cfg: config_lib.ModelConfig, *, batch_size: int, num_frames: int,
