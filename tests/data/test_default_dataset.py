@@ -1,0 +1,108 @@
+import json
+import os
+
+import numpy as np
+import pytest
+
+from stts_jax.data import default_dataset, oracle, pipeline, synth, video
+from stts_jax.testing import tiny
+
+SPEC = default_dataset.Spec(num_clips=(16, 6, 6))
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+  out = str(tmp_path_factory.mktemp("default"))
+  meta = default_dataset.build(out, SPEC, workers=1, with_tfds=True)
+  return out, meta
+
+
+def read(out, split):
+  return [json.loads(line) for line in open(os.path.join(out, f"{split}.jsonl"))]
+
+
+def test_build_outputs_and_splits(built):
+  out, meta = built
+  assert meta["spec"]["num_clips"] == [16, 6, 6] and meta["tfds"]
+  faces, videos_seen = {}, set()
+  for split, n in zip(default_dataset.SPLITS, SPEC.num_clips):
+    lines = read(out, split)
+    rows = {x["row"] for x in lines}
+    assert rows == set(range(n)) and meta["counts"][split]["clips"] == n
+    assert len(lines) == meta["counts"][split]["examples"] == n + sum(x["qtype"] == "where" for x in lines)
+    lo, hi = default_dataset.FACES[split]
+    faces[split] = {x["face"] for x in lines}
+    assert all(lo <= f < hi for f in faces[split])
+    for x in lines:
+      assert x["options"] == list(default_dataset.QUESTIONS[x["qtype"]][1])
+      ans = x["options"].index(x["answer"])
+      if x["qtype"] == "when":
+        assert ans == x["event_frames"][0] // 2 == x["event_frames"][-1] // 2
+      else:
+        assert default_dataset.CORNERS[ans] == x["event_window"]
+      assert os.path.isfile(os.path.join(out, x["video"])) and x["video"] not in videos_seen - {x["video"]}
+    videos_seen |= {x["video"] for x in lines}
+  assert not faces["train"] & faces["val"] and not faces["train"] & faces["test"]
+  frames = np.load(os.path.join(out, "train_frames.npy"), mmap_mode="r")
+  assert frames.shape == (16, 8, 126, 126, 3) and frames.dtype == np.uint8
+
+
+def test_arrays_are_the_decoded_mp4s(built):
+  out, _ = built
+  frames = np.load(os.path.join(out, "val_frames.npy"), mmap_mode="r")
+  for x in read(out, "val"):
+    got, ts = video.sample_frames(os.path.join(out, x["video"]), 8, 2.0)
+    np.testing.assert_array_equal(got, frames[x["row"]])
+    np.testing.assert_array_equal(ts, np.arange(8, dtype=np.float32) / 2)
+
+
+def test_arrays_format_equals_manifest_and_tfds_formats(built):
+  out, _ = built
+  ids = default_dataset.tiny_token_ids()
+  def rows(fmt):
+    cfg = default_dataset.data_config(out, format=fmt, batch_size=4, num_threads=1)
+    res = {}
+    for b in pipeline.eval_iterator(cfg, ids, "test"):
+      for r in np.flatnonzero(b["valid"]):
+        res[int(b["example_id"][r])] = {k: v[r] for k, v in b.items()}
+    return res
+  a, m, t = rows("arrays"), rows("manifest"), rows("tfds")
+  assert sorted(a) == sorted(m) == sorted(t) == list(range(len(read(out, "test"))))
+  for i in a:
+    for k in a[i]:
+      np.testing.assert_array_equal(a[i][k], m[i][k], err_msg=k)
+      np.testing.assert_array_equal(a[i][k], t[i][k], err_msg=k)
+  cfg = default_dataset.data_config(out)
+  cfg.check_model(tiny.tiny_model_config())
+  b = next(pipeline.train_iterator(cfg, ids))
+  assert b["patches"].shape == (16, 8, 81, 588) and b["frame_mask"].all() and b["valid"].all()
+  assert int(b["token_mask"].sum(1).max()) <= cfg.seq_len
+
+
+def test_build_is_idempotent(built):
+  out, meta = built
+  stamp = os.path.getmtime(os.path.join(out, "train_frames.npy"))
+  again = default_dataset.build(out, SPEC, workers=1, with_tfds=True)
+  assert again == meta and os.path.getmtime(os.path.join(out, "train_frames.npy")) == stamp
+
+
+def test_oracle_pruning_keeps_event_more_with_heuristic_than_random():
+  """Pixel-space 1-cos heuristic vs random at 50 %: the event must matter, and distractors must
+  leave the heuristic room to be beaten."""
+  clips, events = [], []
+  for i in range(160):
+    frames, meta = default_dataset.render_clip("train", i, default_dataset.Spec())
+    clips.append(frames)
+    events.append((meta["event_frames"], meta["event_window"]))
+  rates = oracle.keep_rates(clips, events, ratio=0.5)
+  print(f"\noracle keep rate of the event window at 50% pruning: {rates}")
+  assert 0.45 <= rates["random"] <= 0.7
+  assert rates["heuristic"] >= rates["random"] + 0.2
+  assert rates["heuristic"] <= 0.97
+
+
+def test_oracle_budget_rule_hand_computed():
+  scores = np.array([[0.0, 0.0], [0.5, 0.1], [0.1, 0.9]], np.float32)
+  keep = oracle.keep_mask(scores, 0.5)          # drop min(floor(3), 4) = 3; frame 0 kept
+  np.testing.assert_array_equal(keep, [[True, True], [False, False], [False, True]])
+  assert oracle.num_dropped(8, 9, 0.5) == 36 and oracle.num_dropped(1, 9, 0.5) == 0
