@@ -16,7 +16,6 @@ Parameter layout (names match the HF checkpoint modules; kernels are torch weigh
   HF `hidden_states[l + 1]` is the output of block l.
 """
 
-import functools
 from typing import Optional, Sequence
 
 import jax
@@ -70,20 +69,24 @@ def _remat(fn, remat: str, *, prevent_cse: bool):
   return jax.checkpoint(fn, policy=policy, prevent_cse=prevent_cse)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "length", "remat"))
 def _scan_blocks(graphdef, state, hidden, bias, mask, lo, *, length: int, remat: str):
-  """Blocks lo..lo+length-1 of a stacked block state as one `lax.scan` over the sliced params.
-
-  Jitted with only the structure static (`lo` is traced, so every range of the same length shares
-  one compilation); under an outer jit it is inlined and `lo` is a constant.
-  """
-  state = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, lo, length, axis=0), state)
+  """Blocks lo..lo+length-1 of a stacked block state as one `lax.scan` over the sliced params."""
+  if isinstance(lo, int):
+    state = jax.tree.map(lambda a: jax.lax.slice_in_dim(a, lo, lo + length, axis=0), state)
+  else:
+    state = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, lo, length, axis=0), state)
 
   def body(x, layer_state):
     return nnx.merge(graphdef, layer_state)(x, bias, mask), None
 
   hidden, _ = jax.lax.scan(_remat(body, remat, prevent_cse=False), hidden, state)
   return hidden
+
+
+# Eager calls (notebooks, tests) go through this cached jit: only the structure is static and `lo`
+# is traced, so every range of the same length shares one compilation. Under an outer trace the
+# plain function is used (static slices, nothing nested).
+_scan_blocks_eager = jax.jit(_scan_blocks, static_argnames=("graphdef", "length", "remat"))
 
 
 def attention_inputs(
@@ -183,7 +186,11 @@ class VisionTransformer(nnx.Module):
   def _run_range(self, hidden, lo: int, hi: int, bias, mask):
     if self.scan_layers:
       graphdef, state = nnx.split(self.blocks)
-      return _scan_blocks(graphdef, state, hidden, bias, mask, lo, length=hi - lo, remat=self.remat)
+      traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((hidden, state, bias, mask)))
+      if traced:
+        return _scan_blocks(graphdef, state, hidden, bias, mask, lo, length=hi - lo, remat=self.remat)
+      return _scan_blocks_eager(graphdef, state, hidden, bias, mask, jnp.int32(lo), length=hi - lo,
+                                remat=self.remat)
     for block in self.blocks[lo:hi]:
       graphdef, state = nnx.split(block)
 
