@@ -85,7 +85,11 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, cfg: TrainConf
   `loss_mask [B, S]`, `frame_mask [B, T]`, `patches [B, T, P, 588]`, ...). `loss_mask` counts the
   answer tokens that normalise the loss (pruning never removes answer tokens).
   forward: `forward(model, batch, *, rng, deterministic)` returning an object with `logits`,
-  `target_ids`, `loss_mask`, `aux_loss`, `keep_mask`; default `video_forward.forward_video`.
+  `target_ids`, `loss_mask`, `aux_loss`, `keep_mask`, `num_truncated` (as
+  `video_forward.VideoOutput`); default `video_forward.forward_video`.
+  Metrics: loss, ce, aux_loss, kept_ratio (kept / real windows), loss_tokens, truncated_tokens
+  (LLM tokens cut by the static length; should stay 0), grad_norm (before clipping), lr,
+  lr_scorer, skipped (this step), skipped_total, step.
   """
   forward = forward or _default_forward()
   model, optimizer = state.model, state.optimizer
@@ -104,7 +108,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, cfg: TrainConf
     stats = {"ce_sum": ce_sum, "aux_loss": aux / num_micro,
              "kept_windows": jnp.sum(keep).astype(jnp.float32),
              "valid_windows": (jnp.sum(mb["frame_mask"]) * keep.shape[-1]).astype(jnp.float32),
-             "loss_tokens": jnp.sum(out.loss_mask).astype(jnp.float32)}
+             "loss_tokens": jnp.sum(out.loss_mask).astype(jnp.float32),
+             "truncated_tokens": jnp.sum(out.num_truncated).astype(jnp.float32)}
     return loss, stats
 
   grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
@@ -121,7 +126,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, cfg: TrainConf
               jax.tree.map(jnp.add, acc_grads, g)), None
 
     zeros_stats = {k: jnp.zeros((), jnp.float32) for k in
-                   ("ce_sum", "aux_loss", "kept_windows", "valid_windows", "loss_tokens")}
+                   ("ce_sum", "aux_loss", "kept_windows", "valid_windows", "loss_tokens",
+                    "truncated_tokens")}
     zeros_grads = jax.tree.map(jnp.zeros_like, params)
     (loss, stats, grads), _ = jax.lax.scan(
         body, (jnp.zeros((), jnp.float32), zeros_stats, zeros_grads),
@@ -143,6 +149,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, cfg: TrainConf
       "aux_loss": stats["aux_loss"],
       "kept_ratio": stats["kept_windows"] / jnp.maximum(stats["valid_windows"], 1.0),
       "loss_tokens": stats["loss_tokens"],
+      "truncated_tokens": stats["truncated_tokens"],
       "grad_norm": grad_norm,
       "lr": lr["main"],
       "lr_scorer": lr["scorer"],

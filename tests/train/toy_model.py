@@ -23,6 +23,7 @@ class ToyOutput:
   keep_mask: jax.Array
   scores: jax.Array
   num_kept: jax.Array
+  num_truncated: jax.Array
 
 
 class ToyVideoLM(nnx.Module):
@@ -61,4 +62,5 @@ def toy_forward(model: ToyVideoLM, batch, *, rng=None, deterministic=True) -> To
   aux = jnp.mean(jnp.square(scores[:, 1:] - target))
   keep = jnp.ones((b, t, w), bool) & batch["frame_mask"][..., None]
   return ToyOutput(logits=logits, target_ids=batch["target_ids"], loss_mask=batch["loss_mask"],
-                   aux_loss=aux, keep_mask=keep, scores=scores, num_kept=keep.sum((1, 2)))
+                   aux_loss=aux, keep_mask=keep, scores=scores, num_kept=keep.sum((1, 2)),
+                   num_truncated=jnp.zeros((b,), jnp.int32))
