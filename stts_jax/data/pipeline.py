@@ -19,7 +19,7 @@ masks False, so it adds nothing to the loss), is logged with the same message an
 instead of filtering keeps batch composition, and hence checkpoint resumption, exact.
 """
 
-import dataclasses
+import json
 import logging
 import os
 from typing import Any, Optional
@@ -105,6 +105,20 @@ class TfdsSource:
 
   def __getitem__(self, i: int) -> dict:
     return self._to_raw(self._source[i])
+
+  def example(self, index: int) -> manifest_lib.Example:
+    """The manifest example with `index` (scans the records once to build the lookup)."""
+    if getattr(self, "_examples", None) is None:
+      self._examples = {}
+      for i in range(len(self._source)):
+        rec = self._source[i]
+        raw = self._to_raw(rec)
+        extra = rec.get("extra", b"{}")
+        self._examples[raw["index"]] = manifest_lib.Example(
+            id=raw["id"], video=raw["video_name"], question=raw["question"], answer=raw["answer"],
+            options=tuple(raw["options"]) if raw["options"] else None,
+            extra=json.loads(extra.decode("utf-8") if isinstance(extra, bytes) else extra))
+    return self._examples[int(index)]
 
 
 class _Padded:

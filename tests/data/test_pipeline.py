@@ -186,6 +186,9 @@ def test_tfds_source_equals_manifest_source(dataset_dir, tmp_path):
           out[int(b["example_id"][r])] = {k: v[r] for k, v in b.items()}
     return out
   m, t = rows(cfg_m), rows(cfg_t)
+  ex_m = pipeline.eval_iterator(cfg_m, IDS, "train").example(5)
+  ex_t = pipeline.eval_iterator(cfg_t, IDS, "train").example(5)
+  assert ex_m.id == ex_t.id == "ex5" and ex_m.options == ex_t.options and ex_m.answer == ex_t.answer
   assert sorted(m) == sorted(t) == list(range(N))
   for i in m:
     for k in m[i]:
@@ -199,7 +202,7 @@ def test_worker_processes_match_in_process(dataset_dir):
   want = take(pipeline.train_iterator(cfg0, IDS), 4)
   it = pipeline.train_iterator(cfg2, IDS)
   got = take(it, 2)
-  state = it.get_state()
+  state = json.loads(json.dumps(it.get_state()))
   got += take(it, 2)
   it.close()
   assert_same_batches(got, want)
