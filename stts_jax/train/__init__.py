@@ -1,0 +1,15 @@
+"""Sharded training of Molmo2 + STTS.
+
+  config      TrainConfig / OptimConfig / MeshConfig (sections `train`, `mesh` of a top-level config)
+  mesh        make_mesh(MeshConfig) -> Mesh('data', 'fsdp', 'tensor'), one -1 size filled
+  sharding    RULES (logical axis -> mesh axes), make_rules, state_shardings, data_sharding, shard_batch
+  optim       make_tx / make_optimizer: clip, AdamW warmup+cosine, scorer LR, freeze regexes
+  step        TrainState (model, optimizer, counters), train_step (loss, accumulation, non-finite skip)
+  loop        init_state (sharded init), make_step_fn (jit with shardings + donation), run (the loop)
+  checkpoint  Checkpointer: one Orbax manager with items state / data_iter / config
+  aot         compile_train_step: lower + compile from abstract shapes, FLOPs and per-device memory
+  main        init_distributed, train_and_evaluate(config, workdir), aot_from_config(config)
+Import the submodules directly (`from stts_jax.train import loop`).
+"""
+
+__all__ = ["aot", "checkpoint", "config", "loop", "main", "mesh", "optim", "sharding", "step"]
