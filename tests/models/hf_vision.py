@@ -56,7 +56,7 @@ def tiny_hf_vision(vit: config_lib.ViTConfig, num_layers: int, seed: int = 0):
 
 def tiny_hf_adapter(adapter: config_lib.AdapterConfig, vit_hidden: int, text_hidden: int, seed: int = 1):
   from transformers.models.molmo2.modeling_molmo2 import Molmo2Adapter
-  return randomize_(Molmo2Adapter(hf_adapter_config(adapter, vit_hidden, text_hidden)), seed)
+  return randomize_(Molmo2Adapter(hf_adapter_config(adapter, vit_hidden, text_hidden)), seed, std=0.15)
 
 
 def _np(t: torch.Tensor) -> np.ndarray:

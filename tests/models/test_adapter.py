@@ -136,7 +136,7 @@ def test_adapter_matches_transformers(kind):
     ref = hf(torch.from_numpy(np.array(feats)), torch.from_numpy(idx).long()).last_hidden_state.numpy()
   got = ours(feats, jnp.asarray(idx))
   assert got.shape == ref.shape == (idx.shape[0], CFG.llm.hidden_size)
-  assert float(np.abs(ref).max()) > 0.01
+  assert float(np.abs(ref).max()) > 0.3
   np.testing.assert_allclose(got, ref, atol=TOL, rtol=0)
 
 
