@@ -46,6 +46,7 @@ class VisionFeatures:
 @struct.dataclass
 class PrefillOutput:
   state: decoding.Prefill
+  keep_mask_btw: Bool[Array, "B T W"]  # kept windows
   num_kept_b: Int[Array, "B"]        # kept windows (LLM vision tokens) per video
   num_truncated_b: Int[Array, "B"]   # prompt tokens cut by the static length (0 for valid data)
 
@@ -112,7 +113,8 @@ def prefill_stage(model: vlm.Molmo2, input_ids: Int[Array, "B S"], token_mask: B
   """Pruned prompt -> decoder prefill into a cache of S' + max_new_tokens slots."""
   inputs, truncated = llm_inputs(model, input_ids, token_mask, vision)
   state = decoding.prefill(model.llm, inputs, max_new_tokens)
-  return PrefillOutput(state=state, num_kept_b=pruning.num_kept(vision.keep_mask_btw), num_truncated_b=truncated)
+  return PrefillOutput(state=state, keep_mask_btw=vision.keep_mask_btw, num_kept_b=pruning.num_kept(vision.keep_mask_btw),
+                       num_truncated_b=truncated)
 
 
 def stop_ids_for(model: vlm.Molmo2, extra: Sequence[int] = ()) -> tuple[int, ...]:

@@ -144,7 +144,7 @@ def _accuracy_keys(cells: list[dict[str, Any]]) -> list[str]:
 def _stat(cell: dict[str, Any], name: str) -> float:
   for k, v in cell["metrics"].items():
     if k.endswith("/" + name):
-      return v
+      return float(v)
   return float("nan")
 
 
@@ -164,7 +164,7 @@ def scaling_pairs(cells: list[CellResult]) -> list[dict[str, Any]]:
           for c in run if c.frames > base_frames]
 
 
-def _fmt(x: float, digits: int = 1, scale: float = 1.0) -> str:
+def _fmt(x: Optional[float | int], digits: int = 1, scale: float = 1.0) -> str:
   return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x * scale:.{digits}f}"
 
 
