@@ -1,7 +1,8 @@
 """Train the tiny STTS model on the offline default dataset (CPU, minutes).
 
-  .venv/bin/python -m stts_jax.data.build_default ...   # or stts_jax.data.default_dataset.build(dir)
-  .venv/bin/python scripts/train.py --config configs/train_tiny.py:data=/tmp/stts_default --workdir /tmp/tiny
+  .venv/bin/python scripts/build_dataset.py --out data_cache/default      # once, ~1-2 min
+  .venv/bin/python scripts/train.py --config configs/train_tiny.py --workdir /tmp/tiny
+  (other data dir: --config configs/train_tiny.py:data=/path; overrides: --config.train.num_steps=50)
 About 0.1-0.3 s/step on 2 CPU cores; 600 steps take a few minutes.
 
 arg: `data` (default-dataset directory), `method` (none | random | heuristic | stts), `ratio`,
@@ -15,7 +16,7 @@ from configs import tiny
 
 
 def get_config(arg=None) -> ml_collections.ConfigDict:
-  arg = common.parse_arg(arg, data="/tmp/stts_default", method="stts", ratio=0.5, steps=600, batch=16,
+  arg = common.parse_arg(arg, data="data_cache/default", method="stts", ratio=0.5, steps=600, batch=16,
                          lr=1e-3, runlocal=False)
   cfg = tiny.get_config(f"method={arg.method},ratio={arg.ratio}")
   cfg.name = "train_tiny"
