@@ -1,0 +1,45 @@
+"""Benchmark STTS: measured speedup vs frames and prune ratio, or predicted at real sizes.
+
+  python scripts/benchmark.py --config configs/bench_cpu.py --frames 8,16,32,64 --ratios 0,0.3,0.5,0.7 \
+      --out /tmp/stts_bench
+  python scripts/benchmark.py --config configs/molmo2_4b_stts.py --abstract --frames 64,128,256 \
+      --ratios 0.5 --out /tmp/stts_bench_4b          # shapes only, no weights (~1 min per frame count)
+Writes CSV + JSON + PNGs to --out and prints the checks (speedup / FLOP-ratio efficiency, overhead
+share, XLA vs analytic FLOPs, one compilation per part). Measure on a quiet machine.
+"""
+
+import json
+import logging
+
+from absl import app, flags
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", None, "configs/<file>.py[:arg]", lock_config=True)
+flags.DEFINE_string("out", None, "output directory")
+flags.DEFINE_list("frames", None, "frame counts (default: the config's; abstract: 64,128,256)")
+flags.DEFINE_list("ratios", None, "prune ratios (default: the config's; abstract: 0.5)")
+flags.DEFINE_bool("abstract", False, "lower the config's model from shapes only and predict speedups")
+flags.DEFINE_bool("memory", False, "abstract mode: also compile the full step for memory_analysis()")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  del argv
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+  import jax
+  from stts_jax.bench import main as bench_main
+  logging.info("jax %s, backend %s, devices: %s", jax.__version__, jax.default_backend(), jax.devices())
+  frames = [int(x) for x in FLAGS.frames] if FLAGS.frames else None
+  ratios = [float(x) for x in FLAGS.ratios] if FLAGS.ratios else None
+  if FLAGS.abstract:
+    out = bench_main.abstract_benchmark(FLAGS.config, FLAGS.out, frames=frames or (64, 128, 256),
+                                        ratios=ratios or (0.5,), memory=FLAGS.memory)
+    print(json.dumps(out["rows"], indent=1), flush=True)
+    return
+  out = bench_main.benchmark(FLAGS.config, FLAGS.out, frames=frames, ratios=ratios)
+  print(json.dumps(out["checks"], indent=1), flush=True)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config", "out"])
+  app.run(main)

@@ -1,0 +1,92 @@
+"""Library entry points behind `scripts/benchmark.py`.
+
+  benchmark(config, out_dir)            measured grid (frames x ratios) -> CSV, JSON, PNGs, checks
+  abstract_benchmark(config, out_dir)   predicted speedups at real sizes from shapes only
+Outputs in `out_dir`: `bench.csv` / `abstract.csv` (one row per cell), `bench.json` /
+`abstract.json` (rows, raw per-part results, checks, config, versions, devices) and the plots.
+"""
+
+import dataclasses
+import logging
+import os
+import platform
+from collections.abc import Callable, Sequence
+from typing import Any, Optional
+
+import jax
+import ml_collections
+
+from stts_jax import config as config_lib
+from stts_jax.bench import abstract
+from stts_jax.bench import config as bench_config
+from stts_jax.bench import plots
+from stts_jax.bench import report
+from stts_jax.bench import runner
+from stts_jax.train import mesh as mesh_lib
+from stts_jax.train import sharding
+from stts_jax.train.config import MeshConfig, TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+def _sections(config: Any) -> dict[str, Any]:
+  if not isinstance(config, ml_collections.ConfigDict):
+    config = ml_collections.ConfigDict(dict(config))
+  cfgs = config_lib.build(config)   # the `bench` section is registered by importing bench.config
+  cfgs.setdefault("train", TrainConfig())
+  cfgs.setdefault("mesh", MeshConfig())
+  cfgs.setdefault("bench", bench_config.BenchConfig())
+  return cfgs
+
+
+def environment() -> dict[str, Any]:
+  return {"jax": jax.__version__, "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
+          "python": platform.python_version(), "machine": platform.machine(), "cpu_count": os.cpu_count()}
+
+
+def benchmark(config: Any, out_dir: str, *, frames: Optional[Sequence[int]] = None,
+              ratios: Optional[Sequence[float]] = None, progress: Callable[[str], None] = log.info) -> dict[str, Any]:
+  """Runs the measured grid of `config` (sections model, train, bench); returns rows and checks."""
+  cfgs = _sections(config)
+  bench = cfgs["bench"]
+  if frames is not None:
+    bench = dataclasses.replace(bench, frames=tuple(frames))
+  if ratios is not None:
+    bench = dataclasses.replace(bench, ratios=tuple(ratios))
+  bench.validate()
+  os.makedirs(out_dir, exist_ok=True)
+  progress(f"benchmark: frames {bench.frames}, ratios {bench.grid_ratios}, rows '{bench.rows}', "
+           f"{bench.warmup} warm-up + {bench.repeats} timed calls per part; {environment()}")
+  cells = runner.run_grid(cfgs["model"], cfgs["train"], bench, progress=progress)
+  rows = report.summary_rows(cells)
+  checks = report.checks(rows)
+  report.write_csv(rows, os.path.join(out_dir, "bench.csv"))
+  report.write_json(os.path.join(out_dir, "bench.json"), rows=rows, checks=checks,
+                    cells=[c.to_dict() for c in cells], bench=config_lib.to_dict(bench),
+                    model=config_lib.to_dict(cfgs["model"]), environment=environment())
+  pngs = plots.write_all(rows, out_dir, title=str(cfgs.get("name", "")))
+  progress(f"wrote {out_dir}/bench.csv, bench.json, {', '.join(os.path.basename(p) for p in pngs)}")
+  return {"rows": rows, "checks": checks, "cells": cells}
+
+
+def abstract_benchmark(config: Any, out_dir: str, *, frames: Sequence[int] = (64, 128, 256),
+                       ratios: Sequence[float] = (0.5,), row_policies: Sequence[str] = ("typical", "bound"),
+                       memory: bool = False, progress: Callable[[str], None] = log.info) -> dict[str, Any]:
+  """Predicted speedups of `config`'s model at `frames` (no weights). With `memory`, the config's
+  mesh over all devices is used (one video per device) and the full step is compiled for memory."""
+  cfgs = _sections(config)
+  mesh = mesh_lib.make_mesh(cfgs["mesh"]) if memory else runner.single_device_mesh()
+  rules = sharding.make_rules(cfgs["mesh"])
+  os.makedirs(out_dir, exist_ok=True)
+  rows = []
+  for ratio in ratios:
+    rows += abstract.predict(cfgs["model"], cfgs["train"], frames=frames, ratio=ratio, row_policies=row_policies,
+                             mesh=mesh, rules=rules, memory=memory, progress=progress)
+  report.write_csv(rows, os.path.join(out_dir, "abstract.csv"))
+  report.write_json(os.path.join(out_dir, "abstract.json"), rows=rows, paper=abstract.PAPER_SPEEDUP,
+                    model=config_lib.to_dict(cfgs["model"]), environment=environment())
+  png = plots.predicted_plot([r for r in rows if r["ratio"] == 0.5] or rows,
+                             os.path.join(out_dir, "predicted_speedup.png"),
+                             title=f"{cfgs.get('name', 'model')}: predicted speedup")
+  progress(f"wrote {out_dir}/abstract.csv, abstract.json, {os.path.basename(png)}")
+  return {"rows": rows}

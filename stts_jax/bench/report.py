@@ -1,0 +1,108 @@
+"""Benchmark results -> one flat row per cell (CSV/JSON) and the checks the issue asks for.
+
+Per part (vision, prefill, decode, overhead, train) and for `ttft` = vision + prefill (the whole
+inference prefill, time to first token): seconds, analytic and XLA FLOPs, and against the ratio-0
+cell of the same frame count `speedup` = baseline time / time, `flops_ratio` = baseline analytic
+FLOPs / analytic FLOPs and `efficiency` = speedup / flops_ratio (1.0: the time saving is exactly
+the FLOP saving). `overhead_share` = STTS overhead time / pruned train step time.
+"""
+
+import csv
+import json
+import math
+from collections.abc import Sequence
+from typing import Any, Optional
+
+from stts_jax.bench.runner import CellResult
+
+PART_ORDER = ("vision", "prefill", "ttft", "decode", "overhead", "train")
+
+
+def _part_values(cell: CellResult) -> dict[str, dict[str, Optional[float]]]:
+  out = {k: {"seconds": p.seconds, "analytic": p.analytic_flops / p.per_call,
+             # decode runs in a while loop whose body XLA counts once: its count is per token already
+             "xla": None if p.xla_flops is None else p.xla_flops / (1 if k == "decode" else p.per_call),
+             "memory": p.memory.total_bytes}
+         for k, p in cell.parts.items()}
+  if "vision" in out and "prefill" in out:
+    v, p = out["vision"], out["prefill"]
+    xla = None if v["xla"] is None or p["xla"] is None else v["xla"] + p["xla"]
+    out["ttft"] = {"seconds": v["seconds"] + p["seconds"], "analytic": v["analytic"] + p["analytic"], "xla": xla,
+                   "memory": max(v["memory"], p["memory"])}
+  return out
+
+
+def summary_rows(cells: Sequence[CellResult]) -> list[dict[str, Any]]:
+  """One flat row per cell, with speedups against the ratio-0 cell of the same frame count."""
+  base = {c.frames: _part_values(c) for c in cells if c.ratio == 0.0}
+  rows = []
+  for c in cells:
+    vals = _part_values(c)
+    row: dict[str, Any] = {
+        "frames": c.frames, "ratio": c.ratio, "method": c.method, "batch": c.batch_size, "seq_len": c.seq_len,
+        "llm_len": c.llm_len, "kept_windows": c.kept_windows, "num_rows": c.num_rows,
+        "rows_needed": max(c.rows_needed) if c.rows_needed else None,
+        "fallback_batches": c.packed.count(False)}
+    b = base.get(c.frames, {})
+    for k in PART_ORDER:
+      if k not in vals:
+        continue
+      v = vals[k]
+      row[f"{k}_ms"] = v["seconds"] * 1e3
+      row[f"{k}_gflops"] = v["analytic"] / 1e9
+      row[f"{k}_xla_gflops"] = None if v["xla"] is None else v["xla"] / 1e9
+      row[f"{k}_xla_over_analytic"] = None if not v["xla"] or not v["analytic"] else v["xla"] / v["analytic"]
+      row[f"{k}_mem_mb"] = v["memory"] / 1e6
+      if k in b and k != "overhead":
+        speedup = b[k]["seconds"] / v["seconds"]
+        ratio = b[k]["analytic"] / v["analytic"] if v["analytic"] else math.nan
+        row[f"{k}_speedup"] = speedup
+        row[f"{k}_flops_ratio"] = ratio
+        row[f"{k}_efficiency"] = speedup / ratio
+    if "overhead" in vals and "train" in vals:
+      row["overhead_share"] = vals["overhead"]["seconds"] / vals["train"]["seconds"]
+    row["compiles"] = {k: p.compiles for k, p in c.parts.items()}
+    rows.append(row)
+  return rows
+
+
+def checks(rows: Sequence[dict[str, Any]], *, ratio: float = 0.5, min_efficiency: float = 0.85,
+           max_overhead: float = 0.03, flops_tolerance: float = 0.10) -> dict[str, Any]:
+  """The issue's claims, evaluated on the measured rows (`ok` per claim plus the numbers)."""
+  at = sorted((r for r in rows if r["ratio"] == ratio), key=lambda r: r["frames"])
+  out: dict[str, Any] = {"ratio": ratio}
+  for k in ("train", "ttft", "prefill"):
+    eff = [r.get(f"{k}_efficiency") for r in at]
+    spd = [r.get(f"{k}_speedup") for r in at]
+    if not at or any(e is None for e in eff):
+      continue
+    out[f"{k}_efficiency"] = {"values": eff, "ok": min(eff) >= min_efficiency}
+    out[f"{k}_speedup_grows"] = {"values": spd, "ok": len(spd) < 2 or spd[-1] > spd[0],
+                                 "monotone": all(b >= a for a, b in zip(spd, spd[1:]))}
+  pruned = sorted((r for r in rows if r["ratio"] > 0 and "overhead_share" in r), key=lambda r: r["frames"])
+  if pruned:
+    largest = max(r["frames"] for r in pruned)
+    shares = [r["overhead_share"] for r in pruned if r["frames"] == largest]
+    out["overhead_share_at_largest_frames"] = {"frames": largest, "values": shares, "ok": max(shares) <= max_overhead}
+  devs = [abs(r[k] - 1.0) for r in rows for k in r if k.endswith("_xla_over_analytic") and r[k] is not None]
+  if devs:
+    out["xla_vs_analytic"] = {"max_rel_dev": max(devs), "ok": max(devs) <= flops_tolerance}
+  out["one_compile_per_part"] = {"ok": all(n == 1 for r in rows for n in r["compiles"].values())}
+  out["no_fallback"] = {"ok": all(r["fallback_batches"] == 0 for r in rows)}
+  return out
+
+
+def write_csv(rows: Sequence[dict[str, Any]], path: str) -> None:
+  keys: list[str] = []
+  for r in rows:
+    keys += [k for k in r if k not in keys]
+  with open(path, "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=keys)
+    w.writeheader()
+    for r in rows:
+      w.writerow({k: (json.dumps(v) if isinstance(v, dict) else v) for k, v in r.items()})
+
+
+def write_json(path: str, **payload: Any) -> None:
+  with open(path, "w") as f:
+    json.dump(payload, f, indent=1, default=str)

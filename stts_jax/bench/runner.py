@@ -1,0 +1,259 @@
+"""The benchmark grid: every (frames, ratio) cell timed part by part in one process.
+
+One cell = one model config (the cell's ratio, method and packed row count) and `num_batches`
+batches of real video (`batches.video_batch`). Its parts (`parts.py`) are each compiled exactly
+once, ahead of time (`timing.aot_compile`), from the first batch's shapes; the compilation count
+of every part is measured (`timing.CompileCounter`) and asserted to be 1, and the timed calls,
+which rotate through all the cell's batches (different content, different keep patterns), must
+compile nothing. Per part the cell records: median seconds, compile seconds, XLA's FLOPs of the
+compiled program (loop bodies counted once) and of an unrolled copy with the taken branch only
+(`xla_count`), the analytic FLOPs (`costs`) and `memory_analysis()`.
+
+Ratio 0 is the baseline (method "none": the host model, no scorer); speedups and FLOP ratios are
+taken against the baseline of the same frame count (`report.py`).
+"""
+
+import dataclasses
+import logging
+from collections.abc import Callable
+from typing import Any, Optional
+
+import jax
+import numpy as np
+from flax import nnx
+
+from stts_jax import config as config_lib
+from stts_jax.bench import batches as batches_lib
+from stts_jax.bench import costs
+from stts_jax.bench import parts
+from stts_jax.bench import timing
+from stts_jax.bench import xla_count
+from stts_jax.bench.config import BenchConfig
+from stts_jax.models import budget
+from stts_jax.models import packing
+from stts_jax.models import pruning
+from stts_jax.models import vlm
+from stts_jax.train import loop
+from stts_jax.train import mesh as mesh_lib
+from stts_jax.train import sharding
+from stts_jax.train.config import MeshConfig, TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class PartResult:
+  name: str
+  timing: timing.Timing
+  per_call: int                 # units per call (decode: tokens); seconds = median / per_call
+  compiles: int                 # backend compilations of this part in this cell (asserted 1)
+  compile_seconds: float
+  xla_flops_compiled: float     # Compiled.cost_analysis (per device; scanned layers counted once)
+  xla_flops: Optional[float]    # unrolled copy, packed branch (global); None if not counted
+  analytic_flops: float
+  memory: timing.MemoryStats
+
+  @property
+  def seconds(self) -> float:
+    return self.timing.median / self.per_call
+
+  def to_dict(self) -> dict[str, Any]:
+    return {"seconds": self.seconds, "per_call": self.per_call, "compiles": self.compiles,
+            "compile_seconds": self.compile_seconds, "xla_flops_compiled": self.xla_flops_compiled,
+            "xla_flops": self.xla_flops, "analytic_flops": self.analytic_flops,
+            "memory": dataclasses.asdict(self.memory), "timing": self.timing.to_dict()}
+
+
+@dataclasses.dataclass
+class CellResult:
+  frames: int
+  ratio: float
+  method: str
+  batch_size: int
+  seq_len: int            # unpruned prompt length S
+  llm_len: int            # decoder length S' (S - dropped(T) when pruned)
+  num_rows: Optional[int]  # packed ViT rows per video (None: unpruned)
+  rows_needed: list[int]  # max rows first-fit decreasing needed, per batch
+  packed: list[bool]      # per batch: the packed path ran (False: dense fallback)
+  kept_windows: int       # per video (static budget)
+  parts: dict[str, PartResult]
+
+  def to_dict(self) -> dict[str, Any]:
+    d = {k: v for k, v in dataclasses.asdict(self).items() if k != "parts"}
+    d["parts"] = {k: v.to_dict() for k, v in self.parts.items()}
+    return d
+
+
+def cell_model_config(base: config_lib.ModelConfig, frames: int, ratio: float, rows: str) -> config_lib.ModelConfig:
+  """The cell's config: method "none" at ratio 0, else the base method (default "stts") at `ratio`
+  with `num_rows` from the row policy."""
+  if ratio == 0.0:
+    stts = dataclasses.replace(base.stts, method="none", ratio=0.0, num_rows=None)
+  else:
+    w = base.windows_per_frame
+    method = base.stts.method if base.stts.method != "none" else "stts"
+    num_rows = {"typical": budget.typical_num_rows(frames, w, ratio), "bound": None,
+                "min": budget.min_rows(frames, w, ratio)}[rows]
+    stts = dataclasses.replace(base.stts, method=method, ratio=ratio, num_rows=num_rows)
+  return dataclasses.replace(base, stts=stts).validate()
+
+
+def single_device_mesh() -> jax.sharding.Mesh:
+  return mesh_lib.make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
+
+
+def _model_fn(cfg: config_lib.ModelConfig, seed: int) -> Callable[[], nnx.Module]:
+  return lambda: vlm.Molmo2(cfg, rngs=nnx.Rngs(seed))
+
+
+def _init_model(model_fn):
+  graphdef = nnx.graphdef(nnx.eval_shape(model_fn))
+  state = jax.jit(lambda: nnx.split(model_fn())[1])()
+  return graphdef, state
+
+
+class _Cell:
+  """Compiles, times and counts the parts of one cell (see `run_cell`)."""
+
+  def __init__(self, cfg, train_cfg, bench: BenchConfig, frames: int, seq_len: int):
+    self.cfg, self.train_cfg, self.bench, self.frames, self.seq_len = cfg, train_cfg, bench, frames, seq_len
+    self.unrolled = None
+    if bench.xla_flops:
+      self.unrolled = xla_count.abstract_model_state(
+          _model_fn(dataclasses.replace(cfg, scan_layers=False), bench.seed))
+
+  def run(self, name: str, fn, state, inputs: list[tuple], *, analytic: float, per_call: int = 1,
+          unrolled: Optional[tuple[Any, Any]] = None) -> tuple[PartResult, timing.CompiledFn]:
+    """Compiles `fn(state, *inputs[0])` once and times it over the rotated inputs.
+
+    unrolled: (same function built on the unrolled abstract module, its abstract state) for
+    XLA's FLOP count. Returns the result and the compiled function (for the next parts' inputs).
+    """
+    with timing.CompileCounter() as cc:
+      compiled = timing.aot_compile(jax.jit(fn), state, *inputs[0], name=name)
+    if cc.count != 1:
+      raise AssertionError(f"bench part {name!r}: expected exactly one compilation, got {cc.count} ({cc.names})")
+    t = timing.time_calls(lambda i: compiled(state, *inputs[i % len(inputs)]), warmup=self.bench.warmup,
+                          repeats=self.bench.repeats, name=name)
+    xla = None
+    if unrolled is not None:
+      u_fn, u_state = unrolled
+      xla = xla_count.lowered_flops(u_fn, u_state, *xla_count.shapes_of(inputs[0]))
+    elif self.bench.xla_flops:
+      xla = compiled.xla_flops   # no layer stacks inside (the STTS overhead part)
+    return PartResult(name, t, per_call, cc.count, compiled.compile_seconds, compiled.xla_flops, xla,
+                      analytic, compiled.memory), compiled
+
+
+def run_cell(base_cfg: config_lib.ModelConfig, train_cfg: TrainConfig, bench: BenchConfig, frames: int,
+             ratio: float) -> CellResult:
+  """Measures one (frames, ratio) cell; see the module docstring."""
+  cfg = cell_model_config(base_cfg, frames, ratio, bench.rows)
+  b, w = bench.batch_size, cfg.windows_per_frame
+  data = [batches_lib.video_batch(cfg, batch_size=b, num_frames=frames, index=i,
+                                  timestamp_tokens=bench.timestamp_tokens, text_tokens=bench.text_tokens)
+          for i in range(bench.num_batches)]
+  seq_len = data[0]["input_ids"].shape[1]
+  s_llm = parts.llm_len(cfg, frames, seq_len)
+  slots = parts.num_slots(cfg, frames)
+  fwd = costs.forward(cfg, frames, seq_len)
+  cell = _Cell(cfg, train_cfg, bench, frames, seq_len)
+  graphdef, state = _init_model(_model_fn(cfg, bench.seed))
+  model = nnx.merge(graphdef, state)
+  llm_graphdef, llm_state = nnx.split(model.llm)
+  u_model = None if cell.unrolled is None else nnx.merge(*cell.unrolled)
+  u_llm = None if u_model is None else nnx.split(u_model.llm)
+  unrolled = lambda make, mod: None if mod is None else (make(mod[0]), mod[1])
+  results: dict[str, PartResult] = {}
+  dev = [jax.device_put({k: v for k, v in d.items() if k != "timestamps"}) for d in data]
+  todo = set(bench.parts)
+  n_new = bench.decode_tokens
+
+  # vision (always measured: the LLM parts take their inputs from its output)
+  vis_in = [(d["patches"], d["frame_mask"]) for d in dev]
+  res, vision = cell.run("vision", parts.vision_fn(graphdef, slots), state, vis_in, analytic=costs.vision(fwd, b),
+                         unrolled=unrolled(lambda g: parts.vision_fn(g, slots), cell.unrolled))
+  if "vision" in todo:
+    results["vision"] = res
+  visions = [vision(state, *x) for x in vis_in]
+  packed, rows_needed = [], []
+  if cfg.stts.prunes:
+    for v in visions:
+      keep_btp = pruning.keep_patch_mask(v.keep_mask_btw, (cfg.vit.grid, cfg.vit.grid), tuple(cfg.stts.window))
+      rows_needed.append(int(np.max(packing.make_plan(keep_btp, frames).rows_used_b)))
+      packed.append(bool(v.packed))
+
+  if "prefill" in todo:
+    prep = jax.jit(parts.llm_inputs_fn(graphdef, s_llm))
+    llm_in = [(prep(state, d["input_ids"], d["token_mask"], d["target_ids"], d["loss_mask"], v),)
+              for d, v in zip(dev, visions)]
+    results["prefill"], prefill = cell.run(
+        "prefill", parts.prefill_fn(llm_graphdef, n_new), llm_state, llm_in,
+        analytic=costs.prefill(cfg.llm, s_llm, s_llm + n_new + 1, b),
+        unrolled=unrolled(lambda g: parts.prefill_fn(g, n_new), u_llm))
+    if "decode" in todo:
+      states = [(prefill(llm_state, *x),) for x in llm_in]
+      results["decode"], _ = cell.run(
+          "decode", parts.decode_fn(llm_graphdef, n_new, cfg.tokens.pad), llm_state, states,
+          analytic=n_new * costs.decode_token(cfg.llm, s_llm + n_new + 1, b), per_call=n_new,
+          unrolled=unrolled(lambda g: parts.decode_fn(g, n_new, cfg.tokens.pad), u_llm))
+
+  if "overhead" in todo and cfg.stts.prunes and model.scorer is not None:
+    hidden_fn = jax.jit(parts.prune_hidden_fn(graphdef))
+    sc_graphdef, sc_state = nnx.split(model.scorer)
+    ov_in = [(hidden_fn(state, d["patches"]), d["frame_mask"], d["input_ids"], d["token_mask"],
+              d["target_ids"], d["loss_mask"]) for d in dev]
+    results["overhead"], _ = cell.run(
+        "overhead", parts.overhead_fn(sc_graphdef, cfg, frames, seq_len), sc_state, ov_in,
+        analytic=costs.stts_overhead(cfg, frames, b))
+  del model, visions, state
+
+  if "train" in todo:
+    results["train"] = _run_train(cfg, train_cfg, bench, data, costs.train_step(cfg, fwd, b))
+  return CellResult(frames=frames, ratio=ratio, method=cfg.stts.method, batch_size=b, seq_len=seq_len,
+                    llm_len=s_llm, num_rows=budget.num_rows(frames, w, ratio, cfg.stts.num_rows) if cfg.stts.prunes else None,
+                    rows_needed=rows_needed, packed=packed,
+                    kept_windows=budget.num_kept(frames, w, ratio) if cfg.stts.prunes else frames * w,
+                    parts=results)
+
+
+def _run_train(cfg, train_cfg: TrainConfig, bench: BenchConfig, data: list[dict], analytic: float) -> PartResult:
+  mesh = single_device_mesh()
+  rules = sharding.make_rules()
+  model_fn = _model_fn(cfg, bench.seed)
+  fields = [loop.device_fields(d) for d in data]
+  batch_sh = sharding.data_sharding(fields[0], mesh, rules)
+  graphdef, state, shardings = loop.init_state(model_fn, train_cfg, mesh, rules)
+  step_fn = loop.make_step_fn(graphdef, shardings, batch_sh, mesh, rules, train_cfg)
+  dev = [sharding.shard_batch(f, mesh, rules) for f in fields]
+  with jax.set_mesh(mesh):
+    with timing.CompileCounter() as cc:
+      compiled = timing.aot_compile(step_fn, state, dev[0], name="train")
+    if cc.count != 1:
+      raise AssertionError(f"bench part 'train': expected exactly one compilation, got {cc.count} ({cc.names})")
+    t, state = timing.time_stateful(lambda s, i: compiled(s, dev[i % len(dev)]), state,
+                                    warmup=bench.warmup, repeats=bench.repeats, name="train")
+  xla = None
+  if bench.xla_flops:
+    u_model_fn = _model_fn(dataclasses.replace(cfg, scan_layers=False), bench.seed)
+    u_graphdef, u_state, u_sh = loop.abstract_state(u_model_fn, train_cfg, mesh, rules)
+    u_step = loop.make_step_fn(u_graphdef, u_sh, batch_sh, mesh, rules, train_cfg)
+    xla = xla_count.lowered_flops(u_step, u_state, xla_count.shapes_of(fields[0]), mesh=mesh)
+  del state
+  return PartResult("train", t, 1, cc.count, compiled.compile_seconds, compiled.xla_flops, xla, analytic,
+                    compiled.memory)
+
+
+def run_grid(base_cfg: config_lib.ModelConfig, train_cfg: TrainConfig, bench: BenchConfig,
+             progress: Callable[[str], None] = log.info) -> list[CellResult]:
+  """All cells, frames outer, baseline ratio 0 first; see the module docstring."""
+  bench.validate()
+  cells = []
+  for frames in bench.frames:
+    for ratio in bench.grid_ratios:
+      cell = run_cell(base_cfg, train_cfg, bench, frames, ratio)
+      cells.append(cell)
+      progress(f"T={frames} ratio={ratio}: " + ", ".join(
+          f"{k} {v.seconds * 1e3:.1f} ms" for k, v in cell.parts.items())
+               + ("" if all(cell.packed) else f"  [dense fallback in {cell.packed.count(False)} batch(es)]"))
+  return cells

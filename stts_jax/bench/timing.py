@@ -1,0 +1,196 @@
+"""Timing helpers: compile ahead of time, then time only the compiled executable.
+
+Rules every measurement in `stts_jax.bench` follows:
+  * compilation is excluded: a function is lowered and compiled once with
+    `jax.jit(fn).lower(*args).compile()` (`aot_compile`), and the timed callable is the
+    resulting `Compiled` object, which can never recompile (a mismatched input is an error);
+  * `warmup` untimed calls first (allocator, caches, thread pools), then `repeats` timed calls;
+  * each call is closed by `jax.block_until_ready` on its whole output, so asynchronous
+    dispatch never hides work, and the reported figure is the median of the repeats;
+  * `CompileCounter` counts XLA backend compilations (a `jax.monitoring` listener) so callers
+    can assert that the timed region compiled nothing and that each cell compiled once.
+
+Functions whose first argument is donated (a train state) are timed with `time_stateful`, which
+feeds each call's new state into the next call.
+"""
+
+import dataclasses
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Optional
+
+import jax
+
+BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+  """Wall-clock seconds of `repeats` timed calls (after `warmup` untimed ones)."""
+  name: str
+  seconds: tuple[float, ...]
+  warmup: int
+
+  @property
+  def median(self) -> float:
+    return statistics.median(self.seconds)
+
+  @property
+  def min(self) -> float:
+    return min(self.seconds)
+
+  @property
+  def spread(self) -> float:
+    """(max - min) / median: a quick noise indicator."""
+    return (max(self.seconds) - min(self.seconds)) / max(self.median, 1e-12)
+
+  def to_dict(self) -> dict[str, Any]:
+    return {"name": self.name, "median_s": self.median, "min_s": self.min, "spread": self.spread,
+            "repeats": len(self.seconds), "warmup": self.warmup, "seconds": list(self.seconds)}
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryStats:
+  """`Compiled.memory_analysis()` in bytes (per device). On CPU many bf16 buffers are upcast and
+  `peak` is not reported, so `arguments + temporaries` is the figure to read (an upper bound)."""
+  argument_bytes: int
+  output_bytes: int
+  temp_bytes: int
+  alias_bytes: int
+  code_bytes: int
+
+  @property
+  def total_bytes(self) -> int:
+    return self.argument_bytes + self.temp_bytes
+
+  @classmethod
+  def from_compiled(cls, compiled: jax.stages.Compiled) -> "MemoryStats":
+    m = compiled.memory_analysis()
+    if m is None:
+      return cls(0, 0, 0, 0, 0)
+    return cls(argument_bytes=int(m.argument_size_in_bytes), output_bytes=int(m.output_size_in_bytes),
+               temp_bytes=int(m.temp_size_in_bytes), alias_bytes=int(m.alias_size_in_bytes),
+               code_bytes=int(m.generated_code_size_in_bytes))
+
+
+def _cost_dict(cost: Any) -> dict[str, float]:
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else {}
+  return dict(cost or {})
+
+
+def cost_flops(stage: Any) -> float:
+  """`flops` of a `Lowered` (global, whole program) or `Compiled` (per device) cost analysis.
+
+  XLA counts a loop body (`scan`, `fori_loop`, `while`) once, whatever its trip count, and the
+  larger branch of a `cond`; count unrolled programs when that matters (`stts_jax.bench.abstract`).
+  """
+  return float(_cost_dict(stage.cost_analysis()).get("flops", 0.0))
+
+
+@dataclasses.dataclass
+class CompiledFn:
+  """An ahead-of-time compiled function plus what XLA says about it."""
+  name: str
+  compiled: jax.stages.Compiled
+  lower_seconds: float
+  compile_seconds: float
+  xla_flops: float                  # Compiled.cost_analysis()["flops"] (loop bodies counted once)
+  memory: MemoryStats
+
+  def __call__(self, *args):
+    return self.compiled(*args)
+
+
+def aot_compile(fn: Callable[..., Any], *args: Any, name: str = "", jit_kwargs: Optional[dict] = None
+                ) -> CompiledFn:
+  """`jax.jit(fn, **jit_kwargs).lower(*args).compile()`; `fn` may already be jitted.
+
+  args: concrete arrays or `jax.ShapeDtypeStruct`s (pytrees of them).
+  """
+  jitted = fn if hasattr(fn, "lower") else jax.jit(fn, **(jit_kwargs or {}))
+  t0 = time.perf_counter()
+  lowered = jitted.lower(*args)
+  t1 = time.perf_counter()
+  compiled = lowered.compile()
+  t2 = time.perf_counter()
+  return CompiledFn(name=name or getattr(fn, "__name__", "fn"), compiled=compiled, lower_seconds=t1 - t0,
+                    compile_seconds=t2 - t1, xla_flops=cost_flops(compiled),
+                    memory=MemoryStats.from_compiled(compiled))
+
+
+class CompileCounter:
+  """Counts XLA backend compilations while active (all threads of this process).
+
+    with CompileCounter() as cc:
+      ...
+    cc.count, cc.names   # number of compilations, jitted function names in order
+  """
+
+  def __init__(self):
+    self.names: list[str] = []
+    self._lock = threading.Lock()
+
+  def _listener(self, event: str, duration: float, **kwargs) -> None:
+    del duration
+    if event == BACKEND_COMPILE_EVENT:
+      with self._lock:
+        self.names.append(str(kwargs.get("fun_name", "?")))
+
+  @property
+  def count(self) -> int:
+    return len(self.names)
+
+  def __enter__(self) -> "CompileCounter":
+    jax.monitoring.register_event_duration_secs_listener(self._listener)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    jax.monitoring.unregister_event_duration_listener(self._listener)
+
+
+def _check_counts(warmup: int, repeats: int) -> None:
+  if warmup < 0 or repeats < 1:
+    raise ValueError(f"timing: need warmup >= 0 and repeats >= 1, got warmup={warmup}, repeats={repeats}")
+
+
+def time_calls(call: Callable[[int], Any], *, warmup: int = 1, repeats: int = 5, name: str = "") -> Timing:
+  """Times `call(i)` for i = 0, 1, ... (a compiled function closed over its inputs; `i` lets the
+  caller rotate through several inputs); blocks on the whole output of each call.
+
+  Raises if anything compiles during the warm-up or timed calls (a timed region must run
+  already compiled code only).
+  """
+  _check_counts(warmup, repeats)
+  seconds = []
+  with CompileCounter() as cc:
+    for i in range(warmup + repeats):
+      t0 = time.perf_counter()
+      jax.block_until_ready(call(i))
+      dt = time.perf_counter() - t0
+      if i >= warmup:
+        seconds.append(dt)
+  if cc.count:
+    raise RuntimeError(f"timing {name!r}: {cc.count} compilation(s) inside the timed region: {cc.names}")
+  return Timing(name=name, seconds=tuple(seconds), warmup=warmup)
+
+
+def time_stateful(step: Callable[[Any, int], tuple[Any, Any]], state: Any, *, warmup: int = 1,
+                  repeats: int = 5, name: str = "") -> tuple[Timing, Any]:
+  """Times `state, out = step(state, i)` with the state threaded through the calls (so a donated
+  state is never reused). Returns the timing and the final state."""
+  _check_counts(warmup, repeats)
+  seconds = []
+  with CompileCounter() as cc:
+    for i in range(warmup + repeats):
+      t0 = time.perf_counter()
+      state, out = step(state, i)
+      jax.block_until_ready((state, out))
+      dt = time.perf_counter() - t0
+      if i >= warmup:
+        seconds.append(dt)
+  if cc.count:
+    raise RuntimeError(f"timing {name!r}: {cc.count} compilation(s) inside the timed region: {cc.names}")
+  return Timing(name=name, seconds=tuple(seconds), warmup=warmup), state
