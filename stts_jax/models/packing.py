@@ -18,6 +18,8 @@ Assignment runs over T candidate rows, so it always succeeds; if a video needs m
 use them (`video_forward` switches to the exact dense masked path; nothing kept is ever lost).
 """
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from flax import struct
@@ -26,14 +28,17 @@ from jaxtyping import Array, Bool, Float, Int
 
 @struct.dataclass
 class PackPlan:
-  """Where every patch of every frame goes. Flat indices: frame side t*P + p, row side r*P + s."""
-  src_brp: Int[Array, "B R P"]            # source t*P + p of each row slot, -1 if empty
-  segment_ids_brp: Int[Array, "B R P"]    # frame t, or T + s for an empty slot s
-  dest_btp: Int[Array, "B T P"]           # row slot r*P + s of each attending patch, -1 otherwise
-  keep_btp: Bool[Array, "B T P"]          # kept patches (scattered back)
-  attend_btp: Bool[Array, "B T P"]        # kept or refilled (take part in attention)
-  rows_used_b: Int[Array, "B"]            # rows first-fit decreasing needs
-  overflow_b: Bool[Array, "B"]            # rows_used > R: packed rows incomplete, do not use
+  """Where every patch of every frame goes. Flat indices: frame side t*P + p, row side r*P + s.
+
+  Fields are typed `Any` (shapes in the comments): jax rebuilds pytrees with placeholder leaves.
+  """
+  src_brp: Any   # int32 [B, R, P]; source t*P + p of each row slot, -1 if empty
+  segment_ids_brp: Any   # int32 [B, R, P]; frame t, or T + s for an empty slot s
+  dest_btp: Any   # int32 [B, T, P]; row slot r*P + s of each attending patch, -1 otherwise
+  keep_btp: Any   # bool [B, T, P]; kept patches (scattered back)
+  attend_btp: Any   # bool [B, T, P]; kept or refilled (take part in attention)
+  rows_used_b: Any   # int32 [B]; rows first-fit decreasing needs
+  overflow_b: Any   # bool [B]; rows_used > R: packed rows incomplete, do not use
 
   @property
   def fits(self) -> jax.Array:

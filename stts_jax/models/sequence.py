@@ -13,6 +13,8 @@ error. A position whose next token was pruned gets the next *surviving* token as
 token that follows it in the pruned sequence); other targets are taken as given.
 """
 
+from typing import Any
+
 import jax.numpy as jnp
 from flax import struct
 from jaxtyping import Array, Bool, Int
@@ -20,12 +22,12 @@ from jaxtyping import Array, Bool, Int
 
 @struct.dataclass
 class CompactedSequence:
-  input_ids_bs: Int[Array, "B S"]
-  token_mask_bs: Bool[Array, "B S"]
-  target_ids_bs: Int[Array, "B S"]
-  loss_mask_bs: Bool[Array, "B S"]
-  src_bs: Int[Array, "B S"]          # original position of each output slot, -1 for padding
-  num_truncated_b: Int[Array, "B"]   # kept tokens that did not fit into the static length
+  input_ids_bs: Any   # int32 [B, S]
+  token_mask_bs: Any   # bool [B, S]
+  target_ids_bs: Any   # int32 [B, S]
+  loss_mask_bs: Any   # bool [B, S]
+  src_bs: Any   # int32 [B, S]; original position of each output slot, -1 for padding
+  num_truncated_b: Any   # int32 [B]; kept tokens that did not fit into the static length
 
 
 def patch_window_of_tokens(input_ids: Int[Array, "B S"], token_mask: Bool[Array, "B S"],

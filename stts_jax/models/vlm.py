@@ -22,6 +22,7 @@ from jaxtyping import Array, Bool, Float, Int, Shaped
 from stts_jax import config as config_lib
 from stts_jax.models import adapter as adapter_lib
 from stts_jax.models import llm as llm_lib
+from stts_jax.models import scorer as scorer_lib
 from stts_jax.models import vit as vit_lib
 
 
@@ -66,7 +67,9 @@ class Molmo2(nnx.Module):
                                        text_hidden=cfg.llm.hidden_size, **common)
     self.llm = llm_lib.Decoder(cfg.llm, **stack, **common)
     # Slot for the STTS window scorer (stts_jax.models.scorer.WindowScorer when cfg.stts.method == "stts").
-    self.scorer = None
+    # STTS: built last, so the other parameters' initialisation does not depend on the method.
+    self.scorer = (scorer_lib.WindowScorer(cfg.vit.hidden_size, cfg.stts, **common)
+                   if cfg.stts.method == "stts" else None)
 
   def vision_features(self, patches_npi: Float[Array, "N P I"], pool_idx_qk: Int[Array, "Q K"]
                       ) -> Float[Array, "Q E"]:

@@ -307,7 +307,7 @@ def build_from_tensors(cfg: config_lib.ModelConfig, loaders: dict[str, Loader], 
   if ignored:
     log.info("ignored %d tensors of ViT blocks >= %d (never run): %s", len(ignored), built_vit, ignored[:4])
   if fresh_paths:
-    log.info("freshly initialised %d scorer parameters (not in the checkpoint)", len(fresh_paths))
+    log.warning("freshly initialised %d scorer parameters (not in the checkpoint)", len(fresh_paths))
     fresh, abstract_vars = _fresh_values(cfg, fresh_paths, seed), dict(nnx.to_flat_state(params))
     new_flat += [(p, abstract_vars[p].replace(fresh[p])) for p in fresh_paths]
   model = nnx.merge(graphdef, nnx.from_flat_state(new_flat))
@@ -322,9 +322,16 @@ def load_molmo2_with_report(checkpoint_dir: str, dtype=jnp.float32, **config_upd
   with open(os.path.join(checkpoint_dir, "config.json")) as f:
     hf = json.load(f)
   cfg = hf_config.from_hf_config(hf, dtype=jnp.dtype(dtype).name)
+  loaders = safetensors_io.open_checkpoint(checkpoint_dir)
+  module = _scorer_module()
+  if module is not None and "stts" not in config_updates and hf_config.STTS_KEY not in hf:
+    # STTS (issue 12): an authors' checkpoint brings its scorer and STTS settings.
+    stts = module.checkpoint_stts_config(hf, loaders, cfg.stts)
+    if stts is not None:
+      cfg = dataclasses.replace(cfg, stts=stts).validate()
   if config_updates:
     cfg = dataclasses.replace(cfg, **config_updates).validate()
-  return build_from_tensors(cfg, safetensors_io.open_checkpoint(checkpoint_dir))
+  return build_from_tensors(cfg, loaders)
 
 
 def load_molmo2(checkpoint_dir: str, dtype=jnp.float32, **config_updates) -> vlm.Molmo2:

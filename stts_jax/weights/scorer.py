@@ -14,10 +14,16 @@ are [out, in]; our kernels are [in, out], so the value transform is a transpose 
   mlp.w3.weight                   [1, F]         fc3.kernel
 Head h of the pooler uses output rows h*H:(h+1)*H of wq/wk/wv and input columns of wo; the number
 of heads is not recoverable from shapes, hence the `num_heads` argument (16 for released models).
+
+STTS settings of an authors' checkpoint (`stts_config_from_hf`): their ViT config section
+(`vit_config` / `vision_config`) carries `prune` (bool), `prune_method` (scorer | random |
+heuristic | easy), `topk` (the pruned fraction) and `prune_at`; the pooler has the ViT's head
+count (`image_num_heads` / `num_attention_heads`) and the MLP width is read from `mlp.w1.weight`. A checkpoint with scorer tensors
+but without those keys gets `method="stts"` with the paper defaults.
 """
 
 import dataclasses
-from typing import Mapping, Optional
+from typing import Any, Mapping, Optional
 
 import jax.numpy as jnp
 import numpy as np
@@ -55,8 +61,57 @@ def split_scorer_tensors(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.n
   return out
 
 
-def has_scorer(state_dict: Mapping[str, np.ndarray]) -> bool:
+def has_scorer(state_dict: Mapping[str, Any]) -> bool:
+  """Whether any checkpoint name belongs to the scorer (values are not looked at)."""
   return any("temporal_token_scorer." in k for k in state_dict)
+
+
+_AUTHOR_METHODS = {"scorer": "stts", "random": "random", "heuristic": "heuristic", "easy": "heuristic"}
+
+
+def stts_config_from_hf(hf: Mapping[str, Any], has_scorer_tensors: bool,
+                        base: Optional[STTSConfig] = None,
+                        scorer_hidden: Optional[int] = None) -> Optional[STTSConfig]:
+  """STTS settings implied by an authors'-layout `config.json` (see module docstring); None if none.
+
+  `base` supplies the fields the checkpoint does not set (default `STTSConfig()`); `scorer_hidden`
+  (the MLP width read from the checkpoint's `mlp.w1.weight`) overrides the base's."""
+  base = base or STTSConfig()
+  vision = hf.get("vit_config") or hf.get("vision_config") or {}
+  keys = {k: vision[k] for k in ("prune", "prune_method", "topk", "prune_at") if vision.get(k) is not None}
+  if not keys and not has_scorer_tensors:
+    return None
+  updates: dict[str, Any] = {}
+  if keys.get("prune") is False:
+    updates["method"] = "none"
+  elif "prune_method" in keys:
+    if keys["prune_method"] not in _AUTHOR_METHODS:
+      raise ValueError(f"config.json: unknown prune_method {keys['prune_method']!r}; "
+                       f"known: {sorted(_AUTHOR_METHODS)}")
+    updates["method"] = _AUTHOR_METHODS[keys["prune_method"]]
+  elif has_scorer_tensors:
+    updates["method"] = "stts"
+  if "topk" in keys:
+    updates["ratio"] = float(keys["topk"])
+  if "prune_at" in keys:
+    updates["prune_at"] = int(keys["prune_at"])
+  if scorer_hidden is not None:
+    updates["scorer_hidden"] = int(scorer_hidden)
+  heads = vision.get("image_num_heads", vision.get("num_attention_heads"))
+  if heads is not None:                  # the authors' pooler uses the ViT's head count
+    updates["scorer_heads"] = int(heads)
+  out = dataclasses.replace(base, **updates)
+  out.validate()
+  return out
+
+
+def checkpoint_stts_config(hf: Mapping[str, Any], loaders: Mapping[str, Any],
+                           base: Optional[STTSConfig] = None) -> Optional[STTSConfig]:
+  """`stts_config_from_hf` for a checkpoint given as {name: zero-argument loader}: reads the scorer's
+  MLP width from its `mlp.w1.weight` when the checkpoint has a scorer."""
+  w1 = [k for k in loaders if k.endswith("temporal_token_scorer.mlp.w1.weight")]
+  hidden = int(np.shape(loaders[w1[0]]())[0]) if w1 else None
+  return stts_config_from_hf(hf, has_scorer(loaders), base, scorer_hidden=hidden)
 
 
 def scorer_from_torch(state_dict: Mapping[str, np.ndarray], num_heads: int, *,

@@ -127,3 +127,67 @@ def test_scores_match_torch_reference(grid, heads):
     assert got.shape == want.shape == (t, (grid[0] // 3) * (grid[1] // 3))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     assert np.abs(want - 0.5).max() > 0.05          # the weights are not trivially saturated/flat
+
+
+def _authors_checkpoint(path, with_scorer, vision_keys):
+  """A tiny checkpoint in the authors' layout: hub tensors (+ scorer), config.json without our key."""
+  import json
+  import os
+  from safetensors.numpy import load_file, save_file
+  from stts_jax.models.vlm import Molmo2
+  from stts_jax.testing.tiny import tiny_model_config
+  weights.save_molmo2(Molmo2(tiny_model_config(), rngs=nnx.Rngs(0)), str(path))
+  with open(os.path.join(path, "config.json")) as f:
+    hf = json.load(f)
+  del hf["stts_jax"]
+  hf["vision_config"].update(vision_keys)
+  with open(os.path.join(path, "config.json"), "w") as f:
+    json.dump(hf, f)
+  tensors = load_file(os.path.join(path, "model.safetensors"))
+  scorer = {}
+  if with_scorer:
+    scorer = {"model." + k: v for k, v in _random_state(32, 20, seed=5).items()}
+    tensors.update(scorer)
+  save_file(tensors, os.path.join(path, "model.safetensors"))
+  return scorer
+
+
+def test_load_molmo2_picks_up_the_authors_scorer_and_settings(tmp_path):
+  scorer = _authors_checkpoint(tmp_path, True, dict(prune=True, prune_method="scorer", topk=0.3, prune_at=1))
+  model, report = weights.load_molmo2_with_report(str(tmp_path))
+  st = model.config.stts
+  assert (st.method, st.ratio, st.prune_at, st.scorer_hidden, st.scorer_heads) == ("stts", 0.3, 1, 20, 2)
+  assert report.fresh == [] and report.scorer_tensors == {}
+  back = weights.scorer_to_torch(model.scorer, prefix=scorer_weights.HUB_SCORER_PREFIX)
+  assert set(back) == set(scorer)
+  for k in scorer:
+    np.testing.assert_array_equal(back[k], scorer[k])
+  # explicit settings win over the checkpoint's
+  other = weights.load_molmo2(str(tmp_path), stts=STTSConfig(method="stts", ratio=0.5, prune_at=1,
+                                                              scorer_hidden=20, scorer_heads=4))
+  assert other.config.stts.ratio == 0.5 and other.scorer.num_heads == 4
+
+
+def test_load_molmo2_without_scorer_weights_initialises_fresh_with_a_warning(tmp_path, caplog):
+  _authors_checkpoint(tmp_path, False, dict(prune_method="scorer", topk=0.5, prune_at=1))
+  with caplog.at_level("WARNING"):
+    model, report = weights.load_molmo2_with_report(str(tmp_path))
+  assert model.config.stts.method == "stts" and model.scorer is not None
+  assert any("freshly initialised" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
+  assert len(report.fresh) == 14
+  assert (np.asarray(model.scorer.fc1.bias[...]) == 0).all()
+  w = np.asarray(model.scorer.q_proj.kernel[...])
+  assert 0.01 < w.std() < 0.03
+
+
+def test_stts_config_from_hf_mapping():
+  f = scorer_weights.stts_config_from_hf
+  assert f({"vit_config": {}}, False) is None
+  assert f({"vit_config": {}}, True).method == "stts"
+  st = f({"vit_config": {"prune": True, "prune_method": "random", "topk": 0.8, "prune_at": 5,
+                         "image_num_heads": 8}}, False)
+  assert (st.method, st.ratio, st.prune_at, st.scorer_heads) == ("random", 0.8, 5, 8)
+  assert f({"vit_config": {"prune": False, "prune_method": "scorer"}}, True).method == "none"
+  assert f({"vision_config": {"prune_method": "easy"}}, False).method == "heuristic"
+  with pytest.raises(ValueError, match="prune_method"):
+    f({"vit_config": {"prune_method": "merge"}}, False)

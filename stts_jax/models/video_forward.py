@@ -1,0 +1,250 @@
+"""The STTS video forward of Molmo2 (DESIGN.md 3 and 4): a plain, jit-able function of (model, batch).
+
+Batch (numpy or jax arrays; produced by the data pipeline):
+  patches     uint8 [B, T, P, I]  flattened patches, (pixel_row, pixel_col, channel); normalised here
+                                  exactly as HF: x * (1/255), then (x - 0.5) / 0.5, float32.
+                                  (Floating-point patches are taken as already normalised.)
+  frame_mask  bool  [B, T]        real frames; padding frames come after them
+  input_ids   int32 [B, S]        full unpruned prompt; each real frame has exactly W `<im_patch>`
+  token_mask  bool  [B, S]        non-padding tokens
+  target_ids  int32 [B, S]        next token of each position
+  loss_mask   bool  [B, S]        answer positions
+
+Vision side (`vit_features_video`), with pruning (method != "none" and ratio > 0):
+  embed -> blocks 0..prune_at on all frames -> scores [B, T, W] (stts: scorer; heuristic: 1 - cosine;
+  random: uniform from `rng`) -> per-video budget keep mask -> block prune_at+1 on all tokens, with
+  the key bias log(s') for "stts" -> pack kept patches into R rows per video -> blocks up to
+  max(adapter taps) on the packed rows (segment ids) -> taps scattered back to [B, T, P, D] (zeros
+  for dropped patches). If some video of the batch needs more than R rows, that batch runs the same
+  blocks unpacked, one frame per row with the identical attention sets (exact, only slower).
+  Without pruning: all blocks on all frames, as Molmo2.__call__.
+Adapter: only kept windows are pooled, K = num_kept(T bucket) static slots per video, in (t, w)
+  order (slots past a shorter video's count are padding rows).
+LLM side (`llm_forward`): the `<im_patch>` tokens of dropped windows leave the sequence, which is
+  compacted to S' = S - dropped(T bucket) with contiguous positions (`sequence.py`; `budget.py`
+  explains why every sample of the bucket fits); feature j of a sample is added to its j-th
+  remaining `<im_patch>`. Without pruning (or with `stts.llm_prune=False`) the sequence is unchanged.
+
+Randomness: method "random" draws from `rng`, or from `stts.random_seed` when `rng` is None.
+Molmo2 has no dropout; `deterministic=False` only makes a missing `rng` an error for "random".
+"""
+
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+from jaxtyping import Array, Bool, Float, Int, Shaped
+
+from stts_jax.models import adapter as adapter_lib
+from stts_jax.models import aux_loss as aux_lib
+from stts_jax.models import budget
+from stts_jax.models import packing
+from stts_jax.models import pruning
+from stts_jax.models import scorer as scorer_lib
+from stts_jax.models import sequence
+from stts_jax.models import windows as windows_lib
+from stts_jax.models.vlm import vision_token_mask
+
+BATCH_KEYS = ("patches", "frame_mask", "input_ids", "token_mask", "target_ids", "loss_mask")
+
+
+@struct.dataclass
+class VisionOutput:
+  features_btpc: Any   # float [B, T, P, C]; concatenated adapter taps; zeros at dropped patches
+  keep_mask_btw: Any   # bool [B, T, W]; kept windows (all real frames' windows when unpruned)
+  scores_btw: Any   # float [B, T, W]; window scores (zeros when unpruned)
+  aux_loss: Any   # float scalar; temporal aux loss ("stts" only, else 0)
+  packed: Any   # bool scalar; True: the packed rows were used (False: dense fallback/unpruned)
+
+
+@struct.dataclass
+class VideoOutput:
+  logits: Any   # float [B, S, V]; S = S' (pruned length) or S
+  target_ids: Any   # int32 [B, S]
+  loss_mask: Any   # bool [B, S]
+  token_mask: Any   # bool [B, S]
+  aux_loss: Any   # float scalar
+  keep_mask: Any   # bool [B, T, W]
+  scores: Any   # float [B, T, W]
+  num_kept: Any   # int32 [B]; kept windows per video
+  num_truncated: Any   # int32 [B]; LLM tokens cut by the static length (0 for valid data)
+  packed: Any   # bool scalar
+
+
+def normalize_patches(patches: Shaped[Array, "*B P I"]) -> Float[Array, "*B P I"]:
+  """uint8 -> float32 as HF: x * (1/255), then (x - 0.5) / 0.5. Floats pass through as float32."""
+  if jnp.issubdtype(patches.dtype, jnp.floating):
+    return patches.astype(jnp.float32)
+  x = patches.astype(jnp.float32) * jnp.float32(1.0 / 255.0)
+  return (x - jnp.float32(0.5)) / jnp.float32(0.5)
+
+
+def _check_batch(batch: dict[str, Any]):
+  missing = [k for k in BATCH_KEYS if k not in batch]
+  if missing:
+    raise KeyError(f"forward_video: batch is missing {missing}; needs {list(BATCH_KEYS)}")
+
+
+def _scores(model, method: str, hidden_btpd, rng, grid_hw, window, deterministic: bool):
+  b, t = hidden_btpd.shape[:2]
+  w = windows_lib.window_patch_index(grid_hw, window).shape[0]
+  if method == "stts":
+    if model.scorer is None:
+      raise ValueError("stts.method is 'stts' but the model has no scorer (build Molmo2 with that config)")
+    return scorer_lib.window_scores(model.scorer, hidden_btpd, grid_hw, window)
+  if method == "heuristic":
+    return aux_lib.heuristic_scores(hidden_btpd, grid_hw, window)
+  if method == "random":
+    if rng is None:
+      if not deterministic:
+        raise ValueError("forward_video: method 'random' in training mode needs an `rng`")
+      rng = jax.random.key(model.config.stts.random_seed)
+    return pruning.random_scores(rng, (b, t, w))
+  raise ValueError(f"unknown pruning method {method!r}")
+
+
+def vit_features_video(model, patches: Shaped[Array, "B T P I"], frame_mask: Bool[Array, "B T"],
+                       rng: Optional[jax.Array] = None, *, deterministic: bool = True) -> VisionOutput:
+  """The ViT half of the STTS forward (module docstring): features for the adapter plus the keep mask."""
+  cfg = model.config
+  st = cfg.stts
+  b, t, p, i = patches.shape
+  grid_hw, window = (cfg.vit.grid, cfg.vit.grid), tuple(st.window)
+  w = cfg.windows_per_frame
+  taps = tuple(cfg.adapter.vit_layers)
+  last = max(taps) + 1
+  hidden = model.vit.embed(normalize_patches(patches).reshape(b * t, p, i))
+  d = hidden.shape[-1]
+  if not st.prunes:
+    _, outs = model.vit.run_blocks(hidden, 0, last, taps=taps)
+    features = adapter_lib.concat_taps(outs, taps).reshape(b, t, p, -1)
+    keep = jnp.broadcast_to(frame_mask[:, :, None], (b, t, w))
+    zero = jnp.zeros((), jnp.float32)
+    return VisionOutput(features, keep, jnp.zeros((b, t, w), jnp.float32), zero, jnp.asarray(False))
+
+  soft = st.prune_at + 1
+  hidden, outs = model.vit.run_blocks(hidden, 0, soft, taps=taps)
+  hidden_btpd = hidden.reshape(b, t, p, d)
+  scores = _scores(model, st.method, hidden_btpd, rng, grid_hw, window, deterministic)
+  keep = pruning.budget_keep_mask_batched(scores, frame_mask, st.ratio)
+  if st.method == "stts":
+    aux = aux_lib.temporal_aux_loss_batched(scores, hidden_btpd, frame_mask, grid_hw, window)
+    key_bias = pruning.scores_to_patch_bias_batched(scores, frame_mask, grid_hw, window, st.bias_rescale_scope)
+    key_bias = key_bias.reshape(b * t, p)
+  else:
+    aux, key_bias = jnp.zeros((), jnp.float32), None
+  hidden, soft_outs = model.vit.run_blocks(hidden, soft, soft + 1, taps=taps, key_bias=key_bias)
+  outs.update(soft_outs)
+
+  rows = budget.num_rows(t, w, st.ratio, st.num_rows)
+  post, fits = vit_after_prune(model, hidden.reshape(b, t, p, d), keep, num_rows=rows)
+  outs = {k: v.reshape(b, t, p, d) for k, v in outs.items()}
+  outs.update(post)
+  features = adapter_lib.concat_taps(outs, taps)
+  return VisionOutput(features, keep, scores.astype(jnp.float32), aux, fits)
+
+
+def vit_after_prune(model, hidden_btpd: Float[Array, "B T P D"], keep_mask: Bool[Array, "B T W"], *,
+                    num_rows: int) -> tuple[dict[int, Float[Array, "B T P D"]], Bool[Array, ""]]:
+  """Blocks prune_at+2 .. max(taps) on the kept patches -> ({tap: [B, T, P, D], zeros at dropped}, packed).
+
+  Packed into `num_rows` rows per video when every video fits, else (same batch, exact same
+  attention sets) one frame per row with a block mask: never loses a kept token.
+  """
+  cfg = model.config
+  b, t, p, d = hidden_btpd.shape
+  grid_hw, window = (cfg.vit.grid, cfg.vit.grid), tuple(cfg.stts.window)
+  start, last = cfg.stts.prune_at + 2, max(cfg.adapter.vit_layers) + 1
+  post_taps = tuple(x for x in cfg.adapter.vit_layers if x >= start)
+  plan = packing.make_plan(pruning.keep_patch_mask(keep_mask, grid_hw, window), num_rows)
+
+  def packed_path(hidden_btpd):
+    rows_brpd = packing.pack(hidden_btpd, plan)
+    _, o = model.vit.run_blocks(rows_brpd.reshape(b * num_rows, p, d), start, last, taps=post_taps,
+                                segment_ids=plan.segment_ids_brp.reshape(b * num_rows, p))
+    return {k: packing.unpack(v.reshape(b, num_rows, p, d), plan) for k, v in o.items()}
+
+  def dense_path(hidden_btpd):
+    _, o = model.vit.run_blocks(hidden_btpd.reshape(b * t, p, d), start, last, taps=post_taps,
+                                segment_ids=packing.dense_segment_ids(plan).reshape(b * t, p))
+    keep_btp1 = plan.keep_btp[..., None]
+    return {k: jnp.where(keep_btp1, v.reshape(b, t, p, d), jnp.zeros((), v.dtype)) for k, v in o.items()}
+
+  fits = plan.fits
+  return jax.lax.cond(fits, packed_path, dense_path, hidden_btpd), fits
+
+
+def kept_window_slots(keep_mask: Bool[Array, "B T W"], num_slots: int) -> tuple[Int[Array, "B K"], Bool[Array, "B K"]]:
+  """Flat window ids t*W + w of each video's kept windows in order, padded to `num_slots`; valid mask."""
+  b, t, w = keep_mask.shape
+  flat = keep_mask.reshape(b, t * w)
+  order = jnp.argsort(~flat, axis=-1, stable=True)[:, :num_slots].astype(jnp.int32)
+  valid = jnp.arange(num_slots)[None, :] < jnp.sum(flat, axis=-1)[:, None]
+  return order, valid
+
+
+def pool_windows(model, vision: VisionOutput, num_slots: int) -> tuple[Float[Array, "B K E"], Bool[Array, "B K"]]:
+  """Adapter on the kept windows only: `num_slots` per video, in (t, w) order; padding slots -> 0."""
+  cfg = model.config
+  b, t, p, c = vision.features_btpc.shape
+  w = cfg.windows_per_frame
+  idx_wm = jnp.asarray(windows_lib.window_patch_index((cfg.vit.grid, cfg.vit.grid), tuple(cfg.stts.window)))
+  slots_bk, valid_bk = kept_window_slots(vision.keep_mask_btw, num_slots)
+  frame_bk = slots_bk // w
+  base_bk = (jnp.arange(b, dtype=jnp.int32)[:, None] * t + frame_bk) * p
+  pool_bkm = base_bk[..., None] + idx_wm[slots_bk % w]
+  pool_bkm = jnp.where(valid_bk[..., None], pool_bkm, -1)
+  feats = model.adapter(vision.features_btpc.reshape(b * t, p, c), pool_bkm.reshape(b * num_slots, -1))
+  return feats.reshape(b, num_slots, -1), valid_bk
+
+
+def merge_per_sample(embeds_bse: Float[Array, "B S E"], input_ids: Int[Array, "B S"],
+                     token_mask: Bool[Array, "B S"], feats_bke: Float[Array, "B K E"],
+                     image_patch_id: int) -> Float[Array, "B S E"]:
+  """Adds feature j of sample b to the j-th `<im_patch>` embedding of sample b."""
+  is_patch = (input_ids == image_patch_id) & token_mask
+  rank = jnp.cumsum(is_patch, axis=-1, dtype=jnp.int32) - 1
+  k = feats_bke.shape[1]
+  gathered = jnp.take_along_axis(feats_bke, jnp.clip(rank, 0, k - 1)[..., None], axis=1)
+  return embeds_bse + jnp.where(is_patch[..., None], gathered.astype(embeds_bse.dtype), 0)
+
+
+def llm_forward(model, batch: dict[str, Any], vision: VisionOutput) -> VideoOutput:
+  """The LLM half: pooled kept windows -> (pruned) sequence -> decoder -> logits."""
+  cfg = model.config
+  st = cfg.stts
+  ids, token_mask = jnp.asarray(batch["input_ids"], jnp.int32), jnp.asarray(batch["token_mask"], bool)
+  targets, loss_mask = jnp.asarray(batch["target_ids"], jnp.int32), jnp.asarray(batch["loss_mask"], bool)
+  b, s = ids.shape
+  t = vision.keep_mask_btw.shape[1]
+  w = cfg.windows_per_frame
+  prune_llm = st.prunes and st.llm_prune
+  num_slots = budget.num_kept(t, w, st.ratio) if prune_llm else t * w
+  feats, _ = pool_windows(model, vision, num_slots)
+  truncated = jnp.zeros((b,), jnp.int32)
+  if prune_llm:
+    out_len = budget.pruned_seq_len(s, t, w, st.ratio)
+    comp = sequence.prune_sequence(ids, token_mask, targets, loss_mask, vision.keep_mask_btw,
+                                   cfg.tokens.image_patch, out_len, cfg.tokens.pad)
+    ids, token_mask = comp.input_ids_bs, comp.token_mask_bs
+    targets, loss_mask, truncated = comp.target_ids_bs, comp.loss_mask_bs, comp.num_truncated_b
+    s = out_len
+  embeds = model.llm.embed(ids)
+  embeds = merge_per_sample(embeds, ids, token_mask, feats, cfg.tokens.image_patch)
+  positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+  hidden, _ = model.llm(embeds, positions, token_mask, vision_token_mask(ids, cfg.tokens))
+  return VideoOutput(
+      logits=model.llm.logits(hidden), target_ids=targets, loss_mask=loss_mask, token_mask=token_mask,
+      aux_loss=vision.aux_loss, keep_mask=vision.keep_mask_btw, scores=vision.scores_btw,
+      num_kept=pruning.num_kept(vision.keep_mask_btw), num_truncated=truncated, packed=vision.packed)
+
+
+def forward_video(model, batch: dict[str, Any], *, rng: Optional[jax.Array] = None,
+                  deterministic: bool = True) -> VideoOutput:
+  """The full STTS video forward (module docstring). Static shapes: one compilation per (B, T, S)."""
+  _check_batch(batch)
+  patches = jnp.asarray(batch["patches"])
+  frame_mask = jnp.asarray(batch["frame_mask"], bool)
+  vision = vit_features_video(model, patches, frame_mask, rng, deterministic=deterministic)
+  return llm_forward(model, batch, vision)
