@@ -26,6 +26,7 @@ import logging
 import multiprocessing
 import os
 import time
+from collections.abc import Callable
 from typing import Any, Optional
 
 import av
@@ -260,9 +261,9 @@ def oracle_rates(out_dir: str, split: str, spec: Spec, *, limit: Optional[int] =
 
 
 def build(out_dir: str, spec: Spec = Spec(), *, workers: int = 2, with_tfds: bool = True,
-          force: bool = False) -> dict[str, Any]:
+          force: bool = False, progress: Optional[Callable[[int], Any]] = None) -> dict[str, Any]:
   """Builds the default dataset into `out_dir` (idempotent: a complete build with the same spec
-  is reused). Returns the metadata written to meta.json."""
+  is reused). Returns the metadata written to meta.json. `progress(n)` is called as clips finish."""
   spec_d = dataclasses.asdict(spec)
   old = _read_meta(out_dir)
   if old is not None and old.get("spec") == json.loads(json.dumps(spec_d)) and not force:
@@ -288,10 +289,14 @@ def build(out_dir: str, spec: Spec = Spec(), *, workers: int = 2, with_tfds: boo
     with multiprocessing.get_context("fork").Pool(workers) as pool:
       for job, (i, m) in zip(jobs, pool.imap(_work, jobs, chunksize=16)):
         metas[job[0]][i] = m
+        if progress is not None:
+          progress(1)
   else:
     for job in jobs:
       i, m = _work(job)
       metas[job[0]][i] = m
+      if progress is not None:
+        progress(1)
   t_clips = time.time() - t0 - t_sources
   counts: dict[str, Any] = {}
   for split in SPLITS:

@@ -95,7 +95,8 @@ def to_host(x: Any) -> np.ndarray:
 class Predictor:
   """`predictor(model, batch, *, generate, step)` -> host dict of predictions for the global batch:
     option_logprobs [B, K] (batches with `option_ids`), num_kept [B] (LLM vision tokens per video),
-    prompt_tokens [B] (pruned prompt length), num_truncated [B], packed (), and with `generate`:
+    prompt_tokens [B] (pruned prompt length), num_truncated [B], packed (), keep_mask [B, T, W] (kept
+    windows), scores [B, T, W] (window scores; zeros when unpruned), and with `generate`:
     tokens [B, N], num_tokens [B] (before the stop token), stopped [B].
   `times[stage]` lists the seconds of every call since `reset_times()`.
   """
@@ -159,7 +160,8 @@ class Predictor:
                                    option_ids=dev["option_ids"], max_new_tokens=self.max_new_tokens, **ctx)
       out = {"option_logprobs": to_host(option_lp), "num_kept": to_host(pre.num_kept_b),
              "prompt_tokens": to_host(pre.state.prompt_len_b), "num_truncated": to_host(pre.num_truncated_b),
-             "packed": to_host(vision.packed)}
+             "packed": to_host(vision.packed), "keep_mask": to_host(vision.keep_mask_btw),
+             "scores": to_host(vision.scores_btw)}
       if generate:
         gen = self._timed("decode", _decode_jit, graphdef=graphdef, state=state, prefill=pre.state,
                           valid=dev["valid"], rng=jax.random.fold_in(jax.random.key(self.seed), step),
