@@ -15,6 +15,7 @@ from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
 from stts_jax.models import partitioning
+from stts_jax.models import video_forward
 from stts_jax.train import optim
 from stts_jax.train.config import TrainConfig
 
@@ -64,11 +65,6 @@ def _constrain_batch(mb: dict[str, jax.Array]) -> dict[str, jax.Array]:
   return {k: partitioning.constrain(v, ("act_batch",) + (None,) * (v.ndim - 1)) for k, v in mb.items()}
 
 
-def _default_forward() -> Forward:
-  from stts_jax.models import video_forward
-  return video_forward.forward_video
-
-
 def _apply_update(optimizer: nnx.Optimizer, model: nnx.Module, grads: Any) -> None:
   optimizer.update(model, grads)
 
@@ -91,7 +87,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, cfg: TrainConf
   (LLM tokens cut by the static length; should stay 0), grad_norm (before clipping), lr,
   lr_scorer, skipped (this step), skipped_total, step.
   """
-  forward = forward or _default_forward()
+  forward = forward or video_forward.forward_video
   model, optimizer = state.model, state.optimizer
   num_micro = cfg.grad_accum
   rng = jax.random.fold_in(jax.random.key(cfg.seed), state.step[...])
