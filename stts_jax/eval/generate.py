@@ -113,8 +113,8 @@ def prefill_stage(model: vlm.Molmo2, input_ids: Int[Array, "B S"], token_mask: B
   """Pruned prompt -> decoder prefill into a cache of S' + max_new_tokens slots."""
   inputs, truncated = llm_inputs(model, input_ids, token_mask, vision)
   state = decoding.prefill(model.llm, inputs, max_new_tokens)
-  return PrefillOutput(state=state, keep_mask_btw=vision.keep_mask_btw, num_kept_b=pruning.num_kept(vision.keep_mask_btw),
-                       num_truncated_b=truncated)
+  return PrefillOutput(state=state, keep_mask_btw=vision.keep_mask_btw,
+                       num_kept_b=pruning.num_kept(vision.keep_mask_btw), num_truncated_b=truncated)
 
 
 def stop_ids_for(model: vlm.Molmo2, extra: Sequence[int] = ()) -> tuple[int, ...]:

@@ -16,7 +16,8 @@ LETTERS = string.ascii_uppercase
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = str.maketrans({c: " " for c in string.punctuation})
 # A letter answer: optional "(" / "option" / "answer:", the letter, then a word boundary.
-_LETTER = re.compile(r"^\s*(?:the\s+)?(?:answer|option)?\s*(?:is)?\s*[:\-]?\s*\(?([A-Za-z])\)?(?:[\s.:,)]|$)", re.IGNORECASE)
+_LETTER = re.compile(r"^\s*(?:the\s+)?(?:answer|option)?\s*(?:is)?\s*[:\-]?\s*\(?([A-Za-z])\)?(?:[\s.:,)]|$)",
+                     re.IGNORECASE)
 
 
 def normalize_answer(text: str) -> str:

@@ -172,7 +172,7 @@ def markdown(results: dict[str, Any]) -> str:
   """The results table (one row per cell) plus skipped examples and test-time scaling."""
   cells = results["cells"]
   acc_keys = _accuracy_keys(cells)
-  head = (["method", "ratio", "frames"] + [k.replace("_accuracy", " acc %") for k in acc_keys]
+  head = (["method", "ratio", "frames"] + [k.split("/")[-1].replace("_accuracy", " acc %") for k in acc_keys]
           + ["scored", "skipped", "kept tokens", "LLM tokens", "vision ms", "prefill ms", "decode ms", "speedup"])
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   base_time = {}

@@ -125,3 +125,26 @@ def test_scaling_pairs_and_markdown():
   md = runner.markdown(results)
   assert "| stts | 0.5 | 8 | 55.0 | 10 | 0 | 36.0 | - | 100.0 | 50.0 | 50.0 | 2.00x |" in md
   assert "stts@0.5x16f: accuracy 65.0% with 72.0 vision tokens vs none@0x8f: 60.0% with 72.0" in md
+
+
+@pytest.mark.slow
+@pytest.mark.multidevice
+def test_data_parallel_predictions_equal_single_device(stts_model):
+  from stts_jax.eval import generate as gen_lib
+  from stts_jax.eval import predictor as predictor_lib
+  from stts_jax.train import mesh as mesh_lib
+  from stts_jax.train import sharding
+  from stts_jax.train.config import MeshConfig
+  assert jax.device_count() == 8
+  model = gen_lib.model_variant(stts_model, method="random", ratio=0.5)
+  batch = helpers.video_batch(model.config, [4, 3, 2, 4, 1, 4, 3, 4], 4, seed=3)
+  batch["option_ids"] = np.tile(np.arange(30, 34, dtype=np.int32), (8, 1))
+  mesh_cfg = MeshConfig(data=-1, fsdp=1, tensor=1)
+  outs = []
+  for mesh, rules in ((None, ()), (mesh_lib.make_mesh(mesh_cfg), sharding.make_rules(mesh_cfg))):
+    pred = predictor_lib.Predictor(max_new_tokens=3, mesh=mesh, rules=rules)
+    outs.append(pred(model, batch, generate=True, step=5))
+  single, parallel = outs
+  np.testing.assert_allclose(parallel["option_logprobs"], single["option_logprobs"], atol=1e-5)
+  for key in ("tokens", "num_tokens", "num_kept", "prompt_tokens"):
+    assert np.array_equal(parallel[key], single[key]), key

@@ -1,0 +1,50 @@
+"""Evaluate a checkpoint: pruning methods x ratios (x frame counts) on the same examples.
+
+  python scripts/evaluate.py --config configs/train_tiny.py --checkpoint /tmp/tiny \
+      --methods none,random,heuristic,stts --ratios 0,0.3,0.5,0.7
+  python scripts/evaluate.py --config configs/train_tiny.py --checkpoint /tmp/tiny --frames 8,16 --ratios 0.5
+  (an HF Molmo2 directory works as --checkpoint too; results go to <workdir>/eval/results.{json,md})
+The config's `eval` section (stts_jax/eval/config.py) sets the defaults; these flags override it.
+"""
+
+import logging
+
+from absl import app, flags
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", None, "configs/<file>.py[:arg]", lock_config=True)
+flags.DEFINE_string("checkpoint", None, "Orbax run (workdir, checkpoints/ or a step dir) or HF Molmo2 dir")
+flags.DEFINE_string("methods", None, "comma-separated: none,random,heuristic,stts")
+flags.DEFINE_string("ratios", None, "comma-separated pruning ratios, e.g. 0,0.3,0.5,0.7")
+flags.DEFINE_string("frames", None, "comma-separated frame counts (test-time scaling), e.g. 8,16")
+flags.DEFINE_string("split", None, "data split (default: eval.split)")
+flags.DEFINE_integer("max_examples", None, "evaluate only the first N examples")
+flags.DEFINE_integer("step", None, "Orbax step (default: latest)")
+flags.DEFINE_string("out", None, "output directory for results.json / results.md")
+flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() from the cluster env")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  del argv
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+  if FLAGS.distributed:
+    from stts_jax.train import main as train_main
+    train_main.init_distributed()
+  import jax
+  from stts_jax.eval import main as eval_main
+  logging.info("jax %s, backend %s, %d processes, devices: %s", jax.__version__, jax.default_backend(),
+               jax.process_count(), jax.devices())
+  results, json_path, md_path = eval_main.evaluate_from_config(
+      FLAGS.config, FLAGS.checkpoint, methods=eval_main.parse_list(FLAGS.methods, str),
+      ratios=eval_main.parse_list(FLAGS.ratios, float), frames=eval_main.parse_list(FLAGS.frames, int),
+      split=FLAGS.split, max_examples=FLAGS.max_examples, step=FLAGS.step, out_dir=FLAGS.out)
+  if jax.process_index() == 0:
+    from stts_jax.eval import runner
+    print(runner.markdown(results), flush=True)
+    print(f"results: {json_path}\n         {md_path}", flush=True)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config", "checkpoint"])
+  app.run(main)

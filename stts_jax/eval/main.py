@@ -1,0 +1,82 @@
+"""Library entry point behind `scripts/evaluate.py`: config + checkpoint -> results files.
+
+`evaluate_from_config(config, checkpoint, ...)`: builds the sections (`model`, `data`, `eval`, and
+`mesh` if present; eval defaults to a data-parallel mesh over all devices), applies command-line
+overrides to the eval section, loads the checkpoint (Orbax run or HF directory), runs
+`runner.evaluate` and writes `results.json` / `results.md`.
+"""
+
+import dataclasses
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any, Optional
+
+import jax
+import ml_collections
+
+from stts_jax import config as config_lib
+from stts_jax.eval import checkpoints
+from stts_jax.eval import runner
+from stts_jax.eval.config import EvalConfig
+
+log = logging.getLogger(__name__)
+
+
+def parse_list(text: Optional[str], kind) -> Optional[tuple]:
+  """"a,b,c" -> a tuple of `kind`; None/"" -> None (keep the config's value)."""
+  if not text:
+    return None
+  try:
+    return tuple(kind(x.strip()) for x in text.split(",") if x.strip())
+  except ValueError as e:
+    raise ValueError(f"cannot parse {text!r} as a comma-separated list of {kind.__name__}") from e
+
+
+def _mesh(cfgs: dict[str, Any]):
+  from stts_jax.train import mesh as mesh_lib
+  from stts_jax.train import sharding
+  from stts_jax.train.config import MeshConfig
+  mesh_cfg = cfgs.get("mesh") or MeshConfig(data=-1, fsdp=1, tensor=1)
+  return mesh_lib.make_mesh(mesh_cfg), sharding.make_rules(mesh_cfg)
+
+
+def evaluate_from_config(config: Any, checkpoint: str, *, methods: Optional[Sequence[str]] = None,
+                         ratios: Optional[Sequence[float]] = None, frames: Optional[Sequence[int]] = None,
+                         split: Optional[str] = None, max_examples: Optional[int] = None,
+                         step: Optional[int] = None, out_dir: Optional[str] = None,
+                         use_mesh: bool = True, progress: bool = True) -> tuple[dict[str, Any], str, str]:
+  """Evaluates `checkpoint` as configured; returns (results, results.json path, results.md path)."""
+  if not isinstance(config, ml_collections.ConfigDict):
+    config = ml_collections.ConfigDict(dict(config))
+  cfgs = config_lib.build(config)
+  if "data" not in cfgs:
+    raise ValueError("evaluate: the config needs a `data` section (dataset path, frames, sequence length)")
+  eval_cfg: EvalConfig = cfgs.get("eval") or EvalConfig()
+  overrides = {k: v for k, v in dict(methods=methods, ratios=ratios, frames=frames, split=split,
+                                     max_examples=max_examples).items() if v is not None}
+  eval_cfg = dataclasses.replace(eval_cfg, **{k: tuple(v) if isinstance(v, (list, tuple)) else v
+                                              for k, v in overrides.items()}).validate()
+  model_cfg = cfgs["model"]
+  if "stts" in eval_cfg.methods and checkpoints.is_hf_dir(checkpoint):
+    model_cfg = checkpoints.with_scorer_config(model_cfg)   # build the scorer slot; reported if fresh
+  mesh, rules = _mesh(cfgs) if use_mesh else (None, ())
+  log.info("jax %s, %d processes, %d devices, mesh %s", jax.__version__, jax.process_count(), jax.device_count(),
+           dict(mesh.shape) if mesh is not None else None)
+  model, info = checkpoints.load_model(checkpoint, model_cfg, step=step, mesh=mesh, rules=rules)
+  log.info("loaded %s checkpoint %s%s", info["format"], checkpoint,
+           f" (step {info['step']})" if "step" in info else "")
+  if info["fresh_scorer"]:
+    log.warning("checkpoint has no scorer weights: 'stts' cells are reported as not run")
+  results = runner.evaluate(model, cfgs["data"], eval_cfg, mesh=mesh, rules=rules, progress=progress,
+                            fresh_scorer=bool(info["fresh_scorer"]), checkpoint=os.path.abspath(checkpoint))
+  results["checkpoint_info"] = info
+  if not (out_dir or eval_cfg.output_dir):   # Orbax: <workdir>/eval next to checkpoints/; HF: <dir>/eval
+    base = os.path.dirname(info["directory"]) if info["format"] == "orbax" else info["directory"]
+    out_dir = os.path.join(base, "eval")
+  out_dir = out_dir or eval_cfg.output_dir
+  json_path, md_path = runner.write_results(results, out_dir)
+  return results, json_path, md_path
+
+
+__all__ = ["evaluate_from_config", "parse_list"]
