@@ -107,11 +107,15 @@ def stts_config_from_hf(hf: Mapping[str, Any], has_scorer_tensors: bool,
 
 def checkpoint_stts_config(hf: Mapping[str, Any], loaders: Mapping[str, Any],
                            base: Optional[STTSConfig] = None) -> Optional[STTSConfig]:
-  """`stts_config_from_hf` for a checkpoint given as {name: zero-argument loader}: reads the scorer's
-  MLP width from its `mlp.w1.weight` when the checkpoint has a scorer."""
+  """`stts_config_from_hf` for a checkpoint given as {name: zero-argument loader}.
+
+  Only a complete set of scorer tensors counts as a scorer (a partial set is left to the caller,
+  which keeps it aside); its MLP width is read from `mlp.w1.weight`."""
+  suffixes = {k.split("temporal_token_scorer.", 1)[1] for k in loaders if "temporal_token_scorer." in k}
+  complete = set(SUFFIXES) <= suffixes
   w1 = [k for k in loaders if k.endswith("temporal_token_scorer.mlp.w1.weight")]
-  hidden = int(np.shape(loaders[w1[0]]())[0]) if w1 else None
-  return stts_config_from_hf(hf, has_scorer(loaders), base, scorer_hidden=hidden)
+  hidden = int(np.shape(loaders[w1[0]]())[0]) if complete else None
+  return stts_config_from_hf(hf, complete, base, scorer_hidden=hidden)
 
 
 def scorer_from_torch(state_dict: Mapping[str, np.ndarray], num_heads: int, *,
