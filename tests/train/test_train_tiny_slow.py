@@ -10,26 +10,30 @@ from tests.train import helpers
 
 @pytest.mark.slow
 @pytest.mark.multidevice
+@pytest.mark.timeout(2400)
 def test_tiny_stts_loss_goes_down_on_default_dataset(tmp_path_factory):
+  """A smaller build of the default dataset (800 train clips), 120 steps of batch 16 with the
+  tiny STTS model (~1 min unloaded, data parallel over the 8 virtual devices)."""
   from configs import train_tiny
   from stts_jax.data import default_dataset
   from stts_jax.train import main as train_main
 
   data_dir = str(tmp_path_factory.mktemp("default_dataset"))
-  default_dataset.build(data_dir, workers=2, with_tfds=False)
-  cfg = train_tiny.get_config(f"data={data_dir},steps=240,batch=16,lr=1e-3")
+  default_dataset.build(data_dir, default_dataset.Spec(num_clips=(800, 40, 40)), workers=2, with_tfds=False)
+  cfg = train_tiny.get_config(f"data={data_dir},steps=120,batch=16,lr=1e-3")
   cfg.train.log_every = 10
   cfg.train.progress_bar = False
   cfg.train.tensorboard = False
   result = train_main.train_and_evaluate(cfg, str(tmp_path_factory.mktemp("workdir")))
   ce = np.array([h["ce"] for h in result.history if "ce" in h])
   print("ce every 10 steps:", np.round(ce, 3).tolist())
-  print("step time:", [round(h["step_time"], 3) for h in result.history[-3:]])
-  assert len(ce) == 24 and np.isfinite(ce).all()
-  assert ce[-5:].mean() < 0.5 * ce[:2].mean()
-  assert ce[-5:].mean() < ce[5:10].mean()          # still improving after the first drop
+  print("step time (s):", [round(h["step_time"], 3) for h in result.history[1:]])
+  assert len(ce) == 12 and np.isfinite(ce).all()
+  assert ce[-3:].mean() < 0.5 * ce[:2].mean()
+  assert ce[-3:].mean() < ce[4:6].mean()           # still improving after the first drop
   assert result.compilations == 1
-  assert 0.4 < result.history[-1]["kept_ratio"] < 0.6   # ratio 0.5 (frame 0 always kept)
+  assert all(h["skipped_total"] == 0 and h["truncated_tokens"] == 0 for h in result.history)
+  assert 0.45 < result.history[-1]["kept_ratio"] < 0.6   # ratio 0.5 (frame 0 always kept)
 
 
 @pytest.mark.slow
