@@ -9,9 +9,11 @@ second evaluation of the same config reuses the compilations):
 Each call is closed by `block_until_ready`, so the stage times are real; the first call of a
 new shape includes compilation (the runner warms up before it times).
 
-Randomness is a pure function of the config and the batch index `step`: random pruning uses
-`fold_in(key(stts.random_seed), step)`, sampling `fold_in(key(seed), step)`; two evaluations of
-the same checkpoint on the same data are therefore identical.
+Randomness is a pure function of the config and the data: random pruning of a video uses
+`fold_in(key(stts.random_seed), example_id)` (so an example is pruned the same way whatever its
+batch, batch size or device count; batches without `example_id` use `fold_in(.., step)` for the
+whole batch), sampling uses `fold_in(key(seed), step)`. Two evaluations of the same checkpoint on
+the same data are therefore identical.
 
 Data parallelism: with a `mesh`, parameters are placed once per model by the rules table
 (`train.sharding.state_shardings`) and each host batch becomes a global array sharded over the
@@ -33,7 +35,7 @@ from stts_jax.models import partitioning
 from stts_jax.models import vlm
 
 STAGES = ("vision", "prefill", "decode")
-DEVICE_KEYS = ("patches", "frame_mask", "input_ids", "token_mask", "option_ids", "valid")
+DEVICE_KEYS = ("patches", "frame_mask", "input_ids", "token_mask", "option_ids", "valid", "example_id")
 
 
 def _rules_context(mesh, rules):
@@ -50,8 +52,10 @@ class _Null:
     return False
 
 
-def _vision_pure(graphdef, state, patches, frame_mask, rng, *, mesh=None, rules=()):
+def _vision_pure(graphdef, state, patches, frame_mask, rng, example_ids, *, mesh=None, rules=()):
   with _rules_context(mesh, rules):
+    if example_ids is not None:   # one key per video
+      rng = jax.vmap(lambda i: jax.random.fold_in(rng, i))(example_ids)
     return gen_lib.vision_stage(nnx.merge(graphdef, state), patches, frame_mask, rng)
 
 
@@ -149,12 +153,17 @@ class Predictor:
       host["option_ids"] = np.full((host["input_ids"].shape[0], 1), -1, np.int32)
     if "valid" not in host:
       host["valid"] = np.ones(host["input_ids"].shape[0], bool)
+    if "example_id" in host:   # -1 (padding slots) -> 0; int32 on device
+      host["example_id"] = np.maximum(np.asarray(host["example_id"]), 0).astype(np.int32)
     dev = self._device_batch(host)
     ctx = dict(mesh=self.mesh, rules=self.rules)
-    prune_rng = jax.random.fold_in(jax.random.key(cfg.stts.random_seed), step)
+    prune_rng = jax.random.key(cfg.stts.random_seed)
+    example_ids = dev.get("example_id")
+    if example_ids is None:
+      prune_rng = jax.random.fold_in(prune_rng, step)
     with (jax.set_mesh(self.mesh) if self.mesh is not None else _Null()):
       vision = self._timed("vision", _vision_jit, graphdef=graphdef, state=state, patches=dev["patches"],
-                           frame_mask=dev["frame_mask"], rng=prune_rng, **ctx)
+                           frame_mask=dev["frame_mask"], rng=prune_rng, example_ids=example_ids, **ctx)
       pre, option_lp = self._timed("prefill", _prefill_jit, graphdef=graphdef, state=state,
                                    input_ids=dev["input_ids"], token_mask=dev["token_mask"], vision=vision,
                                    option_ids=dev["option_ids"], max_new_tokens=self.max_new_tokens, **ctx)

@@ -25,7 +25,8 @@ LLM side (`llm_forward`): the `<im_patch>` tokens of dropped windows leave the s
   explains why every sample of the bucket fits); feature j of a sample is added to its j-th
   remaining `<im_patch>`. Without pruning (or with `stts.llm_prune=False`) the sequence is unchanged.
 
-Randomness: method "random" draws from `rng`, or from `stts.random_seed` when `rng` is None.
+Randomness: method "random" draws from `rng` (one key, or a `[B]` array of keys: one per video), or
+from `stts.random_seed` when `rng` is None.
 Molmo2 has no dropout; `deterministic=False` only makes a missing `rng` an error for "random".
 """
 
@@ -100,6 +101,8 @@ def _scores(model, method: str, hidden_btpd, rng, grid_hw, window, deterministic
       if not deterministic:
         raise ValueError("forward_video: method 'random' in training mode needs an `rng`")
       rng = jax.random.key(model.config.stts.random_seed)
+    if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) and rng.ndim == 1:   # typed keys, one per video (eval)
+      return jax.vmap(lambda k: pruning.random_scores(k, (t, w)))(rng)
     return pruning.random_scores(rng, (b, t, w))
   raise ValueError(f"unknown pruning method {method!r}")
 

@@ -129,7 +129,9 @@ def test_scaling_pairs_and_markdown():
 
 @pytest.mark.slow
 @pytest.mark.multidevice
-def test_data_parallel_predictions_equal_single_device(stts_model):
+def test_data_parallel_and_rebatched_predictions_equal_single_device(stts_model):
+  """Random pruning is keyed by example id: one batch of 8 on 8 devices == two batches of 4 in
+  another order on one device, example by example."""
   from stts_jax.eval import generate as gen_lib
   from stts_jax.eval import predictor as predictor_lib
   from stts_jax.train import mesh as mesh_lib
@@ -139,12 +141,16 @@ def test_data_parallel_predictions_equal_single_device(stts_model):
   model = gen_lib.model_variant(stts_model, method="random", ratio=0.5)
   batch = helpers.video_batch(model.config, [4, 3, 2, 4, 1, 4, 3, 4], 4, seed=3)
   batch["option_ids"] = np.tile(np.arange(30, 34, dtype=np.int32), (8, 1))
+  batch["example_id"] = np.arange(100, 108, dtype=np.int64)
   mesh_cfg = MeshConfig(data=-1, fsdp=1, tensor=1)
-  outs = []
-  for mesh, rules in ((None, ()), (mesh_lib.make_mesh(mesh_cfg), sharding.make_rules(mesh_cfg))):
-    pred = predictor_lib.Predictor(max_new_tokens=3, mesh=mesh, rules=rules)
-    outs.append(pred(model, batch, generate=True, step=5))
-  single, parallel = outs
-  np.testing.assert_allclose(parallel["option_logprobs"], single["option_logprobs"], atol=1e-5)
-  for key in ("tokens", "num_tokens", "num_kept", "prompt_tokens"):
-    assert np.array_equal(parallel[key], single[key]), key
+  parallel = predictor_lib.Predictor(max_new_tokens=3, mesh=mesh_lib.make_mesh(mesh_cfg),
+                                     rules=sharding.make_rules(mesh_cfg))(model, batch, generate=True, step=0)
+  single = predictor_lib.Predictor(max_new_tokens=3)
+  order = np.array([5, 0, 7, 2, 1, 6, 3, 4])
+  parts = [single(model, {k: v[order[i:i + 4]] for k, v in batch.items()}, generate=True, step=i // 4)
+           for i in (0, 4)]
+  rebatched = {k: np.concatenate([p[k] for p in parts])[np.argsort(order)] for k in parts[0] if k != "packed"}
+  np.testing.assert_allclose(rebatched["option_logprobs"], parallel["option_logprobs"], atol=1e-5)
+  for key in ("keep_mask", "tokens", "num_tokens", "num_kept", "prompt_tokens"):
+    assert np.array_equal(rebatched[key], parallel[key]), key
+  assert not np.array_equal(parallel["keep_mask"][0], parallel["keep_mask"][3])   # same T, other draw
