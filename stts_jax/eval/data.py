@@ -108,6 +108,7 @@ class EvalData:
     tok = tokenizer or tokenizer_lib.load_tokenizer(cfg.tokenizer_path)
     self.processor = ReportingProcessor(cfg, tok, token_ids)
     self.tokenizer = tok
+    self._by_index: Optional[dict[int, ExampleInfo]] = None
 
   def __len__(self) -> int:
     return len(self.source)
@@ -126,14 +127,26 @@ class EvalData:
                                process_index=self.process_index, process_count=self.process_count)
     return iter(ds)
 
-  def info(self, row: int) -> ExampleInfo:
-    """Id, answer text and options of source row `row`."""
+  def info(self, example_id: int) -> ExampleInfo:
+    """Id, answer text and options of the example a batch calls `example_id`.
+
+    Manifest/arrays sources: `example_id` is the source row. TFDS records come in hashed order and
+    carry their manifest `index` as `example_id`, so the first call scans the split once (every
+    record, video bytes included) to map indices to records.
+    """
     if hasattr(self.source, "example"):
-      ex = self.source.example(int(row))
+      ex = self.source.example(int(example_id))
       return ExampleInfo(ex.id, ex.answer, tuple(ex.options) if ex.options else None)
-    rec: dict[str, Any] = self.source[int(row)]
-    options = rec.get("options")
-    return ExampleInfo(str(rec["id"]), str(rec["answer"]), tuple(options) if options else None)
+    if self._by_index is None:
+      self._by_index = {}
+      for i in range(len(self.source)):
+        rec: dict[str, Any] = self.source[i]
+        options = rec.get("options")
+        self._by_index[int(rec["index"])] = ExampleInfo(str(rec["id"]), str(rec["answer"]),
+                                                        tuple(options) if options else None)
+    if int(example_id) not in self._by_index:
+      raise KeyError(f"{self.split}: no record with index {example_id}")
+    return self._by_index[int(example_id)]
 
 
 def with_frames(cfg: DataConfig, frames: int, *, tokens_per_extra_frame: Optional[int] = None,

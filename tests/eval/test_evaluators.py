@@ -1,4 +1,5 @@
 """Evaluators on hand-made eval sets with a predict_fn whose answers the test controls."""
+import dataclasses
 import json
 import os
 
@@ -118,3 +119,22 @@ def test_unknown_evaluator_and_modes(tmp_path):
     evaluators.from_name("nope", None, data=data)
   with pytest.raises(ValueError, match="modes"):
     evaluators.MultipleChoice(ScriptedPredict(data.tokenizer), data=data, modes=("letters",))
+
+
+def test_tfds_split_gives_the_same_results_as_its_manifest(tmp_path):
+  from stts_jax.data import tfds_builder
+  manifest_cfg = helpers.make_mc_dataset(str(tmp_path), n=7, frames=2, size=42, corrupt=(4,))
+  tfds_builder.build({"test": str(tmp_path / "test.jsonl")}, str(tmp_path / "tfds"))
+  got = {}
+  for fmt in ("manifest", "tfds"):
+    cfg = dataclasses.replace(manifest_cfg, format=fmt)
+    data = data_lib.EvalData(cfg, default_dataset.tiny_token_ids(), "test")
+    ev = evaluators.from_name("multiple_choice", ScriptedPredict(data.tokenizer, wrong=(2,), gen_wrong=(5,)),
+                              data=data)
+    metrics = dict(ev.run(model=None))
+    scored = sorted((r["example_id"], r["correct"]) for r in ev.details["records"]["generate"]
+                    if r["status"] == "scored")
+    got[fmt] = (metrics, scored, [s["example_id"] for s in ev.details["skipped_examples"]])
+  assert got["tfds"] == got["manifest"]
+  assert got["tfds"][0]["likelihood_accuracy"] == pytest.approx(5 / 6)
+  assert got["tfds"][2] == ["ex4"]
