@@ -76,7 +76,7 @@ def test_plans_keep_every_token_and_match_masked_dense_reference():
   b, t, w = keep_btw.shape
   p = 81
   # the "halves" pattern needs 6 rows; give every video the full T so nothing overflows here
-  plan = packing.make_plan(pruning.keep_patch_mask(keep_btw, grid, window), num_rows=t)
+  plan = jax.jit(lambda k: packing.make_plan(pruning.keep_patch_mask(k, grid, window), num_rows=t))(keep_btw)
   x = jax.random.normal(jax.random.key(1), (b, t, p, d))
   packed = packing.pack(x, plan)
   for i, name in enumerate(pats):
@@ -116,7 +116,8 @@ def test_plans_keep_every_token_and_match_masked_dense_reference():
 def test_overflow_is_flagged_never_silent():
   keep = np.stack([_keep_from_counts([9, 5, 5, 5, 5, 5], 9, np.random.default_rng(3)),
                    _keep_from_counts([9, 9, 9, 0, 0, 0], 9, np.random.default_rng(4))])
-  plan = packing.make_plan(pruning.keep_patch_mask(jnp.asarray(keep), (9, 9), (3, 3)), num_rows=4)
+  plan = jax.jit(lambda k: packing.make_plan(pruning.keep_patch_mask(k, (9, 9), (3, 3)), num_rows=4))(
+      jnp.asarray(keep))
   np.testing.assert_array_equal(np.asarray(plan.rows_used_b), [6, 3])
   np.testing.assert_array_equal(np.asarray(plan.overflow_b), [True, False])
   assert not bool(plan.fits)

@@ -58,7 +58,7 @@ def test_aux_loss_not_detached_and_batched_masking():
   s = jax.random.uniform(jax.random.key(5), (2, 3, 4))
   fm = jnp.array([[1, 1, 0], [1, 1, 1]], bool)
   loss_fn = lambda s, x: aux_loss.temporal_aux_loss_batched(s, x, fm, (6, 6), (3, 3))
-  gs, gx = jax.grad(loss_fn, argnums=(0, 1))(s, x)
+  gs, gx = jax.jit(jax.grad(loss_fn, argnums=(0, 1)))(s, x)
   assert np.abs(np.asarray(gx[0, :2])).sum() > 0            # target depends on features: not detached
   assert (np.asarray(gx[0, 2]) == 0).all() and (np.asarray(gs[0, 2]) == 0).all()   # padding frame
   assert (np.asarray(gs[:, 0]) == 0).all()                  # frame 0 has no pair
