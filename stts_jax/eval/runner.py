@@ -71,7 +71,10 @@ def run_cell(model: vlm.Molmo2, data: data_lib.EvalData, eval_cfg: EvalConfig, p
   variant = gen_lib.model_variant(model, method=cell.method, ratio=cell.ratio if cell.method != "none" else 0.0)
   needs_gen = any(n == "open_ended" or "generate" in eval_cfg.mc_modes for n in eval_cfg.evaluators)
   before = predictor_lib.compile_counts()
-  first = next(iter(data.batches()))
+  batches = data.batches()
+  first = next(batches)
+  if hasattr(batches, "close"):   # stop its prefetch (and worker processes) now
+    batches.close()
   for _ in range(eval_cfg.warmup):
     predictor(variant, first, generate=needs_gen, step=0)
   predictor.reset_times()
