@@ -3,7 +3,8 @@
   .venv/bin/python scripts/build_dataset.py --out data_cache/default      # once, ~1-2 min
   .venv/bin/python scripts/train.py --config configs/train_tiny.py --workdir /tmp/tiny
   (other data dir: --config configs/train_tiny.py:data=/path; overrides: --config.train.num_steps=50)
-About 0.1-0.3 s/step on 2 CPU cores; 600 steps take a few minutes.
+Measured: ~2.2 s/step (batch 16, 8 frames, 8 virtual devices) on 2 CPU cores shared with other
+jobs (load ~15), compile ~60 s; the answer CE drops from ~5.6 to ~1.0 within 100 steps.
 
 arg: `data` (default-dataset directory), `method` (none | random | heuristic | stts), `ratio`,
 `steps`, `batch` (global batch), `lr`, `runlocal` (bool: 20 steps, batch 4, for smoke runs).
