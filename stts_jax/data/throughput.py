@@ -16,9 +16,11 @@ def decode_preprocess_rate(paths: Sequence[str], *, max_frames: int, max_fps: fl
   """Single-process rate of `sample_frames` + resize + patchify over `paths` (cycled).
 
   Returns frames/s for decode (PyAV sampling incl. rgb conversion), preprocess (Molmo2 resize +
-  patchify) and both together, plus the number of videos and frames timed.
+  patchify) and both together (wall clock), the same total per CPU-second of this process
+  (`total_fps_cpu`: what one worker sustains on an otherwise idle core), and the counts timed.
   """
   decode_s = prep_s = 0.0
+  cpu0 = time.process_time()
   frames_done = videos_done = 0
   start = time.perf_counter()
   while time.perf_counter() - start < min_seconds or videos_done < len(paths):
@@ -32,8 +34,10 @@ def decode_preprocess_rate(paths: Sequence[str], *, max_frames: int, max_fps: fl
     prep_s += t2 - t1
     frames_done += frames.shape[0]
     videos_done += 1
+  cpu = time.process_time() - cpu0
   return {"videos": videos_done, "frames": frames_done, "decode_fps": frames_done / decode_s,
-          "preprocess_fps": frames_done / prep_s, "total_fps": frames_done / (decode_s + prep_s)}
+          "preprocess_fps": frames_done / prep_s, "total_fps": frames_done / (decode_s + prep_s),
+          "total_fps_cpu": frames_done / cpu}
 
 
 def pipeline_rate(cfg: DataConfig, token_ids: config_lib.TokenIds, *, num_batches: int = 20,
@@ -44,15 +48,16 @@ def pipeline_rate(cfg: DataConfig, token_ids: config_lib.TokenIds, *, num_batche
     for _ in range(warmup):
       next(it)
     frames = 0
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     for _ in range(num_batches):
       frames += int(np.sum(next(it)["frame_mask"]))
-    dt = time.perf_counter() - t0
+    dt, cpu = time.perf_counter() - t0, time.process_time() - cpu0
   finally:
     it.close()
   return {"format": cfg.format, "workers": cfg.num_workers, "batch": cfg.batch_size, "batches": num_batches,
           "batches_per_s": num_batches / dt, "frames_per_s": frames / dt,
-          "examples_per_s": num_batches * cfg.batch_size / dt}
+          "examples_per_s": num_batches * cfg.batch_size / dt,
+          "frames_per_cpu_s": frames / cpu if cfg.num_workers == 0 else None}
 
 
 __all__ = ["decode_preprocess_rate", "pipeline_rate"]
