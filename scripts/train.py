@@ -9,9 +9,14 @@
 """
 
 import logging
+import os
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
+
+# configs/*.py import `configs.common`: make the repository root importable.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 config_flags.DEFINE_config_file("config", None, "configs/<file>.py[:arg]", lock_config=True)
 flags.DEFINE_string("workdir", None, "checkpoints, metrics.jsonl and TensorBoard logs")

@@ -79,8 +79,7 @@ def test_script_aot_on_tiny_config(tmp_path):
   import subprocess
   import sys
   root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-             PYTHONPATH=root)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
   cmd = [sys.executable, os.path.join(root, "scripts", "train.py"),
          "--config", os.path.join(root, "configs", "train_tiny.py") + ":runlocal=true",
          "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2", "--aot"]
