@@ -1,0 +1,75 @@
+"""The demo model and training run of the main job (`scripts/main_job.py`), on the offline default dataset.
+
+  .venv/bin/python scripts/main_job.py --workdir runs/main                         # ~15 min on 2 CPU cores
+  .venv/bin/python scripts/main_job.py --workdir /tmp/smoke --config configs/demo.py:runlocal=true
+  .venv/bin/python scripts/train.py --config configs/demo.py:method=none --workdir /tmp/demo_none
+
+Why these sizes (126 px frames, 8 frames: 9x9 patches and 3x3 = 9 windows per frame, 72 windows
+per clip; the prompt has ~215 tokens of which only 72 are vision tokens):
+  * STTS saves work only after block `prune_at` + 1. The ViT sees 648 patches per clip against
+    ~230 LLM positions, so here the ViT is where the work is and where pruning pays: 10 blocks with
+    the scorer after block 0, i.e. 2 of 10 blocks (20 %) see every patch, as in Molmo2-4B (blocks
+    0..4 of 25). The other 8 run on 5 packed rows instead of 8 frames (`stts.num_rows` = 5 =
+    ceil(36 / 9) + 1: the 36 kept windows need 4 full rows, one spare row absorbs first-fit
+    fragmentation; a batch that needs more takes the exact dense path, reported by the job).
+  * The decoder (2 layers of width 64) is ~25 % of the unpruned step. On the LLM side pruning removes
+    36 of the 232 positions (16 %, Molmo2: ~47 % because its frames have 81 tokens).
+  * Widths are small (ViT 32, LLM 64) so that 600 steps of batch 16 train in ~2-3 minutes on 2 cores.
+
+arg: `data` (dataset dir), `method` (stts | none | random | heuristic), `ratio`, `steps`, `batch`,
+`lr`, `seed`, `runlocal` (bool: a few steps on a small dataset for smoke tests).
+"""
+
+import ml_collections
+
+from configs import common
+from stts_jax import config as config_lib
+
+VOCAB = 512            # the default dataset's word-level tokenizer (tiny id layout)
+SEQ_LEN = 232          # longest default-dataset prompt is 227 tokens
+
+
+def model_config(method: str = "stts", ratio: float = 0.5) -> config_lib.ModelConfig:
+  """The demo Molmo2: ViT 10 x 32 (126 px), adapter taps 9 and 6, decoder 2 x 64, scorer after block 0."""
+  vit = config_lib.ViTConfig(hidden_size=32, intermediate_size=128, num_layers=10, num_heads=2, head_dim=16,
+                             patch_size=14, image_size=126)
+  adapter = config_lib.AdapterConfig(vit_layers=(9, 6), num_heads=2, head_dim=16, intermediate_size=192)
+  llm = config_lib.LLMConfig(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+                             intermediate_size=192, vocab_size=VOCAB, additional_vocab_size=128,
+                             rope_theta=10000.0, max_position_embeddings=4096)
+  stts = config_lib.STTSConfig(method=method, ratio=ratio, prune_at=0, scorer_hidden=128, scorer_heads=2,
+                               num_rows=5 if method != "none" else None)
+  tokens = config_lib.TokenIds.for_vocab(VOCAB, chat_start=VOCAB - 3, chat_end=VOCAB - 2, pad=VOCAB - 1)
+  return config_lib.ModelConfig(vit=vit, adapter=adapter, llm=llm, stts=stts, tokens=tokens).validate()
+
+
+def get_config(arg=None) -> ml_collections.ConfigDict:
+  arg = common.parse_arg(arg, data="", method="stts", ratio=0.5, steps=600, batch=16, lr=1e-3, seed=0,
+                         runlocal=False)
+  from stts_jax.data import default_dataset
+  from stts_jax.experiments import config as job_config   # registers the `job` section
+  del job_config
+  cfg = ml_collections.ConfigDict()
+  cfg.name = "demo"
+  cfg.model = config_lib.to_dict(model_config(arg.method, arg.ratio))
+  if arg.runlocal:
+    # Smoke run: a 64-clip dataset of its own, 6 steps, 16 test examples, one round of timing.
+    data, steps, batch = arg.data or "data_cache/default_runlocal", 6, 8
+  else:
+    data, steps, batch = arg.data or "data_cache/default", arg.steps, arg.batch
+  cfg.data = config_lib.to_dict(default_dataset.data_config(data, batch_size=batch, seq_len=SEQ_LEN,
+                                                            shuffle_seed=arg.seed))
+  cfg.train = dict(
+      num_steps=steps, grad_accum=1, aux_weight=0.5, seed=arg.seed, log_every=2 if arg.runlocal else 10,
+      eval_every=0, checkpoint_every=3 if arg.runlocal else 100, max_to_keep=2, tensorboard=False,
+      optim=dict(learning_rate=arg.lr, scorer_learning_rate=arg.lr, warmup_steps=min(50, steps // 10),
+                 weight_decay=0.0, clip_norm=1.0))
+  cfg.mesh = dict(data=-1, fsdp=1, tensor=1)
+  cfg.eval = dict(split="test", evaluators=("multiple_choice",), mc_modes=("likelihood",),
+                  batch_size=8 if arg.runlocal else 32, warmup=1)
+  if arg.runlocal:
+    cfg.job = dict(seeds=(arg.seed,), dataset_clips=(40, 8, 16), eval_ratios=(arg.ratio,), eval_examples=16,
+                   speed_batches=1, speed_warmup=1, speed_repeats=2, grid_clips=1)
+  else:
+    cfg.job = dict(seeds=(arg.seed,))
+  return cfg

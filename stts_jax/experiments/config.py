@@ -1,0 +1,69 @@
+"""`JobConfig`: the `job` section of the main job's config (registered with stts_jax.config on import).
+
+Example (configs/demo.py):
+  config.job = dict(seeds=(0,), eval_ratios=(0.25, 0.5, 0.75), speed_repeats=8)
+The other sections are the usual ones: `model` (the STTS variant; the job derives the unpruned one),
+`data`, `train`, `mesh` and `eval` (split, evaluator, batch size; the job sets methods and ratios).
+"""
+
+import dataclasses
+from typing import Any, Optional
+
+from stts_jax import config as config_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class JobConfig:
+  """What `stts_jax.experiments.main_job.run` does besides training.
+
+  seeds: one unpruned + one STTS training per seed; accuracies are reported as mean and spread.
+  dataset_clips: (train, val, test) clips of the default dataset; None -> its standard spec.
+  dataset_workers: render/encode processes for the dataset build (0: one per CPU).
+  eval_ratios: pruned fractions of the accuracy-vs-ratio sweep on the STTS-trained model
+    (stts, random and heuristic at each); the trained ratio is always included.
+  baseline_ratios: ratios of the training-free random / heuristic pruning of the unpruned-trained
+    model (None -> the trained ratio only).
+  eval_examples: evaluate the first N test examples (None: the whole split).
+  speed_batches / speed_warmup / speed_repeats: the side-by-side timing (distinct batches, untimed
+    calls per variant, timed rounds; every round times each variant once on the same batch).
+  grid_clips: test clips drawn in the keep-mask frame grid.
+  min_train_speedup / max_accuracy_gap / min_gain_over_random: the checks printed with the table.
+  """
+  seeds: tuple[int, ...] = (0,)
+  dataset_clips: Optional[tuple[int, int, int]] = None
+  dataset_workers: int = 0
+  eval_ratios: tuple[float, ...] = (0.25, 0.5, 0.75)
+  baseline_ratios: Optional[tuple[float, ...]] = None
+  eval_examples: Optional[int] = None
+  speed_batches: int = 4
+  speed_warmup: int = 1
+  speed_repeats: int = 8
+  grid_clips: int = 2
+  min_train_speedup: float = 1.3
+  max_accuracy_gap: float = 0.03
+  min_gain_over_random: float = 0.05
+
+  def validate(self) -> "JobConfig":
+    if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+      raise ValueError(f"job.seeds must be distinct and non-empty, got {self.seeds}")
+    if self.dataset_clips is not None and (len(self.dataset_clips) != 3 or min(self.dataset_clips) < 1):
+      raise ValueError(f"job.dataset_clips must be 3 positive counts (train, val, test), got {self.dataset_clips}")
+    for r in self.eval_ratios + (self.baseline_ratios or ()):
+      if not 0.0 < r < 1.0:
+        raise ValueError(f"job: eval ratios must be in (0, 1), got {r}")
+    if self.eval_examples is not None and self.eval_examples < 1:
+      raise ValueError("job.eval_examples must be >= 1 or None")
+    if min(self.speed_batches, self.speed_repeats) < 1 or self.speed_warmup < 0:
+      raise ValueError("job: speed_batches and speed_repeats must be >= 1, speed_warmup >= 0")
+    if self.grid_clips < 0 or self.dataset_workers < 0:
+      raise ValueError("job: grid_clips and dataset_workers must be >= 0")
+    return self
+
+
+def build_job_config(cfg: Any) -> JobConfig:
+  return config_lib.from_dict(JobConfig, cfg, "job").validate()
+
+
+config_lib.register_section("job", build_job_config)
+
+__all__ = ["JobConfig", "build_job_config"]
