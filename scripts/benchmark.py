@@ -10,9 +10,13 @@ share, XLA vs analytic FLOPs, one compilation per part). Measure on a quiet mach
 
 import json
 import logging
+import os
+import sys
 
-from absl import app, flags
-from ml_collections import config_flags
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # `configs` package
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 config_flags.DEFINE_config_file("config", None, "configs/<file>.py[:arg]", lock_config=True)
 flags.DEFINE_string("out", None, "output directory")

@@ -19,7 +19,8 @@ PART_ORDER = ("vision", "prefill", "ttft", "decode", "overhead", "train")
 
 
 def _part_values(cell: CellResult) -> dict[str, dict[str, Optional[float]]]:
-  out = {k: {"seconds": p.seconds, "analytic": p.analytic_flops / p.per_call,
+  out = {k: {"seconds": p.seconds, "cpu_seconds": p.timing.cpu_median / p.per_call,
+             "analytic": p.analytic_flops / p.per_call,
              # decode runs in a while loop whose body XLA counts once: its count is per token already
              "xla": None if p.xla_flops is None else p.xla_flops / (1 if k == "decode" else p.per_call),
              "memory": p.memory.total_bytes}
@@ -27,7 +28,8 @@ def _part_values(cell: CellResult) -> dict[str, dict[str, Optional[float]]]:
   if "vision" in out and "prefill" in out:
     v, p = out["vision"], out["prefill"]
     xla = None if v["xla"] is None or p["xla"] is None else v["xla"] + p["xla"]
-    out["ttft"] = {"seconds": v["seconds"] + p["seconds"], "analytic": v["analytic"] + p["analytic"], "xla": xla,
+    out["ttft"] = {"seconds": v["seconds"] + p["seconds"], "cpu_seconds": v["cpu_seconds"] + p["cpu_seconds"],
+                   "analytic": v["analytic"] + p["analytic"], "xla": xla,
                    "memory": max(v["memory"], p["memory"])}
   return out
 
@@ -49,6 +51,7 @@ def summary_rows(cells: Sequence[CellResult]) -> list[dict[str, Any]]:
         continue
       v = vals[k]
       row[f"{k}_ms"] = v["seconds"] * 1e3
+      row[f"{k}_cpu_ms"] = v["cpu_seconds"] * 1e3
       row[f"{k}_gflops"] = v["analytic"] / 1e9
       row[f"{k}_xla_gflops"] = None if v["xla"] is None else v["xla"] / 1e9
       row[f"{k}_xla_over_analytic"] = None if not v["xla"] or not v["analytic"] else v["xla"] / v["analytic"]
@@ -59,6 +62,7 @@ def summary_rows(cells: Sequence[CellResult]) -> list[dict[str, Any]]:
         row[f"{k}_speedup"] = speedup
         row[f"{k}_flops_ratio"] = ratio
         row[f"{k}_efficiency"] = speedup / ratio
+        row[f"{k}_cpu_speedup"] = b[k]["cpu_seconds"] / v["cpu_seconds"]
     if "overhead" in vals and "train" in vals:
       row["overhead_share"] = vals["overhead"]["seconds"] / vals["train"]["seconds"]
     row["compiles"] = {k: p.compiles for k, p in c.parts.items()}

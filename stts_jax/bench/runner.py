@@ -76,6 +76,7 @@ class CellResult:
   rows_needed: list[int]  # max rows first-fit decreasing needed, per batch
   packed: list[bool]      # per batch: the packed path ran (False: dense fallback)
   kept_windows: int       # per video (static budget)
+  keep_patterns: int      # distinct keep masks among the cell's batches (all timed by one compilation)
   parts: dict[str, PartResult]
 
   def to_dict(self) -> dict[str, Any]:
@@ -177,6 +178,7 @@ def run_cell(base_cfg: config_lib.ModelConfig, train_cfg: TrainConfig, bench: Be
     results["vision"] = res
   visions = [vision(state, *x) for x in vis_in]
   packed, rows_needed = [], []
+  keep_patterns = len({np.asarray(v.keep_mask_btw).tobytes() for v in visions})
   if cfg.stts.prunes:
     for v in visions:
       keep_btp = pruning.keep_patch_mask(v.keep_mask_btw, (cfg.vit.grid, cfg.vit.grid), tuple(cfg.stts.window))
@@ -214,7 +216,7 @@ def run_cell(base_cfg: config_lib.ModelConfig, train_cfg: TrainConfig, bench: Be
                     llm_len=s_llm, num_rows=budget.num_rows(frames, w, ratio, cfg.stts.num_rows) if cfg.stts.prunes else None,
                     rows_needed=rows_needed, packed=packed,
                     kept_windows=budget.num_kept(frames, w, ratio) if cfg.stts.prunes else frames * w,
-                    parts=results)
+                    keep_patterns=keep_patterns, parts=results)
 
 
 def _run_train(cfg, train_cfg: TrainConfig, bench: BenchConfig, data: list[dict], analytic: float) -> PartResult:

@@ -28,10 +28,15 @@ BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
 @dataclasses.dataclass(frozen=True)
 class Timing:
-  """Wall-clock seconds of `repeats` timed calls (after `warmup` untimed ones)."""
+  """Wall-clock seconds of `repeats` timed calls (after `warmup` untimed ones).
+
+  cpu_seconds: this process's CPU time (all threads) per call, a secondary figure that is less
+  disturbed by other processes on a shared machine (it also counts XLA's idle-spinning threads).
+  """
   name: str
   seconds: tuple[float, ...]
   warmup: int
+  cpu_seconds: tuple[float, ...] = ()
 
   @property
   def median(self) -> float:
@@ -46,9 +51,14 @@ class Timing:
     """(max - min) / median: a quick noise indicator."""
     return (max(self.seconds) - min(self.seconds)) / max(self.median, 1e-12)
 
+  @property
+  def cpu_median(self) -> float:
+    return statistics.median(self.cpu_seconds) if self.cpu_seconds else float("nan")
+
   def to_dict(self) -> dict[str, Any]:
     return {"name": self.name, "median_s": self.median, "min_s": self.min, "spread": self.spread,
-            "repeats": len(self.seconds), "warmup": self.warmup, "seconds": list(self.seconds)}
+            "cpu_median_s": self.cpu_median, "repeats": len(self.seconds), "warmup": self.warmup,
+            "seconds": list(self.seconds), "cpu_seconds": list(self.cpu_seconds)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,17 +174,18 @@ def time_calls(call: Callable[[int], Any], *, warmup: int = 1, repeats: int = 5,
   already compiled code only).
   """
   _check_counts(warmup, repeats)
-  seconds = []
+  seconds, cpu = [], []
   with CompileCounter() as cc:
     for i in range(warmup + repeats):
-      t0 = time.perf_counter()
+      c0, t0 = time.process_time(), time.perf_counter()
       jax.block_until_ready(call(i))
-      dt = time.perf_counter() - t0
+      dt, dc = time.perf_counter() - t0, time.process_time() - c0
       if i >= warmup:
         seconds.append(dt)
+        cpu.append(dc)
   if cc.count:
     raise RuntimeError(f"timing {name!r}: {cc.count} compilation(s) inside the timed region: {cc.names}")
-  return Timing(name=name, seconds=tuple(seconds), warmup=warmup)
+  return Timing(name=name, seconds=tuple(seconds), warmup=warmup, cpu_seconds=tuple(cpu))
 
 
 def time_stateful(step: Callable[[Any, int], tuple[Any, Any]], state: Any, *, warmup: int = 1,
@@ -182,15 +193,16 @@ def time_stateful(step: Callable[[Any, int], tuple[Any, Any]], state: Any, *, wa
   """Times `state, out = step(state, i)` with the state threaded through the calls (so a donated
   state is never reused). Returns the timing and the final state."""
   _check_counts(warmup, repeats)
-  seconds = []
+  seconds, cpu = [], []
   with CompileCounter() as cc:
     for i in range(warmup + repeats):
-      t0 = time.perf_counter()
+      c0, t0 = time.process_time(), time.perf_counter()
       state, out = step(state, i)
       jax.block_until_ready((state, out))
-      dt = time.perf_counter() - t0
+      dt, dc = time.perf_counter() - t0, time.process_time() - c0
       if i >= warmup:
         seconds.append(dt)
+        cpu.append(dc)
   if cc.count:
     raise RuntimeError(f"timing {name!r}: {cc.count} compilation(s) inside the timed region: {cc.names}")
-  return Timing(name=name, seconds=tuple(seconds), warmup=warmup), state
+  return Timing(name=name, seconds=tuple(seconds), warmup=warmup, cpu_seconds=tuple(cpu)), state

@@ -39,8 +39,13 @@ def taken_branch_only() -> Iterator[None]:
 
 
 def lowered_flops(fn: Callable[..., Any], *args: Any, taken_branch: bool = True, mesh=None) -> float:
-  """Global FLOPs of `jax.jit(fn).lower(*args)` (args may be ShapeDtypeStructs); `fn` may be jitted."""
-  jitted = fn if hasattr(fn, "lower") else jax.jit(fn)
+  """Global FLOPs of `jax.jit(fn).lower(*args)` (args may be ShapeDtypeStructs).
+
+  jax caches traces per function: a plain `fn` is wrapped in a fresh closure so that a trace made
+  with or without `taken_branch` is never reused for the other. An already jitted `fn` (with its
+  shardings) is lowered as is and must not have been lowered under the other setting before.
+  """
+  jitted = fn if hasattr(fn, "lower") else jax.jit(lambda *a: fn(*a))
   ctx = taken_branch_only() if taken_branch else contextlib.nullcontext()
   mesh_ctx = jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
   with ctx, mesh_ctx:

@@ -1,0 +1,162 @@
+"""Benchmark runner: one compilation per part and cell, XLA vs analytic FLOPs, report arithmetic."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from stts_jax.bench import batches
+from stts_jax.bench import costs
+from stts_jax.bench import parts
+from stts_jax.bench import report
+from stts_jax.bench import runner
+from stts_jax.bench import timing
+from stts_jax.bench import xla_count
+from stts_jax.bench.config import BenchConfig
+from stts_jax.bench.runner import CellResult, PartResult
+from stts_jax.models import video_forward
+from stts_jax.testing import tiny
+from stts_jax.train.config import OptimConfig, TrainConfig
+
+FRAMES = 4
+TRAIN = TrainConfig(tensorboard=False, progress_bar=False, optim=OptimConfig(learning_rate=1e-3)).validate()
+
+
+def _tiny():
+  return tiny.tiny_model_config(method="stts")
+
+
+def test_video_batch_layout():
+  cfg = _tiny()
+  b = batches.video_batch(cfg, batch_size=2, num_frames=FRAMES, index=1)
+  s = batches.prompt_length(FRAMES, cfg.windows_per_frame)
+  assert b["patches"].shape == (2, FRAMES, cfg.vit.num_patches, cfg.vit.patch_dim)
+  assert b["patches"].dtype == np.uint8 and b["patches"].std() > 5          # real frames, not blank
+  assert b["input_ids"].shape == (2, s) and b["token_mask"].all()            # exactly the prompt, no padding
+  assert (b["input_ids"] == cfg.tokens.image_patch).sum(1).tolist() == [FRAMES * cfg.windows_per_frame] * 2
+  assert (b["input_ids"] == cfg.tokens.frame_start).sum(1).tolist() == [FRAMES] * 2
+  assert b["loss_mask"].sum(1).tolist() == [2, 2]
+  np.testing.assert_array_equal(b["target_ids"][:, :-1], b["input_ids"][:, 1:])
+  other = batches.video_batch(cfg, batch_size=2, num_frames=FRAMES, index=2)
+  assert not np.array_equal(other["patches"], b["patches"])
+
+
+def test_cell_config_baseline_and_rows():
+  cfg = _tiny()
+  base = runner.cell_model_config(cfg, 8, 0.0, "typical")
+  assert base.stts.method == "none" and not base.stts.prunes
+  pruned = runner.cell_model_config(cfg, 8, 0.5, "typical")
+  assert pruned.stts.method == "stts" and pruned.stts.ratio == 0.5
+  assert pruned.stts.num_rows == 5                     # ceil(36 kept / 9) = 4 rows + ceil(8 / 8) spare
+  assert runner.cell_model_config(cfg, 8, 0.5, "bound").stts.num_rows is None
+  assert runner.cell_model_config(cfg, 8, 0.5, "min").stts.num_rows == 4
+
+
+def _forward_flops(cfg, frames, seq_len):
+  """XLA's count of forward_video (unrolled copy, packed branch) for one sample."""
+  graphdef, state = xla_count.abstract_model_state(runner._model_fn(dataclasses.replace(cfg, scan_layers=False), 0))
+  batch = batches.video_batch(cfg, batch_size=1, num_frames=frames, index=0)
+  fields = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items() if k != "timestamps"}
+  fwd = lambda s, b: video_forward.forward_video(nnx.merge(graphdef, s), b).logits
+  return xla_count.lowered_flops(fwd, state, fields)
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.5])
+def test_analytic_forward_flops_within_10_percent_of_xla(ratio):
+  cfg = runner.cell_model_config(_tiny(), FRAMES, ratio, "typical")
+  seq_len = batches.prompt_length(FRAMES, cfg.windows_per_frame)
+  xla = _forward_flops(cfg, FRAMES, seq_len)
+  analytic = costs.forward(cfg, FRAMES, seq_len).total
+  print(f"ratio {ratio}: XLA {xla:.4e}, analytic {analytic:.4e}, XLA/analytic {xla / analytic:.3f}")
+  assert abs(xla / analytic - 1.0) <= 0.10
+
+
+def test_taken_branch_counts_the_packed_path_not_the_fallback():
+  cfg = runner.cell_model_config(_tiny(), FRAMES, 0.5, "min")
+  seq_len = batches.prompt_length(FRAMES, cfg.windows_per_frame)
+  graphdef, state = xla_count.abstract_model_state(runner._model_fn(dataclasses.replace(cfg, scan_layers=False), 0))
+  shapes = (jax.ShapeDtypeStruct((1, FRAMES, cfg.vit.num_patches, cfg.vit.patch_dim), np.uint8),
+            jax.ShapeDtypeStruct((1, FRAMES), np.bool_))
+  fn = parts.vision_fn(graphdef, parts.num_slots(cfg, FRAMES))
+  packed = xla_count.lowered_flops(fn, state, *shapes)
+  raw = xla_count.lowered_flops(fn, state, *shapes, taken_branch=False)      # XLA: max of both branches
+  expected = costs.vision(costs.forward(cfg, FRAMES, seq_len))
+  assert raw > packed * 1.05
+  assert abs(packed / expected - 1.0) <= 0.10
+
+
+def test_one_compilation_per_part_across_batches_with_different_keep_patterns():
+  cfg = _tiny()
+  bench = BenchConfig(frames=(FRAMES,), ratios=(0.5,), parts=("vision",), warmup=0, repeats=2, num_batches=3,
+                      xla_flops=False).validate()
+  cell = runner.run_cell(cfg, TRAIN, bench, FRAMES, 0.5)
+  part = cell.parts["vision"]
+  assert part.compiles == 1                               # measured with a compile listener
+  assert len(part.timing.seconds) == 2                    # timed calls rotate through the batches ...
+  assert cell.keep_patterns == 3                          # ... whose keep masks all differ
+  assert cell.kept_windows == FRAMES * 9 - 18 and cell.llm_len == cell.seq_len - 18
+  assert len(cell.packed) == 3 and len(cell.rows_needed) == 3
+
+
+@pytest.mark.slow
+def test_run_cell_all_parts_compile_once_and_report():
+  bench = BenchConfig(frames=(FRAMES,), ratios=(0.5,), warmup=0, repeats=1, num_batches=2, decode_tokens=2,
+                      xla_flops=True).validate()
+  cells = [runner.run_cell(_tiny(), TRAIN, bench, FRAMES, r) for r in (0.0, 0.5)]
+  assert set(cells[1].parts) == {"vision", "prefill", "decode", "overhead", "train"}
+  assert all(p.compiles == 1 for c in cells for p in c.parts.values())
+  rows = report.summary_rows(cells)
+  chk = report.checks(rows)
+  assert chk["one_compile_per_part"]["ok"]
+  assert chk["xla_vs_analytic"]["ok"], chk["xla_vs_analytic"]
+
+
+def _part(name, seconds, flops, per_call=1):
+  t = timing.Timing(name, (seconds * per_call,), warmup=0)
+  return PartResult(name, t, per_call, 1, 0.0, flops, flops, flops, timing.MemoryStats(1, 0, 2, 0, 0))
+
+
+def _cell(frames, ratio, secs, flops):
+  return CellResult(frames=frames, ratio=ratio, method="stts" if ratio else "none", batch_size=1, seq_len=100,
+                    llm_len=80, num_rows=None, rows_needed=[3] if ratio else [], packed=[True] if ratio else [],
+                    kept_windows=10, keep_patterns=1, parts={k: _part(k, secs[k], flops[k]) for k in secs})
+
+
+def test_report_speedups_efficiency_overhead_and_checks():
+  base = {"vision": 1.0, "prefill": 1.0, "train": 4.0}
+  fl = {"vision": 10.0, "prefill": 10.0, "train": 40.0}
+  cells = [
+      _cell(8, 0.0, base, fl),
+      _cell(8, 0.5, {"vision": 0.8, "prefill": 0.5, "train": 2.5, "overhead": 0.05},
+            {"vision": 7.0, "prefill": 5.0, "train": 25.0, "overhead": 1.0}),
+      _cell(16, 0.0, {k: 2 * v for k, v in base.items()}, {k: 2 * v for k, v in fl.items()}),
+      _cell(16, 0.5, {"vision": 1.5, "prefill": 0.8, "train": 4.0, "overhead": 0.2},
+            {"vision": 14.0, "prefill": 8.0, "train": 40.0, "overhead": 2.0}),
+  ]
+  rows = report.summary_rows(cells)
+  r8, r16 = rows[1], rows[3]
+  assert r8["train_speedup"] == pytest.approx(4.0 / 2.5)
+  assert r8["train_flops_ratio"] == pytest.approx(40 / 25)
+  assert r8["train_efficiency"] == pytest.approx(1.0)
+  assert r8["ttft_speedup"] == pytest.approx(2.0 / 1.3)
+  assert r8["ttft_flops_ratio"] == pytest.approx(20 / 12)
+  assert r8["overhead_share"] == pytest.approx(0.05 / 2.5)
+  assert r16["overhead_share"] == pytest.approx(0.05)
+  chk = report.checks(rows)
+  assert chk["train_efficiency"]["ok"]                       # 1.0 and 8/4 / (80/40) = 1.0
+  assert chk["train_speedup_grows"]["values"] == pytest.approx([1.6, 2.0])
+  assert chk["train_speedup_grows"]["ok"]
+  assert not chk["overhead_share_at_largest_frames"]["ok"]   # 5% > 3% at 16 frames
+  assert chk["one_compile_per_part"]["ok"] and chk["no_fallback"]["ok"]
+
+
+def test_bench_config_validation():
+  with pytest.raises(ValueError, match="rows"):
+    BenchConfig(rows="some").validate()
+  with pytest.raises(ValueError, match="ratios"):
+    BenchConfig(ratios=(1.0,)).validate()
+  with pytest.raises(ValueError, match="decode"):
+    BenchConfig(parts=("decode",)).validate()
+  assert BenchConfig(ratios=(0.5, 0.3)).grid_ratios == (0.0, 0.5, 0.3)

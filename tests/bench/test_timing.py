@@ -1,0 +1,84 @@
+"""Timing helpers: AOT compile once, warm-up excluded, median of repeats, no compilation while timing."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from stts_jax.bench import timing
+
+
+def _matmul(x, w):
+  return jnp.tanh(x @ w)
+
+
+def test_aot_compile_counts_one_compilation_and_reports_xla_costs():
+  x = jnp.ones((32, 48), jnp.float32)
+  w = jnp.ones((48, 16), jnp.float32)
+  with timing.CompileCounter() as cc:
+    compiled = timing.aot_compile(_matmul, x, w, name="matmul")
+  assert cc.count == 1
+  assert compiled.name == "matmul"
+  # XLA's count of a dot is 2*M*N*K; tanh is a transcendental, not a flop.
+  assert compiled.xla_flops == pytest.approx(2 * 32 * 48 * 16, rel=0.01)
+  assert compiled.memory.argument_bytes == (32 * 48 + 48 * 16) * 4
+  assert compiled.memory.total_bytes >= compiled.memory.argument_bytes
+  assert compiled.compile_seconds > 0
+  # New values of the same shapes never compile again; another shape is an error, not a recompile.
+  x2, small = 2 * x, jnp.ones((8, 48))
+  with timing.CompileCounter() as cc:
+    out = compiled(x2, w)
+    with pytest.raises(Exception):
+      compiled(small, w)
+  assert cc.count == 0
+  np.testing.assert_allclose(np.asarray(out), np.tanh(2 * 48.0), rtol=1e-6)
+
+
+def test_time_calls_excludes_warmup_and_takes_the_median():
+  compiled = timing.aot_compile(_matmul, jnp.ones((8, 8)), jnp.ones((8, 8)))
+  inputs = [(jnp.full((8, 8), v), jnp.ones((8, 8))) for v in (1.0, 2.0, 3.0)]
+  seen = []
+
+  def call(i):
+    seen.append(i)
+    return compiled(*inputs[i % 3])
+
+  t = timing.time_calls(call, warmup=2, repeats=5, name="mm")
+  assert seen == list(range(7))
+  assert len(t.seconds) == 5 and t.warmup == 2 and t.name == "mm"
+  assert t.median == sorted(t.seconds)[2]
+  assert t.min <= t.median
+  d = t.to_dict()
+  assert d["repeats"] == 5 and d["median_s"] == t.median
+
+
+def test_timing_statistics_on_known_values():
+  t = timing.Timing("x", (3.0, 1.0, 2.0, 10.0), warmup=0)
+  assert t.median == 2.5
+  assert t.min == 1.0
+  assert t.spread == pytest.approx((10.0 - 1.0) / 2.5)
+
+
+def test_time_calls_fails_if_the_timed_region_compiles():
+  def call(i):
+    # A fresh jitted function per call: compiles inside the timed region.
+    return jax.jit(lambda x: x * (i + 1))(jnp.ones(3))
+
+  with pytest.raises(RuntimeError, match="compilation"):
+    timing.time_calls(call, warmup=0, repeats=2, name="bad")
+
+
+def test_time_stateful_threads_a_donated_state():
+  step = jax.jit(lambda s, inc: (s + inc, jnp.sum(s)), donate_argnums=0)
+  compiled = timing.aot_compile(step, jnp.zeros(4), jnp.float32(1.0))
+  t, final = timing.time_stateful(lambda s, i: compiled(s, jnp.float32(i + 1)), jnp.zeros(4), warmup=1,
+                                  repeats=3, name="step")
+  assert len(t.seconds) == 3
+  np.testing.assert_allclose(np.asarray(final), 1 + 2 + 3 + 4)
+
+
+def test_bad_counts_are_rejected():
+  with pytest.raises(ValueError, match="repeats"):
+    timing.time_calls(lambda i: jnp.ones(1), warmup=0, repeats=0)
+  with pytest.raises(ValueError, match="warmup"):
+    timing.time_stateful(lambda s, i: (s, s), jnp.ones(1), warmup=-1, repeats=1)
