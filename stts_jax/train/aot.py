@@ -7,9 +7,12 @@ the given mesh, then runs `jit(step).lower(...).compile()`. It reports XLA's per
 an upper bound for GPU/TPU) and FLOPs.
 
 FLOPs: XLA's cost analysis counts the body of a `scan`/`while` loop once (stack_notes.md), so the
-scanned compile undercounts stacked layers. `flops` therefore comes from lowering (no compile) a
-copy of the step with `scan_layers=False` and reading `Lowered.cost_analysis()`, which sees every
-layer; it is a global count for the whole step (all devices, forward + backward + optimizer).
+scanned compile undercounts stacked layers (and the gradient-accumulation scan). `flops` therefore
+comes from lowering (no compile) a copy of the step with `scan_layers=False` for ONE microbatch
+(grad_accum=1, batch B/A) and reading `Lowered.cost_analysis()`, which sees every layer, times A.
+It is a global count for the whole step (all devices, forward + backward (+ remat) + optimizer).
+A `lax.cond` counts as its most expensive branch: the packed-ViT path of STTS is counted as its
+dense fallback (unpruned ViT cost after the soft block), so the ViT share is an upper bound.
 `compiled_flops_per_device` is the scanned compile's own (undercounted) number, kept for reference.
 """
 
@@ -113,12 +116,16 @@ def compile_train_step(model_cfg: config_lib.ModelConfig, cfg: TrainConfig, mesh
     cost = cost[0] if cost else {}
   flops = None
   if count_flops:
+    # One microbatch without the accumulation scan (its body would be counted once), times A.
     unrolled_cfg = dataclasses.replace(model_cfg, scan_layers=False)
-    unrolled, _ = _lower(lambda: model_fn(unrolled_cfg), cfg, mesh, rules, batch, forward)
+    micro_cfg = dataclasses.replace(cfg, grad_accum=1)
+    micro = {k: jax.ShapeDtypeStruct((v.shape[0] // cfg.grad_accum,) + tuple(v.shape[1:]), v.dtype)
+             for k, v in batch.items()}
+    unrolled, _ = _lower(lambda: model_fn(unrolled_cfg), micro_cfg, mesh, rules, micro, forward)
     unrolled_cost = unrolled.cost_analysis() or {}
     if isinstance(unrolled_cost, (list, tuple)):
       unrolled_cost = unrolled_cost[0] if unrolled_cost else {}
-    flops = float(unrolled_cost.get("flops", 0.0))
+    flops = float(unrolled_cost.get("flops", 0.0)) * cfg.grad_accum
   return AotReport(
       num_params=num_params, num_devices=mesh.size, mesh_shape=dict(mesh.shape), flops=flops,
       compiled_flops_per_device=float(cost.get("flops", 0.0)),
