@@ -8,6 +8,8 @@ Questions (4-way multiple choice, fixed option order, single-letter answers):
   where  which corner window it is in (asked only when the event is in a corner; the event is
          in a corner for half the clips and in one of the five other windows otherwise, so
          the window distribution carries no strong position prior).
+`Spec(distractors=False)` (build_dataset.py --nodistractors) renders the same task without
+shake/cuts/strobe, movers, decoys or flicker: an easy first curriculum stage.
 Splits share no source material: videos are split by time range (70/15/15 %), photos and LFW
 faces (140/30/30) by identity. Stored under `out_dir`:
   clips/{split}/*.mp4  H.264 (yuv420p, crf 18) encoded with PyAV
@@ -70,6 +72,7 @@ class Spec:
   fps: int = 2
   crf: int = 18
   seed: int = 0
+  distractors: bool = True      # False: calm camera, no movers/decoys/flicker (an easy curriculum stage)
   version: int = 2
 
 
@@ -127,15 +130,16 @@ def render_clip(split: str, index: int, spec: Spec) -> tuple[np.ndarray, dict[st
   n, size = spec.num_frames, spec.size
   grid_w = size // spec.patch_size // spec.pool[0]
   window_px = size // grid_w
-  clip, camera, cuts = synth.background(rng, src["shots"], n, size)
+  clip, camera, cuts = synth.background(rng, src["shots"], n, size, calm=not spec.distractors)
   clip = np.ascontiguousarray(clip)
   meta: dict[str, Any] = {"camera": camera}
-  num_movers = int(rng.choice(len(MOVERS_P), p=MOVERS_P))
+  num_movers = int(rng.choice(len(MOVERS_P), p=MOVERS_P)) if spec.distractors else 0
   for _ in range(num_movers):
     texture = src["shots"][int(rng.integers(len(src["shots"])))].array(0)
     synth.add_mover(rng, clip, texture)
   meta["movers"] = num_movers
-  meta["flicker_frames"] = synth.add_flicker(rng, clip) if rng.random() < FLICKER_P else []
+  flicker = spec.distractors and rng.random() < FLICKER_P
+  meta["flicker_frames"] = synth.add_flicker(rng, clip) if flicker else []
   corner = rng.random() < 0.5
   windows = CORNERS if corner else tuple(w for w in range(grid_w * grid_w) if w not in CORNERS)
   window = int(rng.choice(windows))
@@ -152,7 +156,7 @@ def render_clip(split: str, index: int, spec: Spec) -> tuple[np.ndarray, dict[st
   event_frames = list(range(first, first + duration))
   face_idx = int(rng.integers(len(src["faces"])))
   sticker = synth.framed_sticker(src["faces"][face_idx])
-  num_decoys = int(rng.choice(DECOYS, p=DECOYS_P))
+  num_decoys = int(rng.choice(DECOYS, p=DECOYS_P)) if spec.distractors else 0
   decoys = []
   for _ in range(num_decoys):
     # An unframed face / texture / blob flashing for one frame in some window (not the event's

@@ -166,10 +166,16 @@ def _shot_frames(rng: np.random.Generator, shot: Shot, mode: str, n: int, size: 
   raise ValueError(f"unknown camera mode {mode!r}")
 
 
-def background(rng: np.random.Generator, shots: Sequence[Shot], n: int,
-               size: int) -> tuple[np.ndarray, str, list[int]]:
-  """A background clip uint8 [n, size, size, 3], its camera mode and its cut frames."""
-  mode = str(rng.choice(CAMERA_MODES, p=CAMERA_PROBS))
+def background(rng: np.random.Generator, shots: Sequence[Shot], n: int, size: int,
+               calm: bool = False) -> tuple[np.ndarray, str, list[int]]:
+  """A background clip uint8 [n, size, size, 3], its camera mode and its cut frames.
+
+  `calm` restricts the camera to static / video / pan (no shake, cuts or strobe).
+  """
+  if calm:
+    mode = str(rng.choice(("video", "static", "pan")))
+  else:
+    mode = str(rng.choice(CAMERA_MODES, p=CAMERA_PROBS))
   if mode not in ("cuts", "strobe"):
     shot = shots[int(rng.integers(len(shots)))]
     return _shot_frames(rng, shot, mode, n, size), mode, []

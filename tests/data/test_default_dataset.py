@@ -106,3 +106,12 @@ def test_oracle_budget_rule_hand_computed():
   keep = oracle.keep_mask(scores, 0.5)          # drop min(floor(3), 4) = 3; frame 0 kept
   np.testing.assert_array_equal(keep, [[True, True], [False, False], [False, True]])
   assert oracle.num_dropped(8, 9, 0.5) == 36 and oracle.num_dropped(1, 9, 0.5) == 0
+
+
+def test_calm_spec_has_no_distractors():
+  spec = default_dataset.Spec(distractors=False)
+  for i in range(12):
+    frames, meta = default_dataset.render_clip("val", i, spec)
+    assert frames.shape == (8, 126, 126, 3)
+    assert meta["camera"] in ("video", "static", "pan") and meta["movers"] == 0
+    assert meta["decoys"] == [] and meta["flicker_frames"] == []
