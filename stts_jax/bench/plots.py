@@ -12,6 +12,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 PAPER = {"train": {128: 1.62, 256: 2.25}, "ttft": {128: 1.61, 256: 2.22}}   # 50% pruned, Molmo2-4B
 
 
+def _frame_axis(ax, frames: Sequence[int]) -> None:
+  ax.set_xscale("log", base=2)
+  ticks = sorted(set(frames))
+  ax.set_xticks(ticks)
+  ax.set_xticklabels([str(f) for f in ticks])
+  ax.minorticks_off()
+  ax.set_xlabel("frames")
+
+
 def _by_ratio(rows: Sequence[dict[str, Any]], key: str) -> dict[float, list[tuple[int, float, Optional[float]]]]:
   out: dict[float, list] = {}
   for r in rows:
@@ -35,8 +44,7 @@ def speedup_plot(rows: Sequence[dict[str, Any]], path: str, parts: Sequence[str]
       if all(p[2] is not None for p in pts):
         ax.plot(frames, [p[2] for p in pts], "--", color=color, alpha=0.6, label=f"ratio {ratio:g} FLOPs")
     ax.axhline(1.0, color="gray", lw=0.8)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("frames")
+    _frame_axis(ax, [r["frames"] for r in rows])
     ax.set_ylabel("speedup vs unpruned")
     ax.set_title(names.get(part, part))
     ax.grid(alpha=0.3)
@@ -70,7 +78,7 @@ def breakdown_plot(rows: Sequence[dict[str, Any]], path: str, title: str = "") -
     ax.set_xticks(list(x))
     ax.set_xticklabels(labels, fontsize=7)
     ax.set_ylabel("ms")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left")
     ax.grid(axis="y", alpha=0.3)
   if title:
     fig.suptitle(title)
@@ -95,8 +103,7 @@ def predicted_plot(rows: Sequence[dict[str, Any]], path: str, title: str = "") -
     pts = sorted(PAPER[part].items())
     ax.plot([p[0] for p in pts], [p[1] for p in pts], marker, color="k", ms=10, ls="none",
             label=f"paper {'train' if part == 'train' else 'inference'}")
-  ax.set_xscale("log", base=2)
-  ax.set_xlabel("frames")
+  _frame_axis(ax, [r["frames"] for r in rows] + [f for p in PAPER.values() for f in p])
   ax.set_ylabel("predicted speedup (FLOP ratio)")
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7)
