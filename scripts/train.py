@@ -4,8 +4,9 @@
   python scripts/train.py --config configs/train_tiny.py:steps=50 --config.train.log_every=5 --workdir ...
   python scripts/train.py --config configs/molmo2_4b_stts.py --aot        # 8 virtual CPU devices:
       XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu python scripts/train.py ...
-  Multi-process: --coordinator host:port --num_processes N --process_id i (or cluster env vars
-  with --distributed).
+  Multi-process: --coordinator host:port --num_processes N --process_id i (or the cluster's env
+  vars with --distributed); locally: python scripts/launch_local.py -n 2 -- scripts/train.py ...
+  A failure on any process stops all of them (stts_jax/train/distributed.py).
 """
 
 import logging
@@ -25,17 +26,20 @@ flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() from 
 flags.DEFINE_string("coordinator", None, "multi-process: coordinator host:port")
 flags.DEFINE_integer("num_processes", None, "multi-process: number of processes")
 flags.DEFINE_integer("process_id", None, "multi-process: this process's id")
+flags.DEFINE_integer("heartbeat_timeout", 100, "multi-process: seconds until a silent peer counts as dead")
+flags.DEFINE_float("step_timeout", 0, "exit (all processes) if no step finishes in this many seconds "
+                   "(0: off; must cover compilation)")
 FLAGS = flags.FLAGS
 
 
 def main(argv):
   del argv
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-  from stts_jax.train import main as train_main
-  if FLAGS.distributed or FLAGS.coordinator:
-    train_main.init_distributed(coordinator=FLAGS.coordinator, num_processes=FLAGS.num_processes,
-                                process_id=FLAGS.process_id)
+  from stts_jax.train import distributed
+  distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id,
+                         from_env=FLAGS.distributed, heartbeat_timeout_s=FLAGS.heartbeat_timeout)
+  distributed.configure_logging(logging.INFO)
   import jax
+  from stts_jax.train import main as train_main
   logging.info("jax %s, backend %s, %d processes, devices: %s", jax.__version__, jax.default_backend(),
                jax.process_count(), jax.devices())
   if FLAGS.aot:
@@ -44,7 +48,8 @@ def main(argv):
     return
   if not FLAGS.workdir:
     raise app.UsageError("--workdir is required for training")
-  result = train_main.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  with distributed.Supervisor(step_timeout_s=FLAGS.step_timeout or None) as supervisor:
+    result = train_main.train_and_evaluate(FLAGS.config, FLAGS.workdir, on_step=supervisor.tick)
   if result.history:
     logging.info("final metrics: %s", result.history[-1])
 

@@ -100,6 +100,8 @@ class TrainConfig:
   async_checkpoint: bool = True
   tensorboard: bool = True
   progress_bar: bool = True
+  log_example_ids: bool = False          # each process appends its batches' example ids to
+                                         # workdir/example_ids/process_{i}-of-{n}.jsonl
   optim: OptimConfig = OptimConfig()
 
   def validate(self):

@@ -3,7 +3,10 @@
 The step is compiled once under `jax.set_mesh(mesh)`: `nnx.split` of the TrainState, a pure
 `(state, batch) -> (state, metrics)` under `jax.jit` with in/out shardings from the rules table
 and the state donated, then `nnx.merge` inside. Metrics go to `workdir/metrics.jsonl` and
-TensorBoard (`workdir/tb`) from process 0 only; checkpoints to `workdir/checkpoints`.
+TensorBoard (`workdir/tb`) and the progress bar to stderr, from process 0 only; checkpoints to
+`workdir/checkpoints` (written by all processes). With `log_example_ids`, every process appends
+`{"step", "example_id"}` lines for its own rows to `workdir/example_ids/process_{i}-of-{n}.jsonl`
+(provenance of the data each host read; `example_id` -1 marks padding slots).
 """
 
 import dataclasses
@@ -113,6 +116,31 @@ class _MetricsWriter:
         self.tb.close()
 
 
+class _ExampleIdLog:
+  """Per-process JSONL of the example ids of this process's batch rows (if enabled)."""
+
+  def __init__(self, workdir: str, enabled: bool):
+    self.file = None
+    if enabled:
+      directory = os.path.join(workdir, "example_ids")
+      os.makedirs(directory, exist_ok=True)
+      name = f"process_{jax.process_index()}-of-{jax.process_count()}.jsonl"
+      self.file = open(os.path.join(directory, name), "a")
+
+  def write(self, step: int, host_batch: Mapping[str, np.ndarray]) -> None:
+    if self.file is None:
+      return
+    if "example_id" not in host_batch:
+      raise KeyError("train.log_example_ids: the data iterator's batches have no 'example_id' field")
+    ids = np.asarray(host_batch["example_id"]).reshape(-1).tolist()
+    self.file.write(json.dumps({"step": step, "example_id": ids}) + "\n")
+    self.file.flush()
+
+  def close(self) -> None:
+    if self.file is not None:
+      self.file.close()
+
+
 class _Preemption:
   """SIGTERM -> flag; the loop saves and stops at the next step boundary."""
 
@@ -153,11 +181,13 @@ def _scalars(metrics: Mapping[str, jax.Array]) -> dict[str, float]:
 def run(model_fn: Callable[[], nnx.Module], data_iter: Iterator[Mapping[str, np.ndarray]],
         cfg: TrainConfig, mesh: jax.sharding.Mesh, rules: Sequence[tuple[str, Any]], workdir: str, *,
         config_json: Optional[dict] = None, forward: Optional[step_lib.Forward] = None,
-        eval_fn: Optional[Callable[[nnx.Module, int], Mapping[str, float]]] = None) -> TrainResult:
+        eval_fn: Optional[Callable[[nnx.Module, int], Mapping[str, float]]] = None,
+        on_step: Optional[Callable[[int], None]] = None) -> TrainResult:
   """Trains to `cfg.num_steps`, resuming from the latest checkpoint in `workdir/checkpoints`.
 
   data_iter: yields host batches (this process's rows) and has get_state()/set_state().
   eval_fn(model, step) -> metrics, called every `eval_every` steps and at the end (if set).
+  on_step(step) is called after each step is dispatched (e.g. `distributed.Supervisor.tick`).
   """
   checkpointer = ckpt_lib.Checkpointer(os.path.join(os.path.abspath(workdir), "checkpoints"),
                                        max_to_keep=cfg.max_to_keep, async_save=cfg.async_checkpoint)
@@ -170,6 +200,7 @@ def run(model_fn: Callable[[], nnx.Module], data_iter: Iterator[Mapping[str, np.
     log.info("resumed from step %d", latest)
   start = int(jax.device_get(state["step"].get_value()))
   writer = _MetricsWriter(workdir, cfg.tensorboard)
+  id_log = _ExampleIdLog(workdir, cfg.log_example_ids)
   history: list[dict[str, float]] = []
   step_fn = None
   preempted = False
@@ -193,6 +224,7 @@ def run(model_fn: Callable[[], nnx.Module], data_iter: Iterator[Mapping[str, np.
       window_start, window_steps, window_tokens = time.perf_counter(), 0, 0.0
       for step in range(start, cfg.num_steps):
         host_batch = next(data_iter)
+        id_log.write(step + 1, host_batch)
         batch = sharding.shard_batch(device_fields(host_batch), mesh, rules)
         if step_fn is None:
           batch_shardings = {k: v.sharding for k, v in batch.items()}
@@ -201,6 +233,8 @@ def run(model_fn: Callable[[], nnx.Module], data_iter: Iterator[Mapping[str, np.
         window_steps += 1
         window_tokens += float(np.sum(host_batch["token_mask"])) * jax.process_count()
         done = step + 1
+        if on_step is not None:
+          on_step(done)
         if progress is not None:
           progress.update(1)
         if done % cfg.log_every == 0 or done == cfg.num_steps:
@@ -229,6 +263,7 @@ def run(model_fn: Callable[[], nnx.Module], data_iter: Iterator[Mapping[str, np.
   finally:
     checkpointer.close()
     writer.close()
+    id_log.close()
     if progress is not None:
       progress.close()
   compilations = step_fn._cache_size() if step_fn is not None else 0

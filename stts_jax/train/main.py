@@ -15,6 +15,7 @@ from flax import nnx
 
 from stts_jax import config as config_lib
 from stts_jax.train import aot
+from stts_jax.train import distributed
 from stts_jax.train import loop
 from stts_jax.train import mesh as mesh_lib
 from stts_jax.train import sharding
@@ -24,12 +25,13 @@ log = logging.getLogger(__name__)
 
 
 def init_distributed(*, coordinator: Optional[str] = None, num_processes: Optional[int] = None,
-                     process_id: Optional[int] = None, cpu_collectives: str = "gloo") -> None:
+                     process_id: Optional[int] = None, cpu_collectives: str = "gloo",
+                     heartbeat_timeout_s: int = 100) -> None:
   """`jax.distributed.initialize` for multi-process runs. With all arguments None it relies on the
-  cluster environment (TPU pods, SLURM, ...). On CPU, cross-process collectives use `gloo`."""
-  jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
-  jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
-                             process_id=process_id)
+  cluster environment (TPU pods, SLURM, ...). On CPU, cross-process collectives use `gloo`.
+  See `stts_jax.train.distributed` (also for failure handling)."""
+  distributed.initialize(coordinator, num_processes, process_id, from_env=True,
+                         heartbeat_timeout_s=heartbeat_timeout_s, cpu_collectives=cpu_collectives)
 
 
 def _sections(config: Any) -> dict[str, Any]:
@@ -50,8 +52,8 @@ def model_builder(model_cfg: config_lib.ModelConfig, seed: int) -> Callable[[], 
 def train_and_evaluate(config: Any, workdir: str, *, data_iter: Any = None,
                        model_fn: Optional[Callable[[], nnx.Module]] = None,
                        forward: Optional[Callable[..., Any]] = None,
-                       eval_fn: Optional[Callable[[nnx.Module, int], Mapping[str, float]]] = None
-                       ) -> loop.TrainResult:
+                       eval_fn: Optional[Callable[[nnx.Module, int], Mapping[str, float]]] = None,
+                       on_step: Optional[Callable[[int], None]] = None) -> loop.TrainResult:
   """Trains per `config` (ConfigDict or dict with sections model, data, train, mesh) in `workdir`,
   resuming from its latest checkpoint. Each process reads its own shard of the training data."""
   cfgs = _sections(config)
@@ -68,7 +70,7 @@ def train_and_evaluate(config: Any, workdir: str, *, data_iter: Any = None,
                                         process_count=jax.process_count())
   raw = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
   return loop.run(model_fn or model_builder(model_cfg, train_cfg.seed), data_iter, train_cfg, mesh, rules,
-                  workdir, config_json=raw, forward=forward, eval_fn=eval_fn)
+                  workdir, config_json=raw, forward=forward, eval_fn=eval_fn, on_step=on_step)
 
 
 def aot_from_config(config: Any, *, batch_size: Optional[int] = None, num_frames: Optional[int] = None,
