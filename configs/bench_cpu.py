@@ -18,8 +18,9 @@ the proportions of Molmo2-4B are kept (analytic FLOPs, `stts_jax/bench/flops.py`
     1% of the pruned forward as in Molmo2-4B.
 Analytic FLOP ratio unpruned/pruned at ratio 0.5 (typical rows): 1.47x at 8 frames, 1.65x at 64.
 
-arg: `frames` ("8,16,32,64"), `ratios` ("0,0.3,0.5,0.7"), `batch`, `repeats`, `warmup`, `rows`
-(typical | bound | min), `xla` (bool: count XLA FLOPs on unrolled copies), `runlocal` (bool).
+arg: `frames` ("8;16;32;64"), `ratios` ("0;0.3;0.5;0.7"), `batch`, `repeats`, `warmup`, `rows`
+(fit | typical | bound | min, see `stts_jax/bench/config.py`), `xla` (bool: count XLA FLOPs on
+unrolled copies), `runlocal` (bool).
 """
 
 import ml_collections
@@ -53,7 +54,7 @@ def _floats(text: str) -> list[float]:
 def get_config(arg=None) -> ml_collections.ConfigDict:
   # Lists inside `arg` use ';' (',' separates the arguments): frames=8;16;32.
   arg = common.parse_arg(arg, frames="8;16;32;64", ratios="0;0.3;0.5;0.7", batch=1, repeats=3, warmup=1,
-                         rows="typical", xla=True, runlocal=False)
+                         rows="fit", xla=True, runlocal=False)
   cfg = ml_collections.ConfigDict()
   cfg.name = "bench_cpu"
   cfg.model = config_lib.to_dict(model_config())

@@ -157,7 +157,6 @@ def predict(base_cfg: config_lib.ModelConfig, train_cfg: TrainConfig, *, frames:
       for k in ("train", "inference"):
         paper = PAPER_SPEEDUP[k].get(t)
         row[f"{k}_paper_speedup"] = paper
-      row["forward_flops_ratio"] = row["inference_flops_ratio"]
       if memory:
         mem = memory_of(cfg, train_cfg, **kw)
         row["train_mem_gib_unpruned"] = mem_full.per_device_bytes / 2 ** 30

@@ -101,6 +101,30 @@ def decode_fn(llm_graphdef: Any, new_tokens: int, pad_id: int):
   return decode
 
 
+def keep_mask_fn(graphdef: Any):
+  """(state, patches, frame_mask) -> keep mask `[B, T, W]` of the cell's method (the vision part's own
+  keep mask; no packing). Used to size the packed rows for the "fit" row policy."""
+  def keep(state, patches, frame_mask):
+    model = nnx.merge(graphdef, state)
+    st = model.config.stts
+    grid_hw, window = (model.config.vit.grid, model.config.vit.grid), tuple(st.window)
+    hidden = prune_hidden_fn(graphdef)(state, patches)
+    if st.method == "stts":
+      scores = scorer_lib.window_scores(model.scorer, hidden, grid_hw, window)
+    elif st.method == "heuristic":
+      scores = aux_lib.heuristic_scores(hidden, grid_hw, window)
+    else:
+      scores = pruning.random_scores(jax.random.key(st.random_seed), hidden.shape[:2] + (model.config.windows_per_frame,))
+    return pruning.budget_keep_mask_batched(scores, frame_mask, st.ratio)
+  return keep
+
+
+def rows_needed_fn(cfg: ModelConfig, num_frames: int):
+  """keep mask `[B, T, W]` -> rows first-fit decreasing needs, per video `[B]`."""
+  grid_hw, window = (cfg.vit.grid, cfg.vit.grid), tuple(cfg.stts.window)
+  return lambda keep: packing.make_plan(pruning.keep_patch_mask(keep, grid_hw, window), num_frames).rows_used_b
+
+
 def prune_hidden_fn(graphdef: Any):
   """(state, patches) -> ViT hidden after block prune_at `[B, T, P, D]` (untimed input of overhead)."""
   def hidden(state, patches):

@@ -93,9 +93,9 @@ def predicted_plot(rows: Sequence[dict[str, Any]], path: str, title: str = "") -
   fig, ax = plt.subplots(figsize=(5, 3.6))
   series: dict[str, list[tuple[int, float]]] = {}
   for r in rows:
-    for key in ("train_flops_ratio", "forward_flops_ratio"):
+    for key, name in (("train_flops_ratio", "train"), ("inference_flops_ratio", "inference")):
       if r.get(key) is not None:
-        series.setdefault(f"{key.split('_')[0]} ({r['rows']} rows)", []).append((r["frames"], r[key]))
+        series.setdefault(f"{name} ({r['rows']} rows)", []).append((r["frames"], r[key]))
   for i, (name, pts) in enumerate(sorted(series.items())):
     pts = sorted(pts)
     ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=f"C{i}", label=name)

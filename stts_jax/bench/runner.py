@@ -30,8 +30,6 @@ from stts_jax.bench import timing
 from stts_jax.bench import xla_count
 from stts_jax.bench.config import BenchConfig
 from stts_jax.models import budget
-from stts_jax.models import packing
-from stts_jax.models import pruning
 from stts_jax.models import vlm
 from stts_jax.train import loop
 from stts_jax.train import mesh as mesh_lib
@@ -85,18 +83,29 @@ class CellResult:
     return d
 
 
-def cell_model_config(base: config_lib.ModelConfig, frames: int, ratio: float, rows: str) -> config_lib.ModelConfig:
+def cell_model_config(base: config_lib.ModelConfig, frames: int, ratio: float, rows: str,
+                      num_rows: Optional[int] = None) -> config_lib.ModelConfig:
   """The cell's config: method "none" at ratio 0, else the base method (default "stts") at `ratio`
-  with `num_rows` from the row policy."""
+  with `num_rows` from the row policy ("fit": the given `num_rows`, default T, which always fits)."""
   if ratio == 0.0:
     stts = dataclasses.replace(base.stts, method="none", ratio=0.0, num_rows=None)
   else:
     w = base.windows_per_frame
     method = base.stts.method if base.stts.method != "none" else "stts"
-    num_rows = {"typical": budget.typical_num_rows(frames, w, ratio), "bound": None,
-                "min": budget.min_rows(frames, w, ratio)}[rows]
-    stts = dataclasses.replace(base.stts, method=method, ratio=ratio, num_rows=num_rows)
+    if rows == "fit":
+      rows_ = frames if num_rows is None else max(num_rows, budget.min_rows(frames, w, ratio))
+    else:
+      rows_ = {"typical": budget.typical_num_rows(frames, w, ratio), "bound": None,
+               "min": budget.min_rows(frames, w, ratio)}[rows]
+    stts = dataclasses.replace(base.stts, method=method, ratio=ratio, num_rows=rows_)
   return dataclasses.replace(base, stts=stts).validate()
+
+
+def fitted_rows(cfg: config_lib.ModelConfig, graphdef: Any, state: Any, data: list[dict], frames: int) -> int:
+  """The fewest packed rows every batch of `data` fits in (the "fit" policy), from the keep masks."""
+  keep = jax.jit(parts.keep_mask_fn(graphdef))
+  needed = jax.jit(parts.rows_needed_fn(cfg, frames))
+  return max(int(np.max(needed(keep(state, d["patches"], d["frame_mask"])))) for d in data)
 
 
 def single_device_mesh() -> jax.sharding.Mesh:
@@ -143,8 +152,8 @@ def _init_model(model_fn, seed: int = 0):
 class _Cell:
   """Compiles, times and counts the parts of one cell (see `run_cell`)."""
 
-  def __init__(self, cfg, train_cfg, bench: BenchConfig, frames: int, seq_len: int):
-    self.cfg, self.train_cfg, self.bench, self.frames, self.seq_len = cfg, train_cfg, bench, frames, seq_len
+  def __init__(self, cfg: config_lib.ModelConfig, bench: BenchConfig):
+    self.bench = bench
     self.unrolled = None
     if bench.xla_flops:
       self.unrolled = xla_count.abstract_model_state(
@@ -181,11 +190,15 @@ def run_cell(base_cfg: config_lib.ModelConfig, train_cfg: TrainConfig, bench: Be
   data = [batches_lib.video_batch(cfg, batch_size=b, num_frames=frames, index=i,
                                   timestamp_tokens=bench.timestamp_tokens, text_tokens=bench.text_tokens)
           for i in range(bench.num_batches)]
+  if bench.rows == "fit" and cfg.stts.prunes:
+    graphdef, state = _init_model(_model_fn(cfg, bench.seed), bench.seed)
+    cfg = cell_model_config(base_cfg, frames, ratio, "fit", fitted_rows(cfg, graphdef, state, data, frames))
+    del state
   seq_len = data[0]["input_ids"].shape[1]
   s_llm = parts.llm_len(cfg, frames, seq_len)
   slots = parts.num_slots(cfg, frames)
   fwd = costs.forward(cfg, frames, seq_len)
-  cell = _Cell(cfg, train_cfg, bench, frames, seq_len)
+  cell = _Cell(cfg, bench)
   graphdef, state = _init_model(_model_fn(cfg, bench.seed), bench.seed)
   model = nnx.merge(graphdef, state)
   llm_graphdef, llm_state = nnx.split(model.llm)
@@ -207,9 +220,9 @@ def run_cell(base_cfg: config_lib.ModelConfig, train_cfg: TrainConfig, bench: Be
   packed, rows_needed = [], []
   keep_patterns = len({np.asarray(v.keep_mask_btw).tobytes() for v in visions})
   if cfg.stts.prunes:
+    rows_used = jax.jit(parts.rows_needed_fn(cfg, frames))
     for v in visions:
-      keep_btp = pruning.keep_patch_mask(v.keep_mask_btw, (cfg.vit.grid, cfg.vit.grid), tuple(cfg.stts.window))
-      rows_needed.append(int(np.max(packing.make_plan(keep_btp, frames).rows_used_b)))
+      rows_needed.append(int(np.max(rows_used(v.keep_mask_btw))))
       packed.append(bool(v.packed))
 
   if "prefill" in todo:

@@ -66,7 +66,7 @@ def test_plots_are_written(tmp_path):
       r.pop("train_speedup"), r.pop("ttft_speedup")
   paths = plots.write_all(rows, str(tmp_path))
   pred = plots.predicted_plot([{"frames": 128, "rows": "typical", "train_flops_ratio": 1.9,
-                                "forward_flops_ratio": 1.9}], os.path.join(tmp_path, "p.png"))
+                                "inference_flops_ratio": 1.9}], os.path.join(tmp_path, "p.png"))
   for p in paths + [pred]:
     assert os.path.getsize(p) > 10_000
     assert open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n"

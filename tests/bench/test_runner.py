@@ -52,6 +52,9 @@ def test_cell_config_baseline_and_rows():
   assert pruned.stts.num_rows == 5                     # ceil(36 kept / 9) = 4 rows + ceil(8 / 8) spare
   assert runner.cell_model_config(cfg, 8, 0.5, "bound").stts.num_rows is None
   assert runner.cell_model_config(cfg, 8, 0.5, "min").stts.num_rows == 4
+  assert runner.cell_model_config(cfg, 8, 0.5, "fit").stts.num_rows == 8          # before fitting: T
+  assert runner.cell_model_config(cfg, 8, 0.5, "fit", 2).stts.num_rows == 4       # never below the minimum
+  assert runner.cell_model_config(cfg, 8, 0.5, "fit", 6).stts.num_rows == 6
 
 
 def _forward_flops(cfg, frames, seq_len):
@@ -92,6 +95,7 @@ def test_one_compilation_per_part_across_batches_with_different_keep_patterns():
   bench = BenchConfig(frames=(FRAMES,), ratios=(0.5,), parts=("vision",), warmup=0, repeats=2, num_batches=3,
                       xla_flops=False).validate()
   cell = runner.run_cell(cfg, TRAIN, bench, FRAMES, 0.5)
+  assert cell.num_rows == max(cell.rows_needed) and all(cell.packed)     # "fit": every batch packs
   part = cell.parts["vision"]
   assert part.compiles == 1                               # measured with a compile listener
   assert len(part.timing.seconds) == 2                    # timed calls rotate through the batches ...
