@@ -27,9 +27,7 @@ from flax import struct
 from jaxtyping import Array, Bool, Float, Int, Shaped
 
 from stts_jax.eval import decoding
-from stts_jax.models import budget
 from stts_jax.models import pruning
-from stts_jax.models import sequence
 from stts_jax.models import video_forward as vf
 from stts_jax.models import vlm
 
@@ -77,11 +75,8 @@ def prompt_only(batch: Mapping[str, Any], pad_id: int) -> dict[str, np.ndarray]:
 def vision_stage(model: vlm.Molmo2, patches: Shaped[Array, "B T P I"], frame_mask: Bool[Array, "B T"],
                  rng: Optional[jax.Array] = None) -> VisionFeatures:
   """ViT with pruning and the adapter on the kept windows (`video_forward` pieces)."""
-  cfg = model.config
-  st = cfg.stts
   vision = vf.vit_features_video(model, patches, frame_mask, rng, deterministic=True)
-  t, w = frame_mask.shape[1], cfg.windows_per_frame
-  num_slots = budget.num_kept(t, w, st.ratio) if (st.prunes and st.llm_prune) else t * w
+  num_slots = vf.num_llm_slots(model.config, frame_mask.shape[1])
   feats_bke, _ = vf.pool_windows(model, vision, num_slots)
   return VisionFeatures(feats_bke=feats_bke, keep_mask_btw=vision.keep_mask_btw,
                         scores_btw=vision.scores_btw.astype(jnp.float32), packed=vision.packed)
@@ -90,22 +85,9 @@ def vision_stage(model: vlm.Molmo2, patches: Shaped[Array, "B T P I"], frame_mas
 def llm_inputs(model: vlm.Molmo2, input_ids: Int[Array, "B S"], token_mask: Bool[Array, "B S"],
                vision: VisionFeatures) -> tuple[decoding.LLMInputs, Int[Array, "B"]]:
   """The decoder input of `video_forward.llm_forward` for a prompt: (inputs `[B, S']`, truncated)."""
-  cfg = model.config
-  st = cfg.stts
-  b, s = input_ids.shape
-  t = vision.keep_mask_btw.shape[1]
-  truncated = jnp.zeros((b,), jnp.int32)
-  if st.prunes and st.llm_prune:
-    out_len = budget.pruned_seq_len(s, t, cfg.windows_per_frame, st.ratio)
-    zeros = jnp.zeros_like(input_ids)
-    comp = sequence.prune_sequence(input_ids, token_mask, zeros, jnp.zeros_like(token_mask),
-                                   vision.keep_mask_btw, cfg.tokens.image_patch, out_len, cfg.tokens.pad)
-    input_ids, token_mask, truncated, s = comp.input_ids_bs, comp.token_mask_bs, comp.num_truncated_b, out_len
-  embeds = model.llm.embed(input_ids)
-  embeds = vf.merge_per_sample(embeds, input_ids, token_mask, vision.feats_bke, cfg.tokens.image_patch)
-  positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-  return decoding.LLMInputs(embeds_bse=embeds, positions_bs=positions, token_mask_bs=token_mask,
-                            vision_mask_bs=vlm.vision_token_mask(input_ids, cfg.tokens)), truncated
+  dec = vf.decoder_inputs(model, input_ids, token_mask, vision.keep_mask_btw, vision.feats_bke)
+  return decoding.LLMInputs(embeds_bse=dec.embeds, positions_bs=dec.positions, token_mask_bs=dec.token_mask,
+                            vision_mask_bs=dec.vision_mask), dec.num_truncated
 
 
 def prefill_stage(model: vlm.Molmo2, input_ids: Int[Array, "B S"], token_mask: Bool[Array, "B S"],

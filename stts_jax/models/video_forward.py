@@ -216,34 +216,66 @@ def merge_per_sample(embeds_bse: Float[Array, "B S E"], input_ids: Int[Array, "B
   return embeds_bse + jnp.where(is_patch[..., None], gathered.astype(embeds_bse.dtype), 0)
 
 
-def llm_forward(model, batch: dict[str, Any], vision: VisionOutput) -> VideoOutput:
-  """The LLM half: pooled kept windows -> (pruned) sequence -> decoder -> logits."""
+def num_llm_slots(cfg, num_frames: int) -> int:
+  """Static kept-window slots per video on the LLM side: num_kept(T) when pruning reaches it, else T*W."""
+  st = cfg.stts
+  w = cfg.windows_per_frame
+  return budget.num_kept(num_frames, w, st.ratio) if (st.prunes and st.llm_prune) else num_frames * w
+
+
+@struct.dataclass
+class DecoderInputs:
+  """What the decoder sees for a (possibly pruned) sequence of static length S' (or S)."""
+  input_ids: Any   # int32 [B, S']
+  embeds: Any   # float [B, S', E]; token embeddings + pooled features at the `<im_patch>` tokens
+  positions: Any   # int32 [B, S']; contiguous 0.. (pruned tokens take no position)
+  token_mask: Any   # bool [B, S']
+  vision_mask: Any   # bool [B, S']; mm-type-1 tokens (bidirectional block at prefill)
+  target_ids: Any   # int32 [B, S'] (zeros when no targets were given)
+  loss_mask: Any   # bool [B, S']
+  num_truncated: Any   # int32 [B]; tokens cut by the static length (0 for valid data)
+
+
+def decoder_inputs(model, input_ids: Int[Array, "B S"], token_mask: Bool[Array, "B S"],
+                   keep_mask_btw: Bool[Array, "B T W"], feats_bke: Float[Array, "B K E"],
+                   target_ids: Optional[Int[Array, "B S"]] = None,
+                   loss_mask: Optional[Bool[Array, "B S"]] = None) -> DecoderInputs:
+  """Drops pruned windows' `<im_patch>` tokens (static S' = S - dropped(T)), merges the kept
+  windows' features and builds positions and the vision mask. Shared by training and generation."""
   cfg = model.config
   st = cfg.stts
-  ids, token_mask = jnp.asarray(batch["input_ids"], jnp.int32), jnp.asarray(batch["token_mask"], bool)
-  targets, loss_mask = jnp.asarray(batch["target_ids"], jnp.int32), jnp.asarray(batch["loss_mask"], bool)
+  ids, token_mask = jnp.asarray(input_ids, jnp.int32), jnp.asarray(token_mask, bool)
+  targets = jnp.zeros_like(ids) if target_ids is None else jnp.asarray(target_ids, jnp.int32)
+  loss_mask = jnp.zeros_like(token_mask) if loss_mask is None else jnp.asarray(loss_mask, bool)
   b, s = ids.shape
-  t = vision.keep_mask_btw.shape[1]
-  w = cfg.windows_per_frame
-  prune_llm = st.prunes and st.llm_prune
-  num_slots = budget.num_kept(t, w, st.ratio) if prune_llm else t * w
-  feats, _ = pool_windows(model, vision, num_slots)
+  t = keep_mask_btw.shape[1]
   truncated = jnp.zeros((b,), jnp.int32)
-  if prune_llm:
-    out_len = budget.pruned_seq_len(s, t, w, st.ratio)
-    comp = sequence.prune_sequence(ids, token_mask, targets, loss_mask, vision.keep_mask_btw,
+  if st.prunes and st.llm_prune:
+    out_len = budget.pruned_seq_len(s, t, cfg.windows_per_frame, st.ratio)
+    comp = sequence.prune_sequence(ids, token_mask, targets, loss_mask, keep_mask_btw,
                                    cfg.tokens.image_patch, out_len, cfg.tokens.pad)
     ids, token_mask = comp.input_ids_bs, comp.token_mask_bs
     targets, loss_mask, truncated = comp.target_ids_bs, comp.loss_mask_bs, comp.num_truncated_b
     s = out_len
-  embeds = model.llm.embed(ids)
-  embeds = merge_per_sample(embeds, ids, token_mask, feats, cfg.tokens.image_patch)
+  embeds = merge_per_sample(model.llm.embed(ids), ids, token_mask, feats_bke, cfg.tokens.image_patch)
   positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-  hidden, _ = model.llm(embeds, positions, token_mask, vision_token_mask(ids, cfg.tokens))
+  return DecoderInputs(input_ids=ids, embeds=embeds, positions=positions, token_mask=token_mask,
+                       vision_mask=vision_token_mask(ids, cfg.tokens), target_ids=targets,
+                       loss_mask=loss_mask, num_truncated=truncated)
+
+
+def llm_forward(model, batch: dict[str, Any], vision: VisionOutput) -> VideoOutput:
+  """The LLM half: pooled kept windows -> (pruned) sequence -> decoder -> logits."""
+  num_slots = num_llm_slots(model.config, vision.keep_mask_btw.shape[1])
+  feats, _ = pool_windows(model, vision, num_slots)
+  dec = decoder_inputs(model, batch["input_ids"], batch["token_mask"], vision.keep_mask_btw, feats,
+                       batch["target_ids"], batch["loss_mask"])
+  hidden, _ = model.llm(dec.embeds, dec.positions, dec.token_mask, dec.vision_mask)
   return VideoOutput(
-      logits=model.llm.logits(hidden), target_ids=targets, loss_mask=loss_mask, token_mask=token_mask,
-      aux_loss=vision.aux_loss, keep_mask=vision.keep_mask_btw, scores=vision.scores_btw,
-      num_kept=pruning.num_kept(vision.keep_mask_btw), num_truncated=truncated, packed=vision.packed)
+      logits=model.llm.logits(hidden), target_ids=dec.target_ids, loss_mask=dec.loss_mask,
+      token_mask=dec.token_mask, aux_loss=vision.aux_loss, keep_mask=vision.keep_mask_btw,
+      scores=vision.scores_btw, num_kept=pruning.num_kept(vision.keep_mask_btw),
+      num_truncated=dec.num_truncated, packed=vision.packed)
 
 
 def forward_video(model, batch: dict[str, Any], *, rng: Optional[jax.Array] = None,
