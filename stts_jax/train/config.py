@@ -100,6 +100,8 @@ class TrainConfig:
   async_checkpoint: bool = True
   tensorboard: bool = True
   progress_bar: bool = True
+  barrier_timeout_s: float = 3600.0      # multi-process: how long processes wait for each other
+                                         # to finish compiling the step before the first one
   log_example_ids: bool = False          # each process appends its batches' example ids to
                                          # workdir/example_ids/process_{i}-of-{n}.jsonl
   optim: OptimConfig = OptimConfig()
@@ -109,6 +111,8 @@ class TrainConfig:
       raise ValueError("train: num_steps and grad_accum must be >= 1")
     if self.log_every < 1 or self.eval_every < 0 or self.checkpoint_every < 0:
       raise ValueError("train: log_every >= 1, eval_every >= 0, checkpoint_every >= 0")
+    if self.barrier_timeout_s <= 0:
+      raise ValueError("train.barrier_timeout_s must be > 0")
     if self.max_to_keep < 1:
       raise ValueError("train.max_to_keep must be >= 1")
     self.optim.validate()

@@ -5,6 +5,7 @@
       cluster environment JAX detects itself (TPU pods, SLURM, Open MPI, Kubernetes, and
       JAX_COORDINATOR_ADDRESS). CPU collectives across processes use gloo.
   configure_logging(level)   INFO logging on process 0; WARNING and above on the others.
+  barrier(name, timeout_s)   all processes meet (coordination service; no gloo collective).
   Supervisor                 context manager around the work of a multi-process run (below).
 
 How a failure on one process stops all of them, and what bounds the time:
@@ -44,6 +45,7 @@ EXIT_FAILED = 1          # this process raised
 EXIT_PEER_FAILED = 3     # another process failed or stalled; this one stopped on its report
 EXIT_STALLED = 4         # the step watchdog fired on this process
 FAIL_KEY = "stts_jax/failure"
+_LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "Gloo context initialization failed")
 ACK_PREFIX = "stts_jax/failure_ack/"
 
 
@@ -80,6 +82,14 @@ def configure_logging(level: int = logging.INFO) -> None:
   pid = jax.process_index()
   logging.basicConfig(level=level if pid == 0 else max(level, logging.WARNING),
                       format=f"%(asctime)s [p{pid}] %(name)s %(levelname)s %(message)s", force=True)
+
+
+def barrier(name: str, *, timeout_s: float = 3600.0) -> None:
+  """Blocks until every process reached barrier `name` (coordination service, no collectives,
+  so no 30 s gloo rendezvous limit). No-op with one process. Raises after `timeout_s`."""
+  if jax.process_count() == 1:
+    return
+  _client().wait_at_barrier(name, int(1000 * timeout_s))
 
 
 def _client() -> Any:
@@ -123,6 +133,7 @@ class Supervisor:
     self._exiting = threading.Lock()
     self._last_tick = time.monotonic()
     self._last_step: Optional[int] = None
+    self._threads: list[threading.Thread] = []
 
   def tick(self, step: int) -> None:
     """A training step finished (resets the step watchdog)."""
@@ -131,17 +142,23 @@ class Supervisor:
 
   def __enter__(self) -> "Supervisor":
     self._last_tick = time.monotonic()
+    self._threads = []
     if self._client is not None:
-      threading.Thread(target=self._watch_peers, name="stts-peer-watcher", daemon=True).start()
+      self._threads.append(threading.Thread(target=self._watch_peers, name="stts-peer-watcher", daemon=True))
     if self.step_timeout_s is not None:
-      threading.Thread(target=self._watch_steps, name="stts-step-watchdog", daemon=True).start()
+      self._threads.append(threading.Thread(target=self._watch_steps, name="stts-step-watchdog", daemon=True))
+    for thread in self._threads:
+      thread.start()
     return self
 
   def __exit__(self, exc_type, exc, tb) -> bool:
     self._stop.set()
-    if exc_type is None or self._client is None:
-      return False
-    if issubclass(exc_type, SystemExit) and exc.code in (None, 0):
+    clean = exc_type is None or (issubclass(exc_type, SystemExit) and exc.code in (None, 0))
+    if clean or self._client is None:
+      # Join the watchers (each wakes within `poll_s`): a daemon thread still blocked in the
+      # C++ key-value call when the interpreter finalises aborts the process.
+      for thread in self._threads:
+        thread.join()
       return False
     text = "".join(traceback.format_exception(exc_type, exc, tb))
     self._fail(f"process {self.process_index} failed: {exc_type.__name__}: {exc}", text, EXIT_FAILED)
@@ -156,28 +173,33 @@ class Supervisor:
     except Exception as e:   # another process reported first, or the service is gone
       log.debug("could not publish the failure: %s", e)
 
-  def _wait_for_acks(self) -> None:
+  def _missing_acks(self) -> list[int]:
+    """Processes that did not acknowledge the failure report within `ack_timeout_s`."""
     deadline = time.monotonic() + self.ack_timeout_s
+    missing = []
     for j in range(self.process_count):
       if j == self.process_index:
         continue
-      remaining_ms = int(1000 * (deadline - time.monotonic()))
-      if remaining_ms <= 0:
-        return
       try:
-        self._client.blocking_key_value_get(f"{ACK_PREFIX}{j}", remaining_ms)
-      except Exception:   # no acknowledgement in time (that process may be dead already)
-        return
+        self._client.blocking_key_value_get(f"{ACK_PREFIX}{j}", max(1, int(1000 * (deadline - time.monotonic()))))
+      except Exception:   # no acknowledgement in time
+        missing.append(j)
+    return missing
 
   def _fail(self, message: str, details: str, code: int) -> None:
     """Report `message` to all processes, then end this one with `code`."""
     if not self._exiting.acquire(blocking=False):
       return
-    _say(f"{details.rstrip()}\n{message}; stopping all {self.process_count} processes"
-         if details else f"{message}; stopping all {self.process_count} processes")
+    if any(k in details for k in _LOST_PEER):
+      message += " (a collective lost its connection: another process probably died first)"
+    head = details.rstrip() + "\n" if details else ""
+    _say(f"{head}{message}; stopping all {self.process_count} processes")
     self._publish(message)
     if self._client is not None:
-      self._wait_for_acks()
+      missing = self._missing_acks()
+      if missing:
+        _say(f"process {self.process_index}: no acknowledgement from process(es) {missing} within "
+             f"{self.ack_timeout_s:.0f} s: dead or hung")
     os._exit(code)
 
   def _watch_peers(self) -> None:
@@ -208,5 +230,5 @@ class Supervisor:
         return
 
 
-__all__ = ["initialize", "configure_logging", "Supervisor", "EXIT_FAILED", "EXIT_PEER_FAILED",
+__all__ = ["initialize", "configure_logging", "barrier", "Supervisor", "EXIT_FAILED", "EXIT_PEER_FAILED",
            "EXIT_STALLED"]

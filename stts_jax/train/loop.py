@@ -24,6 +24,7 @@ from flax import nnx
 
 from stts_jax.models import partitioning
 from stts_jax.train import checkpoint as ckpt_lib
+from stts_jax.train import distributed
 from stts_jax.train import sharding
 from stts_jax.train import step as step_lib
 from stts_jax.train.config import TrainConfig
@@ -229,6 +230,11 @@ def run(model_fn: Callable[[], nnx.Module], data_iter: Iterator[Mapping[str, np.
         if step_fn is None:
           batch_shardings = {k: v.sharding for k, v in batch.items()}
           step_fn = make_step_fn(graphdef, shardings, batch_shardings, mesh, rules, cfg, forward)
+          if jax.process_count() > 1:
+            # gloo gives processes 30 s to meet at the first collective of a program; compile
+            # times differ by more under load, so compile first and start together.
+            step_fn.lower(state, batch).compile()
+            distributed.barrier(f"stts_jax/train_step_compiled/{start}", timeout_s=cfg.barrier_timeout_s)
         state, metrics = step_fn(state, batch)
         window_steps += 1
         window_tokens += float(np.sum(host_batch["token_mask"])) * jax.process_count()
