@@ -22,7 +22,7 @@ instead of filtering keeps batch composition, and hence checkpoint resumption, e
 import json
 import logging
 import os
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import grain
 import numpy as np
@@ -306,7 +306,7 @@ class DataIterator:
     self._it.set_state(state["grain"])
     self.num_skipped = int(state.get("num_skipped", 0))
 
-  def example(self, example_id: int) -> manifest_lib.Example:
+  def example(self, example_id: Union[int, np.integer]) -> manifest_lib.Example:
     """Host-side record of a batch's `example_id` (question, option strings, answer, extra)."""
     if not hasattr(self.source, "example"):
       raise TypeError(f"{type(self.source).__name__} keeps no host-side examples (use format manifest/arrays)")

@@ -115,3 +115,30 @@ def test_calm_spec_has_no_distractors():
     assert frames.shape == (8, 126, 126, 3)
     assert meta["camera"] in ("video", "static", "pan") and meta["movers"] == 0
     assert meta["decoys"] == [] and meta["flicker_frames"] == []
+
+
+def test_labels_match_the_visible_event_through_the_pipeline(built):
+  """A hand-coded detector of the yellow frame answers from the batch pixels alone: the labels,
+  the decode path and the batch layout agree (only yellow backgrounds could fool it)."""
+  out, _ = built
+  ids = default_dataset.tiny_token_ids()
+  pool = default_dataset.data_config(out).pool
+  from stts_jax.data import preprocess
+  windows = preprocess.pooling_index((9, 9), pool)
+  right = total = 0
+  for split in ("train", "val", "test"):
+    it = pipeline.eval_iterator(default_dataset.data_config(out, format="manifest", batch_size=8), ids, split)
+    for b in it:
+      for r in np.flatnonzero(b["valid"]):
+        ex = it.example(b["example_id"][r])
+        p = b["patches"][r].reshape(8, 81, 14, 14, 3).astype(int)
+        yellow = ((p[..., 0] > 190) & (p[..., 1] > 160) & (p[..., 2] < 90)).sum((2, 3))[:, windows].sum(-1)
+        t, w = np.unravel_index(yellow.argmax(), yellow.shape)
+        if ex.extra["qtype"] == "when":
+          pred = t // 2
+        else:
+          pred = default_dataset.CORNERS.index(w) if w in default_dataset.CORNERS else -1
+        right += int(pred == b["answer_index"][r])
+        total += 1
+  assert total == sum(len(read(out, s)) for s in default_dataset.SPLITS)
+  assert right / total >= 0.9, (right, total)
