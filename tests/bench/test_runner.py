@@ -164,3 +164,18 @@ def test_bench_config_validation():
   with pytest.raises(ValueError, match="decode"):
     BenchConfig(parts=("decode",)).validate()
   assert BenchConfig(ratios=(0.5, 0.3)).grid_ratios == (0.0, 0.5, 0.3)
+
+
+def test_bench_cpu_config_builds_with_its_bench_section():
+  from configs import bench_cpu
+  from stts_jax.bench import main as bench_main
+  cfgs = bench_main._sections(bench_cpu.get_config("frames=8;32,ratios=0;0.5,rows=typical"))
+  assert cfgs["bench"].frames == (8, 32) and cfgs["bench"].ratios == (0.0, 0.5)
+  assert cfgs["bench"].rows == "typical" and cfgs["model"].stts.method == "stts"
+  assert cfgs["model"].windows_per_frame == 16 and cfgs["model"].stts.prune_at == 2
+  local = bench_main._sections(bench_cpu.get_config("runlocal=true"))["bench"]
+  assert local.frames == (4, 8) and local.repeats == 1
+  # Molmo2-4B-like split of the work: ViT about half of the forward at 8 frames, less at 64.
+  m = cfgs["model"]
+  shares = [costs.forward(m, t, batches.prompt_length(t, 16)) for t in (8, 64)]
+  assert 0.45 < shares[0].vit / shares[0].total < 0.6 and shares[1].vit / shares[1].total < shares[0].vit / shares[0].total
