@@ -10,7 +10,7 @@ Pure numpy + matplotlib `Figure`s (no pyplot state); save them with `stts_jax.vi
   kept_vs_change(change, kept, ...)     per-frame kept windows of each method against the
                                         frame-to-frame pixel change
   training_curves(history, keys)        logged training metrics against the step, one panel each
-  save_png(fig, path, dpi, colors)      a small PNG (palette-quantised) for docs/README
+  save_png(fig, path, ...)              a small PNG (palette-quantised, <= max_kb) for docs/README
 """
 
 import io
@@ -98,7 +98,7 @@ def keep_grid(frames_thwc: UInt8[np.ndarray, "T Y X 3"], rows: Sequence[viz.Grid
 def score_panels(scores: Mapping[str, Float[np.ndarray, "T W"]], keep: Mapping[str, Bool[np.ndarray, "T W"]], *,
                  timestamps: Optional[Sequence[float]] = None, title: str = "") -> Figure:
   """Per method (columns): top, the score heatmap (rows = frames, columns = windows in row-major
-  order, dropped cells marked x); bottom, the histogram of scores of frames >= 1 (frame 0 is always
+  order, dropped cells marked x; the colour scale spans frames >= 1, frame 0 may saturate); bottom, the histogram of scores of frames >= 1 (frame 0 is always
   kept), kept and dropped stacked, with the lowest kept score as a dashed line."""
   names = list(scores)
   fig = Figure(figsize=(3.3 * len(names) + 0.3, 5.6))
@@ -110,13 +110,17 @@ def score_panels(scores: Mapping[str, Float[np.ndarray, "T W"]], keep: Mapping[s
       raise ValueError(f"score_panels: {name}: scores {s.shape} and keep {k.shape} differ")
     t, w = s.shape
     ax = axes[0, j]
-    im = ax.imshow(s, aspect="auto", cmap="viridis", interpolation="nearest")
+    later = s[1:] if t > 1 else s      # colour scale of the prunable frames (frame 0 may saturate)
+    im = ax.imshow(s, aspect="auto", cmap="viridis", interpolation="nearest", vmin=float(later.min()),
+                   vmax=float(later.max()) if later.max() > later.min() else float(later.min()) + 1e-6)
     ys, xs = np.nonzero(~k)
     ax.scatter(xs, ys, marker="x", s=14, color="white", lw=0.8, label="dropped")
     ax.set_xticks(range(w))
     ax.set_xticklabels([str(i) for i in range(w)], fontsize=6)
     ax.set_yticks(range(t))
-    ax.set_yticklabels([f"{timestamps[i]:.1f}s" if timestamps is not None else str(i) for i in range(t)], fontsize=6)
+    ticks = [f"{timestamps[i]:.1f}s" if timestamps is not None else str(i) for i in range(t)]
+    ticks[0] += " (kept)"
+    ax.set_yticklabels(ticks, fontsize=6)
     ax.set_xlabel("window (row-major)", fontsize=7)
     if j == 0:
       ax.set_ylabel("frame", fontsize=7)
@@ -124,7 +128,7 @@ def score_panels(scores: Mapping[str, Float[np.ndarray, "T W"]], keep: Mapping[s
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03).ax.tick_params(labelsize=6)
     ax = axes[1, j]
     later_s, later_k = s[1:].ravel(), k[1:].ravel()
-    bins = np.linspace(float(s.min()), float(s.max()) + 1e-6, 21)
+    bins = np.linspace(float(later_s.min()), float(later_s.max()) + 1e-6, 21) if later_s.size else 20
     ax.hist([later_s[later_k], later_s[~later_k]], bins=bins, stacked=True, color=[viz.color(name), "#bbbbbb"],
             label=[f"kept ({int(later_k.sum())})", f"dropped ({int((~later_k).sum())})"])
     if later_k.any() and (~later_k).any():
@@ -184,9 +188,11 @@ def kept_vs_change(change_t: Float[np.ndarray, "T"], kept: Mapping[str, Sequence
 
 def training_curves(history: Sequence[Mapping[str, float]], keys: Sequence[str] = ("ce", "aux_loss"), *,
                     labels: Optional[Mapping[str, str]] = None,
-                    ylims: Optional[Mapping[str, tuple[float, float]]] = None, title: str = "") -> Figure:
+                    ylims: Optional[Mapping[str, tuple[float, float]]] = None, log_keys: Sequence[str] = (),
+                    title: str = "") -> Figure:
   """One panel per metric key of a training history (a list of logged dicts with a "step"); entries
-  without the key are skipped (eval entries carry only their own keys). labels / ylims: per key."""
+  without the key are skipped (eval entries carry only their own keys). labels / ylims: per key;
+  log_keys: keys drawn on a log y axis."""
   labels, ylims = labels or {}, ylims or {}
   fig = Figure(figsize=(3.2 * len(keys) + 0.4, 3.0))
   axes = fig.subplots(1, len(keys), squeeze=False)[0]
@@ -198,6 +204,8 @@ def training_curves(history: Sequence[Mapping[str, float]], keys: Sequence[str] 
     ax.plot(steps, values, marker="o" if len(pts) < 30 else None, ms=3, color="#1f77b4")
     ax.set_xlabel("step", fontsize=8)
     ax.set_title(labels.get(key, key), fontsize=8)
+    if key in log_keys:
+      ax.set_yscale("log")
     if key in ylims:
       ax.set_ylim(*ylims[key])
     ax.tick_params(labelsize=7)
@@ -208,16 +216,24 @@ def training_curves(history: Sequence[Mapping[str, float]], keys: Sequence[str] 
   return fig
 
 
-def save_png(fig: Figure, path: str, *, dpi: int = 100, colors: int = 256) -> str:
+def save_png(fig: Figure, path: str, *, dpi: int = 100, colors: int = 256, max_kb: Optional[float] = 200) -> str:
   """Writes `fig` as a PNG quantised to `colors` palette entries (about 3x smaller than RGBA for
-  figures with photos; for committed docs figures). Directories are created; returns the path."""
-  buf = io.BytesIO()
-  fig.savefig(buf, format="png", dpi=dpi, facecolor="white")
-  img = Image.open(buf).convert("RGB")
-  if colors:
-    img = img.quantize(colors=colors, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+  figures with photos; for committed docs figures). If it exceeds `max_kb`, it is re-rendered with
+  fewer colours, then at lower dpi (down to 60), until it fits. Directories are created."""
+  attempts = [(dpi, colors)] + [(d, min(colors, 128)) for d in range(dpi, 59, -10)]
+  for d, c in attempts:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=d, facecolor="white")
+    img = Image.open(buf).convert("RGB")
+    if c:
+      img = img.quantize(colors=c, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+    out = io.BytesIO()
+    img.save(out, format="PNG", optimize=True)
+    if max_kb is None or out.tell() <= max_kb * 1024:
+      break
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  img.save(path, format="PNG", optimize=True)
+  with open(path, "wb") as f:
+    f.write(out.getvalue())
   return path
 
 

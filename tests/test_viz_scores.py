@@ -1,5 +1,7 @@
 """Unit tests of the score-exploration plots (stts_jax/viz_scores.py)."""
 
+import os
+
 import numpy as np
 import pytest
 from matplotlib import patches as mpatches
@@ -72,6 +74,8 @@ def test_score_panels_heatmap_and_histogram_counts():
   heat = [ax for ax in fig.axes if ax.images]
   assert len(heat) == 2
   np.testing.assert_allclose(heat[0].images[0].get_array(), scores["stts"])
+  assert heat[0].images[0].get_clim() == (scores["stts"][1:].min(), scores["stts"][1:].max())
+  assert heat[0].get_yticklabels()[0].get_text() == "0.0s (kept)"
   # dropped cells are marked at (window, frame)
   marks = heat[0].collections[0].get_offsets()
   assert sorted(map(tuple, np.asarray(marks).astype(int))) == sorted((w, t) for t, w in zip(*np.nonzero(~keep["stts"])))
@@ -104,11 +108,12 @@ def test_training_curves_panels_follow_the_history():
   history = [{"step": 1.0, "ce": 3.0, "aux_loss": 0.2}, {"step": 2.0, "eval/event_kept": 0.5},
              {"step": 2.0, "ce": 2.0, "aux_loss": 0.1}]
   fig = vs.training_curves(history, ("ce", "eval/event_kept"), labels={"ce": "CE"},
-                           ylims={"eval/event_kept": (0.0, 1.0)})
+                           ylims={"eval/event_kept": (0.0, 1.0)}, log_keys=("ce",))
   a, b = fig.axes
   np.testing.assert_array_equal(a.lines[0].get_xydata(), [[1, 3], [2, 2]])
   np.testing.assert_array_equal(b.lines[0].get_xydata(), [[2, 0.5]])
   assert a.get_title() == "CE" and b.get_ylim() == (0.0, 1.0)
+  assert a.get_yscale() == "log" and b.get_yscale() == "linear"
   with pytest.raises(ValueError, match="no logged value"):
     vs.training_curves(history, ("grad_norm",))
 
@@ -121,3 +126,11 @@ def test_save_png_writes_a_small_palette_png(tmp_path):
   full = viz.save(fig, str(tmp_path / "full.png"), dpi=60)
   assert (tmp_path / "sub" / "grid.png").stat().st_size < (tmp_path / "full.png").stat().st_size
   assert full.endswith("full.png")
+  # over the size limit: re-rendered smaller until it fits (here: fewer colours, then lower dpi)
+  frames = np.random.default_rng(0).integers(0, 256, (T, GRID * PX, GRID * PX, 3), dtype=np.uint8)
+  big = vs.keep_grid(frames, [viz.GridRow("stts", _keep())], grid=GRID)
+  unlimited = vs.save_png(big, str(tmp_path / "big.png"), dpi=100, max_kb=None)
+  limit_kb = os.path.getsize(unlimited) / 1024 * 0.6
+  small = vs.save_png(big, str(tmp_path / "small.png"), dpi=100, max_kb=limit_kb)
+  assert os.path.getsize(small) <= limit_kb * 1024
+  assert Image.open(small).size[0] <= Image.open(unlimited).size[0]
