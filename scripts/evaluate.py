@@ -4,13 +4,20 @@
       --methods none,random,heuristic,stts --ratios 0,0.3,0.5,0.7
   python scripts/evaluate.py --config configs/train_tiny.py --checkpoint /tmp/tiny --frames 8,16 --ratios 0.5
   (an HF Molmo2 directory works as --checkpoint too; results go to <workdir>/eval/results.{json,md})
+  Multi-process: as scripts/train.py (--coordinator/--num_processes/--process_id or --distributed),
+  e.g. python scripts/launch_local.py -n 2 -- scripts/evaluate.py --config ... --checkpoint ...
 The config's `eval` section (stts_jax/eval/config.py) sets the defaults; these flags override it.
 """
 
 import logging
+import os
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
+
+# configs/*.py import `configs.common`: make the repository root importable.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 config_flags.DEFINE_config_file("config", None, "configs/<file>.py[:arg]", lock_config=True)
 flags.DEFINE_string("checkpoint", None, "Orbax run (workdir, checkpoints/ or a step dir) or HF Molmo2 dir")
@@ -22,23 +29,28 @@ flags.DEFINE_integer("max_examples", None, "evaluate only the first N examples")
 flags.DEFINE_integer("step", None, "Orbax step (default: latest)")
 flags.DEFINE_string("out", None, "output directory for results.json / results.md")
 flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() from the cluster env")
+flags.DEFINE_string("coordinator", None, "multi-process: coordinator host:port")
+flags.DEFINE_integer("num_processes", None, "multi-process: number of processes")
+flags.DEFINE_integer("process_id", None, "multi-process: this process's id")
+flags.DEFINE_integer("heartbeat_timeout", 100, "multi-process: seconds until a silent peer counts as dead")
 FLAGS = flags.FLAGS
 
 
 def main(argv):
   del argv
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-  if FLAGS.distributed:
-    from stts_jax.train import main as train_main
-    train_main.init_distributed()
+  from stts_jax.train import distributed
+  distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id,
+                         from_env=FLAGS.distributed, heartbeat_timeout_s=FLAGS.heartbeat_timeout)
+  distributed.configure_logging(logging.INFO)
   import jax
   from stts_jax.eval import main as eval_main
   logging.info("jax %s, backend %s, %d processes, devices: %s", jax.__version__, jax.default_backend(),
                jax.process_count(), jax.devices())
-  results, json_path, md_path = eval_main.evaluate_from_config(
-      FLAGS.config, FLAGS.checkpoint, methods=eval_main.parse_list(FLAGS.methods, str),
-      ratios=eval_main.parse_list(FLAGS.ratios, float), frames=eval_main.parse_list(FLAGS.frames, int),
-      split=FLAGS.split, max_examples=FLAGS.max_examples, step=FLAGS.step, out_dir=FLAGS.out)
+  with distributed.Supervisor():
+    results, json_path, md_path = eval_main.evaluate_from_config(
+        FLAGS.config, FLAGS.checkpoint, methods=eval_main.parse_list(FLAGS.methods, str),
+        ratios=eval_main.parse_list(FLAGS.ratios, float), frames=eval_main.parse_list(FLAGS.frames, int),
+        split=FLAGS.split, max_examples=FLAGS.max_examples, step=FLAGS.step, out_dir=FLAGS.out)
   if jax.process_index() == 0:
     from stts_jax.eval import runner
     print(runner.markdown(results), flush=True)

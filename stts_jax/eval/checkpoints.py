@@ -67,8 +67,12 @@ def load_orbax(path: str, model_cfg: config_lib.ModelConfig, *, step: Optional[i
     graphdef, abs_state = nnx.split(abstract)
     shardings = _shardings(abs_state, mesh, rules)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_state, shardings)
+    item = {"model": nnx.to_pure_dict(target)}
+    # Explicit restore args: the target's shardings, not the saved ones (whose device ids need
+    # not exist here, e.g. a checkpoint written by another number of processes).
     restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(item={"model": nnx.to_pure_dict(target)}, partial_restore=True)))
+        state=ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                                     partial_restore=True)))
   finally:
     manager.close()
   state = jax.tree.map(lambda x: x, abs_state)

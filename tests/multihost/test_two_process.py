@@ -283,3 +283,31 @@ def test_kill_one_process_then_resume_matches_uninterrupted(script_run):
     np.testing.assert_array_equal(again[k], full[k], err_msg=k)
   losses = lambda wd: {r["step"]: r["loss"] for r in common.read_jsonl(os.path.join(wd, "metrics.jsonl"))}
   assert losses(workdir) == losses(script_run["workdir"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_evaluate_script_two_processes_equal_one_process(script_run, tmp_path):
+  """scripts/evaluate.py on the 2-process checkpoint, as 2 processes and as 1 process x 8 devices:
+  the same per-example records (each process scores its own shard of the split)."""
+  import json
+  evaluate = os.path.join(common.ROOT, "scripts", "evaluate.py")
+  args = ["--config", script_run["config"], "--checkpoint", script_run["workdir"], "--methods", "none,random",
+          "--ratios", "0.5", "--split", "val"]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  one = subprocess.run([sys.executable, evaluate, *args, "--out", str(tmp_path / "one")], env=env, cwd=common.ROOT,
+                       capture_output=True, text=True, timeout=900)
+  assert one.returncode == 0, one.stderr[-4000:]
+  two = subprocess.run([sys.executable, os.path.join(common.ROOT, "scripts", "launch_local.py"), "-n", "2", "-d", "4",
+                        "--timeout", "900", "--", evaluate, *args, "--out", str(tmp_path / "two")], cwd=common.ROOT,
+                       capture_output=True, text=True, timeout=1000)
+  assert two.returncode == 0, two.stdout[-4000:]
+  assert "[p0] | none | 0 | 8 |" in two.stdout and "[p1] |" not in two.stdout     # the table: process 0
+  a, b = (json.load(open(tmp_path / d / "results.json")) for d in ("one", "two"))
+  assert [c["method"] for c in a["cells"]] == [c["method"] for c in b["cells"]] == ["none", "random"]
+  for ca, cb in zip(a["cells"], b["cells"]):
+    assert ca["metrics"] == cb["metrics"]
+    for name, modes in ca["records"].items():
+      for mode, records in modes.items():
+        assert len(records) == 7
+        assert sorted(map(json.dumps, records)) == sorted(map(json.dumps, cb["records"][name][mode])), (name, mode)
