@@ -39,6 +39,7 @@ FLAGS = flags.FLAGS
 def main(argv):
   del argv
   from stts_jax.train import distributed
+  distributed.configure_logging(logging.INFO, process_index=FLAGS.process_id or 0)
   distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id,
                          from_env=FLAGS.distributed, heartbeat_timeout_s=FLAGS.heartbeat_timeout)
   distributed.configure_logging(logging.INFO)

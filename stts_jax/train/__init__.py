@@ -8,9 +8,10 @@
   loop        init_state (sharded init), make_step_fn (jit with shardings + donation), run (the loop)
   checkpoint  Checkpointer: one Orbax manager with items state / data_iter / config
   aot         compile_train_step: lower + compile from abstract shapes, FLOPs and per-device memory
-  distributed initialize (flags or cluster env), configure_logging, Supervisor (fail-fast + watchdog)
+  distributed initialize (flags or cluster env), configure_logging, barrier, Supervisor (fail-fast)
+  launch      launch(command, num_processes, devices_per_process): N local processes, supervised
   main        init_distributed, train_and_evaluate(config, workdir), aot_from_config(config)
 Import the submodules directly (`from stts_jax.train import loop`).
 """
 
-__all__ = ["aot", "checkpoint", "config", "distributed", "loop", "main", "mesh", "optim", "sharding", "step"]
+__all__ = ["aot", "checkpoint", "config", "distributed", "launch", "loop", "main", "mesh", "optim", "sharding", "step"]

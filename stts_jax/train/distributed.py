@@ -77,9 +77,10 @@ def initialize(coordinator: Optional[str] = None, num_processes: Optional[int] =
   return True
 
 
-def configure_logging(level: int = logging.INFO) -> None:
-  """Root logging at `level` on process 0 and WARNING on the others (errors still show)."""
-  pid = jax.process_index()
+def configure_logging(level: int = logging.INFO, process_index: Optional[int] = None) -> None:
+  """Root logging at `level` on process 0 and WARNING on the others (errors still show).
+  `process_index` defaults to `jax.process_index()` (pass the flag's value before `initialize`)."""
+  pid = jax.process_index() if process_index is None else process_index
   logging.basicConfig(level=level if pid == 0 else max(level, logging.WARNING),
                       format=f"%(asctime)s [p{pid}] %(name)s %(levelname)s %(message)s", force=True)
 

@@ -203,7 +203,7 @@ def script_run(tmp_path_factory, dataset):
   cache = str(root / "xla_cache")
   run = _Script(config_path, str(root / "full"), cache)
   assert run.wait() == 0, run.text[-5000:]
-  return {"root": root, "config": config_path, "cache": cache, "workdir": str(root / "full")}
+  return {"root": root, "config": config_path, "cache": cache, "workdir": str(root / "full"), "lines": run.lines}
 
 
 @pytest.fixture
@@ -229,6 +229,9 @@ def test_train_script_two_processes_equal_one_process(script_run, dataset, tmp_p
   from stts_jax.train import main as train_main
   two = common.read_jsonl(os.path.join(script_run["workdir"], "metrics.jsonl"))
   assert [r["step"] for r in two] == list(range(1, STEPS + 1))
+  p1 = [line for line in script_run["lines"] if line.startswith("[p1]")]
+  assert not any(" INFO " in line or "train:" in line for line in p1), p1     # logs/progress: process 0
+  assert any(line.startswith("[p0] train:") for line in script_run["lines"])
   cfg = _load_config(script_run["config"])
   cfg.train.progress_bar = False
   cfgs = config_lib.build(cfg)
