@@ -30,7 +30,6 @@ from stts_jax.bench import costs
 from stts_jax.bench import parts
 from stts_jax.bench import runner
 from stts_jax.bench import xla_count
-from stts_jax.eval import decoding
 from stts_jax.models import budget
 from stts_jax.models import vlm
 from stts_jax.train import aot
@@ -69,12 +68,11 @@ def extrapolate(counts: dict[tuple[int, int], float], depth: tuple[int, int]) ->
   return c + a * depth[0] + b * depth[1]
 
 
-def _abstract_llm_inputs(cfg: config_lib.ModelConfig, batch: int, length: int) -> decoding.LLMInputs:
+def _abstract_llm_inputs(cfg: config_lib.ModelConfig, batch: int, length: int) -> tuple[Any, ...]:
+  """Shapes of `parts.prefill_fn`'s inputs: embeds [B, S, E], positions, token mask, vision mask [B, S]."""
   sds = jax.ShapeDtypeStruct
-  return decoding.LLMInputs(embeds_bse=sds((batch, length, cfg.llm.hidden_size), jnp.dtype(cfg.dtype)),
-                            positions_bs=sds((batch, length), jnp.int32),
-                            token_mask_bs=sds((batch, length), jnp.bool_),
-                            vision_mask_bs=sds((batch, length), jnp.bool_))
+  return (sds((batch, length, cfg.llm.hidden_size), jnp.dtype(cfg.dtype)), sds((batch, length), jnp.int32),
+          sds((batch, length), jnp.bool_), sds((batch, length), jnp.bool_))
 
 
 def count_programs(cfg: config_lib.ModelConfig, train_cfg: TrainConfig, *, frames: int, seq_len: int,
@@ -87,7 +85,7 @@ def count_programs(cfg: config_lib.ModelConfig, train_cfg: TrainConfig, *, frame
   vision = xla_count.lowered_flops(parts.vision_fn(graphdef, parts.num_slots(cfg, frames)), state,
                                    abs_batch["patches"], abs_batch["frame_mask"])
   prefill = xla_count.lowered_flops(parts.prefill_fn(llm_graphdef, 0), llm_state,
-                                    _abstract_llm_inputs(cfg, batch, parts.llm_len(cfg, frames, seq_len)))
+                                    *_abstract_llm_inputs(cfg, batch, parts.llm_len(cfg, frames, seq_len)))
   ts_graphdef, ts_state, ts_sh = loop.abstract_state(model_fn, train_cfg, mesh, rules)
   batch_sh = sharding.data_sharding(abs_batch, mesh, rules)
   step = loop.make_step_fn(ts_graphdef, ts_sh, batch_sh, mesh, rules, train_cfg)

@@ -87,14 +87,31 @@ def llm_inputs_fn(graphdef: Any, out_len: int):
 
 
 def prefill_fn(llm_graphdef: Any, new_tokens: int):
-  def prefill(llm_state, inputs: decoding.LLMInputs):
+  """(llm state, embeds [B, S, E], positions, token mask, vision mask [B, S]) -> `decoding.Prefill`.
+
+  The decoder inputs travel as plain arrays: jit rebuilds argument pytrees with placeholder leaves
+  when lowering, which the runtime shape checks of `decoding.LLMInputs` would reject."""
+  def prefill(llm_state, embeds_bse, positions_bs, token_mask_bs, vision_mask_bs):
+    inputs = decoding.LLMInputs(embeds_bse=embeds_bse, positions_bs=positions_bs, token_mask_bs=token_mask_bs,
+                                vision_mask_bs=vision_mask_bs)
     return decoding.prefill(nnx.merge(llm_graphdef, llm_state), inputs, new_tokens + 1)
   return prefill
 
 
-def decode_fn(llm_graphdef: Any, new_tokens: int, pad_id: int):
-  """`new_tokens` decoder steps (the first generated token comes from the prefill logits)."""
-  def decode(llm_state, state: decoding.Prefill):
+def llm_input_arrays(inputs: decoding.LLMInputs) -> tuple[Any, Any, Any, Any]:
+  return inputs.embeds_bse, inputs.positions_bs, inputs.token_mask_bs, inputs.vision_mask_bs
+
+
+def prefill_arrays(state: decoding.Prefill) -> tuple[Any, Any, Any, Any]:
+  return state.cache, state.logits_bv, state.next_pos_b, state.prompt_len_b
+
+
+def decode_fn(llm_graphdef: Any, new_tokens: int, pad_id: int, prefill_len: int):
+  """`new_tokens` decoder steps (the first generated token comes from the prefill logits); the
+  prefill state comes in as `prefill_arrays` (see `prefill_fn`)."""
+  def decode(llm_state, cache, logits_bv, next_pos_b, prompt_len_b):
+    state = decoding.Prefill(cache=cache, logits_bv=logits_bv, next_pos_b=next_pos_b, prompt_len_b=prompt_len_b,
+                             prefill_len=prefill_len)
     gen = decoding.decode(nnx.merge(llm_graphdef, llm_state), state, max_new_tokens=new_tokens + 1,
                           stop_ids=(), pad_id=pad_id)
     return gen.tokens_bn

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Any, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -131,7 +132,7 @@ def host_state(abstract_state: Any, seed: int, *, params_under: Optional[str] = 
     names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
     names = [n for n in names if n != "value"]
     shape, dtype = leaf.shape, np.dtype(leaf.dtype)
-    if (params_under is not None and names[0] != params_under) or not np.issubdtype(dtype, np.floating):
+    if (params_under is not None and names[0] != params_under) or not jnp.issubdtype(dtype, jnp.floating):
       return np.zeros(shape, dtype)
     if names[-1] == "scale":
       return np.ones(shape, dtype)
@@ -227,18 +228,19 @@ def run_cell(base_cfg: config_lib.ModelConfig, train_cfg: TrainConfig, bench: Be
 
   if "prefill" in todo:
     prep = jax.jit(parts.llm_inputs_fn(graphdef, s_llm))
-    llm_in = [(prep(state, d["input_ids"], d["token_mask"], d["target_ids"], d["loss_mask"], v),)
+    llm_in = [parts.llm_input_arrays(prep(state, d["input_ids"], d["token_mask"], d["target_ids"], d["loss_mask"], v))
               for d, v in zip(dev, visions)]
     results["prefill"], prefill = cell.run(
         "prefill", parts.prefill_fn(llm_graphdef, n_new), llm_state, llm_in,
         analytic=costs.prefill(cfg.llm, s_llm, s_llm + n_new + 1, b),
         unrolled=unrolled(lambda g: parts.prefill_fn(g, n_new), u_llm))
     if "decode" in todo:
-      states = [(prefill(llm_state, *x),) for x in llm_in]
+      states = [parts.prefill_arrays(prefill(llm_state, *x)) for x in llm_in]
+      decode = lambda g: parts.decode_fn(g, n_new, cfg.tokens.pad, s_llm)
       results["decode"], _ = cell.run(
-          "decode", parts.decode_fn(llm_graphdef, n_new, cfg.tokens.pad), llm_state, states,
+          "decode", decode(llm_graphdef), llm_state, states,
           analytic=n_new * costs.decode_token(cfg.llm, s_llm + n_new + 1, b), per_call=n_new,
-          unrolled=unrolled(lambda g: parts.decode_fn(g, n_new, cfg.tokens.pad), u_llm))
+          unrolled=unrolled(decode, u_llm))
 
   if "overhead" in todo and cfg.stts.prunes and model.scorer is not None:
     hidden_fn = jax.jit(parts.prune_hidden_fn(graphdef))

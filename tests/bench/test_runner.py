@@ -114,7 +114,9 @@ def test_run_cell_all_parts_compile_once_and_report():
   rows = report.summary_rows(cells)
   chk = report.checks(rows)
   assert chk["one_compile_per_part"]["ok"]
-  assert chk["xla_vs_analytic"]["ok"], chk["xla_vs_analytic"]
+  devs = {(r["ratio"], k): r[k] for r in rows for k in r if k.endswith("_xla_over_analytic") and r[k] is not None}
+  assert chk["xla_vs_analytic"]["ok"], devs
+  assert abs(rows[1]["overhead_xla_over_analytic"] - 1.0) < 0.15      # scorer matmuls dominate even here
 
 
 def _part(name, seconds, flops, per_call=1):
