@@ -18,7 +18,8 @@ the proportions of Molmo2-4B are kept (analytic FLOPs, `stts_jax/bench/flops.py`
     1% of the pruned forward as in Molmo2-4B.
 Analytic FLOP ratio unpruned/pruned at ratio 0.5 (typical rows): 1.47x at 8 frames, 1.65x at 64.
 
-arg: `frames` ("8;16;32;64"), `ratios` ("0;0.3;0.5;0.7"), `batch`, `repeats`, `warmup`, `rows`
+arg: `frames` ("8;16;32;64"), `ratios` ("0;0.3;0.5;0.7"), `batch`, `repeats`, `min_seconds` (per part,
+see `stts_jax/bench/config.py`), `warmup`, `rows`
 (fit | typical | bound | min, see `stts_jax/bench/config.py`), `xla` (bool: count XLA FLOPs on
 unrolled copies), `runlocal` (bool).
 """
@@ -54,6 +55,7 @@ def _floats(text: str) -> list[float]:
 def get_config(arg=None) -> ml_collections.ConfigDict:
   # Lists inside `arg` use ';' (',' separates the arguments): frames=8;16;32.
   arg = common.parse_arg(arg, frames="8;16;32;64", ratios="0;0.3;0.5;0.7", batch=1, repeats=3, warmup=1,
+                         min_seconds=2.0,
                          rows="fit", xla=True, runlocal=False)
   cfg = ml_collections.ConfigDict()
   cfg.name = "bench_cpu"
@@ -65,5 +67,6 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   if arg.runlocal:
     frames, ratios, repeats = [4, 8], [0.0, 0.5], 1
   cfg.bench = dict(frames=frames, ratios=ratios, batch_size=arg.batch, repeats=repeats, warmup=arg.warmup,
+                   min_seconds=0.0 if arg.runlocal else arg.min_seconds,
                    rows=arg.rows, xla_flops=arg.xla)
   return cfg

@@ -21,12 +21,15 @@ flags.DEFINE_integer("workers", 2, "Render/encode processes.")
 flags.DEFINE_integer("seed", 0, "Dataset seed.")
 flags.DEFINE_bool("tfds", True, "Also write the TFDS ArrayRecord copy under <out>/tfds.")
 flags.DEFINE_bool("distractors", True, "False: calm camera, no movers/decoys/flicker (easy curriculum stage).")
+flags.DEFINE_float("background_contrast", None, "Footage contrast in [0, 1] (default: the Spec default).")
 flags.DEFINE_bool("force", False, "Rebuild even if a complete build with the same spec exists.")
 
 
 def main(argv):
   del argv
   kw = {"seed": FLAGS.seed, "distractors": FLAGS.distractors}
+  if FLAGS.background_contrast is not None:
+    kw["background_contrast"] = FLAGS.background_contrast
   if FLAGS.clips:
     kw["num_clips"] = tuple(int(x) for x in FLAGS.clips.split(","))
     if len(kw["num_clips"]) != 3:

@@ -22,6 +22,9 @@ class BenchConfig:
   num_batches: distinct batches per cell (different clips and keep patterns), rotated through the
     timed calls of one compiled function.
   decode_tokens: decoder steps timed per decode call (time per token = call time / decode_tokens).
+  repeats / min_seconds: at least `repeats` timed calls per part, more (up to 100) until a part has
+    run `min_seconds` timed: a 25 ms prefill gets 80 calls where a 1 s train step gets 3, so
+    the cheap parts' medians are not left to a handful of noisy samples.
   xla_flops: also lower an unrolled copy of every part for XLA's FLOP count (no compilation).
   """
   frames: tuple[int, ...] = (8, 16, 32, 64)
@@ -29,6 +32,7 @@ class BenchConfig:
   batch_size: int = 1
   warmup: int = 1
   repeats: int = 3
+  min_seconds: float = 0.0
   num_batches: int = 2
   decode_tokens: int = 16
   timestamp_tokens: int = 3

@@ -172,7 +172,8 @@ class _Cell:
     if cc.count != 1:
       raise AssertionError(f"bench part {name!r}: expected exactly one compilation, got {cc.count} ({cc.names})")
     t = timing.time_calls(lambda i: compiled(state, *inputs[i % len(inputs)]), warmup=self.bench.warmup,
-                          repeats=self.bench.repeats, name=name)
+                          repeats=self.bench.repeats, name=name,
+                          min_seconds=self.bench.min_seconds)
     xla = None
     if unrolled is not None:
       u_fn, u_state = unrolled
@@ -277,7 +278,8 @@ def _run_train(cfg, train_cfg: TrainConfig, bench: BenchConfig, data: list[dict]
     if cc.count != 1:
       raise AssertionError(f"bench part 'train': expected exactly one compilation, got {cc.count} ({cc.names})")
     t, state = timing.time_stateful(lambda s, i: compiled(s, dev[i % len(dev)]), state,
-                                    warmup=bench.warmup, repeats=bench.repeats, name="train")
+                                    warmup=bench.warmup, repeats=bench.repeats, name="train",
+                                    min_seconds=bench.min_seconds)
   xla = None
   if bench.xla_flops:
     u_model_fn = _model_fn(dataclasses.replace(cfg, scan_layers=False), bench.seed)

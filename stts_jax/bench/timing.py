@@ -166,9 +166,19 @@ def _check_counts(warmup: int, repeats: int) -> None:
     raise ValueError(f"timing: need warmup >= 0 and repeats >= 1, got warmup={warmup}, repeats={repeats}")
 
 
-def time_calls(call: Callable[[int], Any], *, warmup: int = 1, repeats: int = 5, name: str = "") -> Timing:
+def _more(i: int, warmup: int, repeats: int, seconds: list[float], min_seconds: float, max_repeats: int) -> bool:
+  """Keep timing until `repeats` timed calls *and* `min_seconds` of timed work (cheap parts get
+  many repeats, so their medians are as stable as the expensive ones'), at most `max_repeats`."""
+  if i < warmup + repeats:
+    return True
+  return sum(seconds) < min_seconds and len(seconds) < max(max_repeats, repeats)
+
+
+def time_calls(call: Callable[[int], Any], *, warmup: int = 1, repeats: int = 5, name: str = "",
+               min_seconds: float = 0.0, max_repeats: int = 100) -> Timing:
   """Times `call(i)` for i = 0, 1, ... (a compiled function closed over its inputs; `i` lets the
-  caller rotate through several inputs); blocks on the whole output of each call.
+  caller rotate through several inputs); blocks on the whole output of each call. At least
+  `repeats` timed calls, more until `min_seconds` of timed calls (at most `max_repeats`).
 
   Raises if anything compiles during the warm-up or timed calls (a timed region must run
   already compiled code only).
@@ -176,26 +186,30 @@ def time_calls(call: Callable[[int], Any], *, warmup: int = 1, repeats: int = 5,
   _check_counts(warmup, repeats)
   seconds, cpu = [], []
   with CompileCounter() as cc:
-    for i in range(warmup + repeats):
+    i = 0
+    while _more(i, warmup, repeats, seconds, min_seconds, max_repeats):
       c0, t0 = time.process_time(), time.perf_counter()
       jax.block_until_ready(call(i))
       dt, dc = time.perf_counter() - t0, time.process_time() - c0
       if i >= warmup:
         seconds.append(dt)
         cpu.append(dc)
+      i += 1
   if cc.count:
     raise RuntimeError(f"timing {name!r}: {cc.count} compilation(s) inside the timed region: {cc.names}")
   return Timing(name=name, seconds=tuple(seconds), warmup=warmup, cpu_seconds=tuple(cpu))
 
 
 def time_stateful(step: Callable[[Any, int], tuple[Any, Any]], state: Any, *, warmup: int = 1,
-                  repeats: int = 5, name: str = "") -> tuple[Timing, Any]:
+                  repeats: int = 5, name: str = "", min_seconds: float = 0.0,
+                  max_repeats: int = 100) -> tuple[Timing, Any]:
   """Times `state, out = step(state, i)` with the state threaded through the calls (so a donated
-  state is never reused). Returns the timing and the final state."""
+  state is never reused); repeats as `time_calls`. Returns the timing and the final state."""
   _check_counts(warmup, repeats)
   seconds, cpu = [], []
   with CompileCounter() as cc:
-    for i in range(warmup + repeats):
+    i = 0
+    while _more(i, warmup, repeats, seconds, min_seconds, max_repeats):
       c0, t0 = time.process_time(), time.perf_counter()
       state, out = step(state, i)
       jax.block_until_ready((state, out))
@@ -203,6 +217,7 @@ def time_stateful(step: Callable[[Any, int], tuple[Any, Any]], state: Any, *, wa
       if i >= warmup:
         seconds.append(dt)
         cpu.append(dc)
+      i += 1
   if cc.count:
     raise RuntimeError(f"timing {name!r}: {cc.count} compilation(s) inside the timed region: {cc.names}")
   return Timing(name=name, seconds=tuple(seconds), warmup=warmup, cpu_seconds=tuple(cpu)), state

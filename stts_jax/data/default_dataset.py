@@ -73,6 +73,7 @@ class Spec:
   crf: int = 18
   seed: int = 0
   distractors: bool = True      # False: calm camera, no movers/decoys/flicker (an easy curriculum stage)
+  background_contrast: float = 1.0   # footage (and movers, flicker) contrast around mid-grey; events stay full
   version: int = 2
 
 
@@ -140,6 +141,8 @@ def render_clip(split: str, index: int, spec: Spec) -> tuple[np.ndarray, dict[st
   meta["movers"] = num_movers
   flicker = spec.distractors and rng.random() < FLICKER_P
   meta["flicker_frames"] = synth.add_flicker(rng, clip) if flicker else []
+  if spec.background_contrast != 1.0:
+    clip[:] = synth.reduce_contrast(clip, spec.background_contrast)
   corner = rng.random() < 0.5
   windows = CORNERS if corner else tuple(w for w in range(grid_w * grid_w) if w not in CORNERS)
   window = int(rng.choice(windows))

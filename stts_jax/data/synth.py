@@ -245,6 +245,13 @@ def add_flicker(rng: np.random.Generator, clip: np.ndarray) -> list[int]:
   return frames
 
 
+def reduce_contrast(frames: np.ndarray, contrast: float) -> np.ndarray:
+  """uint8 frames pulled towards mid-grey: 128 + contrast * (x - 128)."""
+  if not 0.0 <= contrast <= 1.0:
+    raise ValueError(f"contrast must be in [0, 1], got {contrast}")
+  return np.clip(np.rint(128.0 + contrast * (frames.astype(np.float32) - 128.0)), 0, 255).astype(np.uint8)
+
+
 def face_rgb(face: np.ndarray, side: int, tint: np.ndarray) -> np.ndarray:
   """A [25, 25] face in [0, 1], contrast-stretched, resized to side x side and tinted, uint8."""
   f = (face - face.min()) / max(face.max() - face.min(), 1e-6)

@@ -134,7 +134,7 @@ class VisionTransformer(nnx.Module):
     self.patch_embedding = layers.Linear(cfg.patch_dim, cfg.hidden_size, names=("patch_in", "vit_embed"),
                                          rngs=rngs, **kw)
     self.positional_embedding = nnx.Param(partitioning.with_names(
-        nnx.initializers.normal(0.02), ("vit_pos", "vit_embed"))(
+        nnx.initializers.normal(cfg.position_init_std), ("vit_pos", "vit_embed"))(
             rngs.params(), (cfg.num_patches, cfg.hidden_size), param_dtype))
     if scan_layers:
       @nnx.split_rngs(splits=num_layers)

@@ -82,3 +82,25 @@ def test_bad_counts_are_rejected():
     timing.time_calls(lambda i: jnp.ones(1), warmup=0, repeats=0)
   with pytest.raises(ValueError, match="warmup"):
     timing.time_stateful(lambda s, i: (s, s), jnp.ones(1), warmup=-1, repeats=1)
+
+
+def test_min_seconds_adds_repeats_up_to_the_cap():
+  """A cheap call is repeated until `min_seconds` of timed work (capped); an expensive one stops
+  at `repeats`."""
+  import time as time_lib
+
+  def sleeper(seconds):
+    def call(i):
+      time_lib.sleep(seconds)
+      return jnp.ones(1)
+    return call
+
+  cheap = timing.time_calls(sleeper(0.002), warmup=1, repeats=2, min_seconds=0.05, max_repeats=1000)
+  assert 0.05 <= sum(cheap.seconds) < 0.05 + 0.02 and 10 <= len(cheap.seconds) <= 25
+  capped = timing.time_calls(sleeper(0.002), warmup=0, repeats=2, min_seconds=10.0, max_repeats=6)
+  assert len(capped.seconds) == 6
+  slow = timing.time_calls(sleeper(0.03), warmup=0, repeats=2, min_seconds=0.05)
+  assert len(slow.seconds) == 2
+  t, state = timing.time_stateful(lambda s, i: (s + 1, s), np.zeros(()), warmup=1, repeats=1,
+                                  min_seconds=0.0)
+  assert len(t.seconds) == 1 and float(state) == 2.0
