@@ -32,7 +32,7 @@ SEQ_LEN = 232          # longest default-dataset prompt is 227 tokens
 def model_config(method: str = "stts", ratio: float = 0.5) -> config_lib.ModelConfig:
   """The demo Molmo2: ViT 10 x 32 (126 px), adapter taps 9 and 6, decoder 2 x 64, scorer after block 0."""
   vit = config_lib.ViTConfig(hidden_size=32, intermediate_size=128, num_layers=10, num_heads=2, head_dim=16,
-                             patch_size=14, image_size=126)
+                             patch_size=14, image_size=126, position_init_std=1.0)
   adapter = config_lib.AdapterConfig(vit_layers=(9, 6), num_heads=2, head_dim=16, intermediate_size=192)
   llm = config_lib.LLMConfig(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
                              intermediate_size=192, vocab_size=VOCAB, additional_vocab_size=128,
@@ -44,8 +44,8 @@ def model_config(method: str = "stts", ratio: float = 0.5) -> config_lib.ModelCo
 
 
 def get_config(arg=None) -> ml_collections.ConfigDict:
-  arg = common.parse_arg(arg, data="", method="stts", ratio=0.5, steps=600, batch=16, lr=1e-3, seed=0,
-                         runlocal=False)
+  arg = common.parse_arg(arg, data="", method="stts", ratio=0.5, steps=400, batch=16, lr=1e-3, seed=0,
+                         pretrain=200, runlocal=False)
   from stts_jax.data import default_dataset
   from stts_jax.experiments import config as job_config   # registers the `job` section
   del job_config
@@ -63,13 +63,13 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
       num_steps=steps, grad_accum=1, aux_weight=0.5, seed=arg.seed, log_every=2 if arg.runlocal else 10,
       eval_every=0, checkpoint_every=3 if arg.runlocal else 100, max_to_keep=2, tensorboard=False,
       optim=dict(learning_rate=arg.lr, scorer_learning_rate=arg.lr, warmup_steps=min(50, steps // 10),
-                 weight_decay=0.0, clip_norm=1.0))
+                 weight_decay=0.0, clip_norm=1.0, vision_learning_rate=arg.lr * 0.1))
   cfg.mesh = dict(data=-1, fsdp=1, tensor=1)
   cfg.eval = dict(split="test", evaluators=("multiple_choice",), mc_modes=("likelihood",),
                   batch_size=8 if arg.runlocal else 32, warmup=1)
   if arg.runlocal:
     cfg.job = dict(seeds=(arg.seed,), dataset_clips=(40, 8, 16), eval_ratios=(arg.ratio,), eval_examples=16,
-                   speed_batches=1, speed_warmup=1, speed_repeats=2, grid_clips=1)
+                   speed_batches=1, speed_warmup=1, speed_repeats=2, grid_clips=1, vision_pretrain_steps=4)
   else:
-    cfg.job = dict(seeds=(arg.seed,))
+    cfg.job = dict(seeds=(arg.seed,), vision_pretrain_steps=arg.pretrain)
   return cfg

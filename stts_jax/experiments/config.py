@@ -28,6 +28,8 @@ class JobConfig:
     calls per variant, timed rounds; every round times each variant once on the same batch).
   grid_clips: test clips drawn in the keep-mask frame grid.
   min_train_speedup / max_accuracy_gap / min_gain_over_random: the checks printed with the table.
+  vision_pretrain_steps / vision_pretrain_lr: stage 0, the vision tower pretraining shared by every
+    run (`vision_pretrain.py`); 0 steps: the runs start from a random tower.
   """
   seeds: tuple[int, ...] = (0,)
   dataset_clips: Optional[tuple[int, int, int]] = None
@@ -42,6 +44,8 @@ class JobConfig:
   min_train_speedup: float = 1.3
   max_accuracy_gap: float = 0.03
   min_gain_over_random: float = 0.05
+  vision_pretrain_steps: int = 0
+  vision_pretrain_lr: float = 1e-3
 
   def validate(self) -> "JobConfig":
     if not self.seeds or len(set(self.seeds)) != len(self.seeds):
@@ -55,6 +59,8 @@ class JobConfig:
       raise ValueError("job.eval_examples must be >= 1 or None")
     if min(self.speed_batches, self.speed_repeats) < 1 or self.speed_warmup < 0:
       raise ValueError("job: speed_batches and speed_repeats must be >= 1, speed_warmup >= 0")
+    if self.vision_pretrain_steps < 0 or self.vision_pretrain_lr <= 0:
+      raise ValueError("job: vision_pretrain_steps must be >= 0 and vision_pretrain_lr > 0")
     if self.grid_clips < 0 or self.dataset_workers < 0:
       raise ValueError("job: grid_clips and dataset_workers must be >= 0")
     return self

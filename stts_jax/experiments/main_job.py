@@ -33,6 +33,7 @@ from typing import Any, Optional
 import jax
 import ml_collections
 import numpy as np
+from flax import nnx
 
 from stts_jax import config as config_lib
 from stts_jax.data import default_dataset
@@ -44,6 +45,8 @@ from stts_jax.eval import runner
 from stts_jax.eval.config import EvalConfig
 from stts_jax.experiments import report as report_lib
 from stts_jax.experiments import speed as speed_lib
+from stts_jax.experiments import vision_pretrain
+from stts_jax.models import vlm
 from stts_jax.experiments.config import JobConfig
 from stts_jax.train import checkpoint as ckpt_lib
 from stts_jax.train import main as train_main
@@ -197,22 +200,49 @@ def read_history(run_dir: str) -> list[dict[str, Any]]:
   return [by_step[s] for s in sorted(by_step)]
 
 
-def train(job: Job, seed: int, run: str) -> dict[str, Any]:
-  """Trains (or reuses / resumes) one run; returns its status and summary."""
+def pretrain_vision(job: Job, progress: bool = True) -> Optional[tuple[dict[str, np.ndarray], dict[str, Any]]]:
+  """Stage 0 (`vision_pretrain.py`): the vision tower every run starts from; None if disabled."""
+  steps = job.job.vision_pretrain_steps
+  if steps == 0:
+    return None
+  pcfg = vision_pretrain.PretrainConfig(steps=steps, learning_rate=job.job.vision_pretrain_lr,
+                                        batch_size=job.data.batch_size)
+  out_dir = os.path.join(job.workdir, "vision_tower")
+  bar = None
+  if progress:
+    import tqdm
+    bar = tqdm.tqdm(total=steps, desc="vision tower", unit="step", dynamic_ncols=True, leave=False)
+  try:
+    params, meta = vision_pretrain.pretrain(job.model, job.data, pcfg, out_dir,
+                                            progress=bar.update if bar is not None else None)
+  finally:
+    if bar is not None:
+      bar.close()
+  job.say(f"  vision tower: {meta['status']} ({meta['steps']} steps, event recall "
+          f"{meta['final_event_recall']:.3f}) -> {out_dir}")
+  return params, meta
+
+
+def train(job: Job, seed: int, run: str,
+          vision: Optional[tuple[dict[str, np.ndarray], dict[str, Any]]] = None) -> dict[str, Any]:
+  """Trains (or reuses / resumes) one run, from the pretrained vision tower if given; returns its
+  status and summary."""
   run_dir = job.run_dir(seed, run)
   cfg = run_config(job, seed, run)
+  # What the run starts from is part of its identity (a different tower must not be resumed).
+  recorded = dict(cfg, vision_tower=vision[1]["settings"] if vision else None)
   os.makedirs(run_dir, exist_ok=True)
   cfg_path = os.path.join(run_dir, "run_config.json")
   if os.path.isfile(cfg_path):
     with open(cfg_path) as f:
       old = json.load(f)
-    diff = _diff(old, cfg)
+    diff = _diff(old, recorded)
     if diff:
       raise ValueError(f"{run_dir} was trained with a different config (differs in {diff}); use another "
                        f"--workdir or delete that directory")
   else:
     with open(cfg_path, "w") as f:
-      json.dump(cfg, f, indent=1)
+      json.dump(recorded, f, indent=1)
   steps = job.train.num_steps
   start = latest_step(run_dir)
   label = f"seed {seed} {run}"
@@ -223,7 +253,11 @@ def train(job: Job, seed: int, run: str) -> dict[str, Any]:
   else:
     job.say(f"  {label}: {'resuming at step ' + str(start) if start else 'training'} to {steps} steps -> {run_dir}")
     t0 = time.time()
-    result = train_main.train_and_evaluate(ml_collections.ConfigDict(cfg), run_dir)
+    model_fn = None
+    if vision is not None:
+      model_cfg, params = model_config_of(cfg), vision[0]
+      model_fn = lambda: vision_pretrain.load_into(vlm.Molmo2(model_cfg, rngs=nnx.Rngs(seed)), params)
+    result = train_main.train_and_evaluate(ml_collections.ConfigDict(cfg), run_dir, model_fn=model_fn)
     seconds = time.time() - t0
     if result.preempted:
       raise KeyboardInterrupt(f"{label}: stopped by SIGTERM (checkpoint saved; re-run to resume)")
@@ -404,7 +438,8 @@ def run(config: Any, workdir: str, *, seeds=None, steps=None, retime: bool = Fal
   wall[name] = time.time() - t0
 
   name, t0 = stage(2, "train", f"train: unpruned and {job.model.stts.method.upper()} (ratio {job.ratio:g}) per seed")
-  runs = {f"seed{s}/{r}": train(job, s, r) for s in seeds for r in RUNS}
+  vision = pretrain_vision(job, progress)
+  runs = {f"seed{s}/{r}": train(job, s, r, vision) for s in seeds for r in RUNS}
   wall[name] = time.time() - t0
 
   name, t0 = stage(3, "eval", f"eval on the {job.eval.split} split")

@@ -48,11 +48,15 @@ class OptimConfig:
   freeze: regexes (re.search) over paths; matching params get no gradient and no optimizer state.
   scorer_pattern / scorer_learning_rate: params matching the pattern use their own peak learning
     rate (None = the main one) under the same schedule shape.
+  vision_pattern / vision_learning_rate: the same for the vision tower (ViT + adapter; the scorer
+    pattern is matched first), e.g. a low rate for a pretrained tower under a fresh LLM.
   Weight decay applies to params of rank >= 2 only (not norms or biases).
   """
   learning_rate: float = 1e-5
   scorer_learning_rate: Optional[float] = None
   scorer_pattern: str = r"(^|/)scorer(/|$)"
+  vision_learning_rate: Optional[float] = None
+  vision_pattern: str = r"^(vit|adapter)/"
   freeze: tuple[str, ...] = ()
   warmup_steps: int = 0
   decay_steps: Optional[int] = None      # cosine length after warmup; None -> train.num_steps - warmup
@@ -64,13 +68,13 @@ class OptimConfig:
   clip_norm: float = 1.0                 # 0 disables clipping
 
   def validate(self):
-    if self.learning_rate < 0 or (self.scorer_learning_rate or 0.0) < 0:
+    if min(self.learning_rate, self.scorer_learning_rate or 0.0, self.vision_learning_rate or 0.0) < 0:
       raise ValueError("optim: learning rates must be >= 0")
     if self.warmup_steps < 0 or (self.decay_steps is not None and self.decay_steps < 1):
       raise ValueError("optim: warmup_steps must be >= 0 and decay_steps >= 1")
     if self.clip_norm < 0:
       raise ValueError("optim.clip_norm must be >= 0")
-    for pattern in (self.scorer_pattern, *self.freeze):
+    for pattern in (self.scorer_pattern, self.vision_pattern, *self.freeze):
       try:
         re.compile(pattern)
       except re.error as e:

@@ -23,10 +23,12 @@ def schedule(peak: float, cfg: TrainConfig) -> optax.Schedule:
 
 
 def schedules(cfg: TrainConfig) -> dict[str, optax.Schedule]:
-  """{'main': ..., 'scorer': ...} learning-rate schedules."""
+  """{'main': ..., 'scorer': ..., 'vision': ...} learning-rate schedules."""
   o = cfg.optim
   scorer_peak = o.learning_rate if o.scorer_learning_rate is None else o.scorer_learning_rate
-  return {"main": schedule(o.learning_rate, cfg), "scorer": schedule(scorer_peak, cfg)}
+  vision_peak = o.learning_rate if o.vision_learning_rate is None else o.vision_learning_rate
+  return {"main": schedule(o.learning_rate, cfg), "scorer": schedule(scorer_peak, cfg),
+          "vision": schedule(vision_peak, cfg)}
 
 
 def trainable(cfg: TrainConfig):
@@ -38,10 +40,17 @@ def trainable(cfg: TrainConfig):
   return nnx.All(nnx.Param, not_frozen)
 
 
-def _labels(pattern: str):
+def param_group(path: str, scorer_pattern: str, vision_pattern: str) -> str:
+  """'scorer', 'vision' or 'main' (the scorer pattern wins)."""
+  if re.search(scorer_pattern, path):
+    return "scorer"
+  return "vision" if re.search(vision_pattern, path) else "main"
+
+
+def _labels(scorer_pattern: str, vision_pattern: str):
   def label_tree(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(
-        lambda p, _: "scorer" if re.search(pattern, sharding.path_str(p)) else "main", params)
+        lambda p, _: param_group(sharding.path_str(p), scorer_pattern, vision_pattern), params)
   return label_tree
 
 
@@ -50,7 +59,7 @@ def _decay_mask(params: Any) -> Any:
 
 
 def make_tx(cfg: TrainConfig) -> optax.GradientTransformation:
-  """clip_by_global_norm -> multi_transform({main, scorer} AdamW). Frozen params never reach it
+  """clip_by_global_norm -> multi_transform({main, scorer, vision} AdamW). Frozen params never reach it
   (the NNX optimizer only holds `trainable(cfg)` params)."""
   o = cfg.optim
   sched = schedules(cfg)
@@ -58,8 +67,8 @@ def make_tx(cfg: TrainConfig) -> optax.GradientTransformation:
   def adamw(lr):
     return optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
                        mask=_decay_mask)
-  inner = optax.multi_transform({"main": adamw(sched["main"]), "scorer": adamw(sched["scorer"])},
-                                _labels(o.scorer_pattern))
+  inner = optax.multi_transform({name: adamw(sched[name]) for name in ("main", "scorer", "vision")},
+                                _labels(o.scorer_pattern, o.vision_pattern))
   if o.clip_norm > 0:
     return optax.chain(optax.clip_by_global_norm(o.clip_norm), inner)
   return inner

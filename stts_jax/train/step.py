@@ -85,7 +85,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, cfg: TrainConf
   `video_forward.VideoOutput`); default `video_forward.forward_video`.
   Metrics: loss, ce, aux_loss, kept_ratio (kept / real windows), loss_tokens, truncated_tokens
   (LLM tokens cut by the static length; should stay 0), grad_norm (before clipping), lr,
-  lr_scorer, skipped (this step), skipped_total, step.
+  lr_scorer, lr_vision, skipped (this step), skipped_total, step.
   """
   forward = forward or video_forward.forward_video
   model, optimizer = state.model, state.optimizer
@@ -149,6 +149,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, cfg: TrainConf
       "grad_norm": grad_norm,
       "lr": lr["main"],
       "lr_scorer": lr["scorer"],
+      "lr_vision": lr["vision"],
       "skipped": skipped,
       "skipped_total": state.skipped[...],
       "step": state.step[...],
