@@ -459,7 +459,9 @@ def run(config: Any, workdir: str, *, seeds=None, steps=None, retime: bool = Fal
   rep = report_lib.build_report(job_info={"workdir": job.workdir, "config": job.config.to_dict(),
                                           "ratio": job.ratio, "method": job.model.stts.method,
                                           "seeds": list(seeds), "steps": job.train.num_steps,
-                                          "train_batch": job.data.batch_size, "job": config_lib.to_dict(job.job)},
+                                          "train_batch": job.data.batch_size, "job": config_lib.to_dict(job.job),
+                                          "vision_tower": None if vision is None else
+                                          {k: v for k, v in vision[1].items() if k != "settings"}},
                                 env=env, dataset=dataset, runs=runs, evals=evals, speed=speed, wall=wall)
   files = report_lib.write_all(rep, histories, grid, job.workdir)
   say(report_lib.console_text(rep, files))

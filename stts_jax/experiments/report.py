@@ -171,7 +171,9 @@ def table_lines(report: Mapping[str, Any]) -> list[str]:
 def console_text(report: Mapping[str, Any], files: Mapping[str, str]) -> str:
   j = report["job"]
   out = ["", f"Results: {report['num_test_examples']} test examples, 4-way multiple choice (chance 25 %), "
-             f"{j['steps']} training steps per model, train batch {j['train_batch']}.", ""]
+             f"{j['steps']} training steps per model, train batch {j['train_batch']}"
+             + (f", both from a vision tower pretrained for {j['vision_tower']['steps']} steps (stage 0)"
+                if j.get("vision_tower") else "") + ".", ""]
   out += table_lines(report)
   out += ["", "Checks:"]
   out += [f"  [{'PASS' if c['passed'] else 'FAIL'}] {c['name']}: {c['value']}" for c in report["checks"]]

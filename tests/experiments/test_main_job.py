@@ -36,7 +36,12 @@ def test_demo_config_builds_and_traces():
   assert jax.tree.leaves(nnx.state(abstract, nnx.Param))
   built = config_lib.build(cfg)
   assert set(built) >= {"model", "data", "train", "mesh", "eval", "job"}
-  assert built["data"].seq_len == demo.SEQ_LEN and built["train"].num_steps == 600
+  assert built["data"].seq_len == demo.SEQ_LEN and built["train"].num_steps == 400
+  # The tower is pretrained (stage 0) and fine-tuned at a tenth of the LLM's rate, never frozen:
+  # a frozen tower would let the unpruned run skip the ViT backward that STTS's scorer still needs.
+  assert built["job"].vision_pretrain_steps == 200 and not built["train"].optim.freeze
+  assert built["train"].optim.vision_learning_rate == pytest.approx(0.1 * built["train"].optim.learning_rate)
+  assert model.vit.position_init_std == 1.0
   with pytest.raises(ValueError, match="unknown config arg"):
     demo.get_config("step=3")
 
@@ -204,10 +209,17 @@ def test_main_job_runlocal_end_to_end_and_rerun_reuses_everything(tmp_path):
     assert os.path.isfile(path), path
     assert path in text
   assert "| method" in text and "Checks:" in text
+  # Stage 0: one pretrained tower, recorded in both runs' configs and in the report.
+  assert "vision tower: trained (4 steps" in text
+  assert rep["job"]["vision_tower"]["steps"] == 4 and rep["job"]["vision_tower"]["status"] == "trained"
+  for run in ("unpruned", "stts"):
+    with open(os.path.join(tmp_path, "work", "seed0", run, "run_config.json")) as f:
+      assert json.load(f)["vision_tower"]["pretrain"]["steps"] == 4
   # Second run: every stage reuses what the first one wrote.
   lines2 = []
   rep2 = main_job.run(cfg, str(tmp_path / "work"), say=lines2.append, progress=False)
   assert [r["status"] for r in rep2["runs"].values()] == ["reused", "reused"]
   assert rep2["dataset"]["status"] == "reused"
   assert "reused" in "\n".join(lines2) and rep2["speed"] == rep["speed"]
+  assert "vision tower: reused" in "\n".join(lines2)
   assert [r["accuracy"] for r in rep2["table"]] == [r["accuracy"] for r in rep["table"]]

@@ -88,7 +88,7 @@ def test_pretraining_lowers_the_loss_and_is_reused(tiny_data, tmp_path):
   with open(os.path.join(out, "metrics.jsonl")) as f:
     hist = [json.loads(line) for line in f]
   assert [h["step"] for h in hist] == [10, 20, 30]
-  assert hist[-1]["loss"] < 0.5 * hist[0]["loss"]
+  assert hist[-1]["loss"] < 0.7 * hist[0]["loss"]
   # Reused without training when the settings match; other settings are an error.
   again, meta2 = vp.pretrain(model_cfg, data_cfg, cfg, out)
   assert meta2["status"] == "reused" and set(again) == set(params)
