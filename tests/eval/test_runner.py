@@ -154,3 +154,25 @@ def test_data_parallel_and_rebatched_predictions_equal_single_device(stts_model)
   for key in ("keep_mask", "tokens", "num_tokens", "num_kept", "prompt_tokens"):
     assert np.array_equal(rebatched[key], parallel[key]), key
   assert not np.array_equal(parallel["keep_mask"][0], parallel["keep_mask"][3])   # same T, other draw
+
+
+def test_variant_at_another_ratio_drops_a_row_count_sized_for_the_trained_ratio():
+  """The demo STTS model packs 8 frames into 5 rows at ratio 0.5; at ratio 0.25 its 54 kept windows
+  need 6, so the evaluation variant falls back to the proven bound instead of failing."""
+  from configs import demo
+  from stts_jax.eval import generate as gen_lib
+  from stts_jax.models import video_forward as vf
+  from stts_jax.models import vlm
+  from stts_jax.testing import synthetic_batches
+  model = vlm.Molmo2(demo.model_config("stts", 0.5), rngs=nnx.Rngs(0))
+  assert model.config.stts.num_rows == 5
+  same = gen_lib.model_variant(model, method="random", ratio=0.5)
+  assert same.config.stts.num_rows == 5
+  other = gen_lib.model_variant(model, method="stts", ratio=0.25)
+  assert other.config.stts.num_rows is None and other.config.stts.ratio == 0.25
+  assert gen_lib.model_variant(model, ratio=0.25, num_rows=7).config.stts.num_rows == 7
+  batch = next(iter(synthetic_batches.SyntheticBatches(model.config, 1, 8, demo.SEQ_LEN)))
+  vision = vf.vit_features_video(other, jax.numpy.asarray(batch["patches"]), jax.numpy.asarray(batch["frame_mask"]))
+  frames = int(np.sum(batch["frame_mask"]))
+  assert int(vision.keep_mask_btw.sum()) == budget.num_kept(frames, 9, 0.25)
+  assert budget.num_kept(8, 9, 0.25) == 54 > 5 * 9
