@@ -166,12 +166,26 @@ def _check_counts(warmup: int, repeats: int) -> None:
     raise ValueError(f"timing: need warmup >= 0 and repeats >= 1, got warmup={warmup}, repeats={repeats}")
 
 
-def _more(i: int, warmup: int, repeats: int, seconds: list[float], min_seconds: float, max_repeats: int) -> bool:
-  """Keep timing until `repeats` timed calls *and* `min_seconds` of timed work (cheap parts get
-  many repeats, so their medians are as stable as the expensive ones'), at most `max_repeats`."""
-  if i < warmup + repeats:
-    return True
-  return sum(seconds) < min_seconds and len(seconds) < max(max_repeats, repeats)
+def _timed_loop(run: Callable[[int], None], *, warmup: int, repeats: int, name: str, min_seconds: float,
+                max_repeats: int) -> Timing:
+  """Calls `run(i)` (which blocks on its outputs) `warmup` times untimed, then timed until there are
+  `repeats` timed calls *and* `min_seconds` of timed work, at most max(max_repeats, repeats) calls:
+  cheap parts get many calls, so their medians are as stable as the expensive ones'."""
+  _check_counts(warmup, repeats)
+  seconds, cpu = [], []
+  with CompileCounter() as cc:
+    i = 0
+    while i < warmup + repeats or (sum(seconds) < min_seconds and len(seconds) < max(max_repeats, repeats)):
+      c0, t0 = time.process_time(), time.perf_counter()
+      run(i)
+      dt, dc = time.perf_counter() - t0, time.process_time() - c0
+      if i >= warmup:
+        seconds.append(dt)
+        cpu.append(dc)
+      i += 1
+  if cc.count:
+    raise RuntimeError(f"timing {name!r}: {cc.count} compilation(s) inside the timed region: {cc.names}")
+  return Timing(name=name, seconds=tuple(seconds), warmup=warmup, cpu_seconds=tuple(cpu))
 
 
 def time_calls(call: Callable[[int], Any], *, warmup: int = 1, repeats: int = 5, name: str = "",
@@ -183,21 +197,8 @@ def time_calls(call: Callable[[int], Any], *, warmup: int = 1, repeats: int = 5,
   Raises if anything compiles during the warm-up or timed calls (a timed region must run
   already compiled code only).
   """
-  _check_counts(warmup, repeats)
-  seconds, cpu = [], []
-  with CompileCounter() as cc:
-    i = 0
-    while _more(i, warmup, repeats, seconds, min_seconds, max_repeats):
-      c0, t0 = time.process_time(), time.perf_counter()
-      jax.block_until_ready(call(i))
-      dt, dc = time.perf_counter() - t0, time.process_time() - c0
-      if i >= warmup:
-        seconds.append(dt)
-        cpu.append(dc)
-      i += 1
-  if cc.count:
-    raise RuntimeError(f"timing {name!r}: {cc.count} compilation(s) inside the timed region: {cc.names}")
-  return Timing(name=name, seconds=tuple(seconds), warmup=warmup, cpu_seconds=tuple(cpu))
+  return _timed_loop(lambda i: jax.block_until_ready(call(i)), warmup=warmup, repeats=repeats, name=name,
+                     min_seconds=min_seconds, max_repeats=max_repeats)
 
 
 def time_stateful(step: Callable[[Any, int], tuple[Any, Any]], state: Any, *, warmup: int = 1,
@@ -205,19 +206,11 @@ def time_stateful(step: Callable[[Any, int], tuple[Any, Any]], state: Any, *, wa
                   max_repeats: int = 100) -> tuple[Timing, Any]:
   """Times `state, out = step(state, i)` with the state threaded through the calls (so a donated
   state is never reused); repeats as `time_calls`. Returns the timing and the final state."""
-  _check_counts(warmup, repeats)
-  seconds, cpu = [], []
-  with CompileCounter() as cc:
-    i = 0
-    while _more(i, warmup, repeats, seconds, min_seconds, max_repeats):
-      c0, t0 = time.process_time(), time.perf_counter()
-      state, out = step(state, i)
-      jax.block_until_ready((state, out))
-      dt, dc = time.perf_counter() - t0, time.process_time() - c0
-      if i >= warmup:
-        seconds.append(dt)
-        cpu.append(dc)
-      i += 1
-  if cc.count:
-    raise RuntimeError(f"timing {name!r}: {cc.count} compilation(s) inside the timed region: {cc.names}")
-  return Timing(name=name, seconds=tuple(seconds), warmup=warmup, cpu_seconds=tuple(cpu)), state
+  box = [state]
+
+  def run(i: int) -> None:
+    box[0], out = step(box[0], i)
+    jax.block_until_ready((box[0], out))
+  t = _timed_loop(run, warmup=warmup, repeats=repeats, name=name, min_seconds=min_seconds,
+                  max_repeats=max_repeats)
+  return t, box[0]
