@@ -44,7 +44,7 @@ def model_config(method: str = "stts", ratio: float = 0.5) -> config_lib.ModelCo
 
 
 def get_config(arg=None) -> ml_collections.ConfigDict:
-  arg = common.parse_arg(arg, data="", method="stts", ratio=0.5, steps=400, batch=16, lr=1.5e-3, seed=0,
+  arg = common.parse_arg(arg, data="", method="stts", ratio=0.5, steps=400, batch=16, lr=1e-3, seed=0,
                          pretrain=200, runlocal=False)
   from stts_jax.data import default_dataset
   from stts_jax.experiments import config as job_config   # registers the `job` section
@@ -62,10 +62,8 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   cfg.train = dict(
       num_steps=steps, grad_accum=1, aux_weight=0.5, seed=arg.seed, log_every=2 if arg.runlocal else 10,
       eval_every=0, checkpoint_every=3 if arg.runlocal else 100, max_to_keep=2, tensorboard=False,
-      # The answer is learnt late (~step 150-250, after the LLM finds the event tokens), so the
-      # cosine keeps a high floor instead of decaying to 0 while the model is still learning.
-      optim=dict(learning_rate=arg.lr, scorer_learning_rate=arg.lr, warmup_steps=min(20, steps // 10),
-                 min_lr_ratio=0.3, weight_decay=0.0, clip_norm=1.0, vision_learning_rate=arg.lr * 0.1))
+      optim=dict(learning_rate=arg.lr, scorer_learning_rate=arg.lr, warmup_steps=min(50, steps // 10),
+                 weight_decay=0.0, clip_norm=1.0, vision_learning_rate=arg.lr * 0.1))
   cfg.mesh = dict(data=-1, fsdp=1, tensor=1)
   cfg.eval = dict(split="test", evaluators=("multiple_choice",), mc_modes=("likelihood",),
                   batch_size=8 if arg.runlocal else 32, warmup=1)
