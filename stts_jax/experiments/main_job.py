@@ -208,15 +208,17 @@ def pretrain_vision(job: Job, progress: bool = True) -> Optional[tuple[dict[str,
   pcfg = vision_pretrain.PretrainConfig(steps=steps, learning_rate=job.job.vision_pretrain_lr,
                                         batch_size=job.data.batch_size)
   out_dir = os.path.join(job.workdir, "vision_tower")
-  bar = None
-  if progress:
-    import tqdm
-    bar = tqdm.tqdm(total=steps, desc="vision tower", unit="step", dynamic_ncols=True, leave=False)
+  bars = []
+
+  def tick(n: int) -> None:
+    if not bars:          # created on the first step: a reused tower shows no bar
+      import tqdm
+      bars.append(tqdm.tqdm(total=steps, desc="vision tower", unit="step", dynamic_ncols=True, leave=False))
+    bars[0].update(n)
   try:
-    params, meta = vision_pretrain.pretrain(job.model, job.data, pcfg, out_dir,
-                                            progress=bar.update if bar is not None else None)
+    params, meta = vision_pretrain.pretrain(job.model, job.data, pcfg, out_dir, progress=tick if progress else None)
   finally:
-    if bar is not None:
+    for bar in bars:
       bar.close()
   job.say(f"  vision tower: {meta['status']} ({meta['steps']} steps, event recall "
           f"{meta['final_event_recall']:.3f}) -> {out_dir}")
