@@ -142,3 +142,15 @@ def test_labels_match_the_visible_event_through_the_pipeline(built):
         total += 1
   assert total == sum(len(read(out, s)) for s in default_dataset.SPLITS)
   assert right / total >= 0.9, (right, total)
+
+
+def test_reduce_contrast_pulls_towards_mid_grey():
+  from stts_jax.data import synth
+  x = np.array([[0, 128, 255]], np.uint8)
+  np.testing.assert_array_equal(synth.reduce_contrast(x, 0.5), [[64, 128, 192]])
+  np.testing.assert_array_equal(synth.reduce_contrast(x, 1.0), x)
+  with pytest.raises(ValueError, match="contrast"):
+    synth.reduce_contrast(x, 1.5)
+  dim, _ = default_dataset.render_clip("train", 3, default_dataset.Spec(background_contrast=0.3))
+  full, _ = default_dataset.render_clip("train", 3, default_dataset.Spec())
+  assert dim.std() < full.std()
