@@ -37,8 +37,10 @@ def model_config(method: str = "stts", ratio: float = 0.5) -> config_lib.ModelCo
   llm = config_lib.LLMConfig(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
                              intermediate_size=192, vocab_size=VOCAB, additional_vocab_size=128,
                              rope_theta=10000.0, max_position_embeddings=4096)
+  # pool_init_std 1/sqrt(32): with the authors' 0.02 (sized for width 1152) the pooled window features
+  # of this 32-wide ViT start ~40x too small and the scorer did not learn to rank (docs/main_job.md).
   stts = config_lib.STTSConfig(method=method, ratio=ratio, prune_at=0, scorer_hidden=128, scorer_heads=2,
-                               num_rows=5 if method != "none" else None)
+                               pool_init_std=32 ** -0.5, num_rows=5 if method != "none" else None)
   tokens = config_lib.TokenIds.for_vocab(VOCAB, chat_start=VOCAB - 3, chat_end=VOCAB - 2, pad=VOCAB - 1)
   return config_lib.ModelConfig(vit=vit, adapter=adapter, llm=llm, stts=stts, tokens=tokens).validate()
 

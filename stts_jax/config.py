@@ -212,6 +212,9 @@ class STTSConfig:
   window: tuple[int, int] = (3, 3)       # patches per window (= adapter video_pool)
   scorer_hidden: int = 4304
   scorer_heads: int = 16
+  # Std of the attention pooler's q/k/v/o weights at init (the authors: 0.02, sized for D = 1152).
+  # The pooled output scales like std^2 * D, so narrow demo ViTs need ~1/sqrt(D) to start learning.
+  pool_init_std: float = 0.02
   bias_rescale_scope: str = "window_row"  # window_row | frame
   llm_prune: bool = True                 # also drop pruned windows' tokens from the LLM sequence
   num_rows: Optional[int] = None         # packed ViT rows per video; None -> proven bound
@@ -226,6 +229,8 @@ class STTSConfig:
       raise ValueError(f"stts.bias_rescale_scope must be 'window_row' or 'frame', got {self.bias_rescale_scope!r}")
     if self.prune_at < 0:
       raise ValueError("stts.prune_at must be >= 0")
+    if not self.pool_init_std > 0:
+      raise ValueError(f"stts.pool_init_std must be > 0, got {self.pool_init_std}")
 
   @property
   def prunes(self) -> bool:

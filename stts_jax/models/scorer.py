@@ -8,7 +8,7 @@ hidden [.., T, P, D] (ViT output of block `prune_at`)
      video (never another video's frame)                                      -> [.., T, W, 2D]
   -> MLP 2D -> F -> F -> 1, SiLU after the first two layers, sigmoid          -> scores [.., T, W]
 
-Initialisation follows the authors: pooler weights normal(0, 0.02), MLP weights truncated normal
+Initialisation follows the authors: pooler weights normal(0, 0.02) (`stts.pool_init_std`), MLP weights truncated normal
 with std sqrt(1 / fan_in) cut at -2 and +2 (absolute values, as torch.nn.init.trunc_normal_'s
 a=-2, b=2), all biases zero.
 """
@@ -24,7 +24,6 @@ from stts_jax.config import STTSConfig
 from stts_jax.models import partitioning
 from stts_jax.models import windows as windows_lib
 
-POOLER_INIT_STD = 0.02
 MLP_TRUNC_BOUND = 2.0
 
 
@@ -56,7 +55,7 @@ class WindowScorer(nnx.Module):
     self.num_heads = cfg.scorer_heads
     self.head_dim = d // cfg.scorer_heads
     self.dtype = dtype
-    pool_init = nnx.initializers.normal(POOLER_INIT_STD)
+    pool_init = nnx.initializers.normal(cfg.pool_init_std)
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.q_proj = _linear(d, d, ("vit_embed", "vit_heads"), ("vit_heads",), pool_init, **kw)
     self.k_proj = _linear(d, d, ("vit_embed", "vit_heads"), ("vit_heads",), pool_init, **kw)

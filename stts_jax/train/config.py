@@ -91,10 +91,15 @@ class TrainConfig:
     the same update as grad_accum=1 (up to float rounding).
   skip_nonfinite: a step whose loss or gradient norm is not finite leaves params and optimizer
     state unchanged and increments the `skipped` counter (in the compiled step).
+  scorer_warmup_steps / scorer_warmup_lr: before step 1 of a fresh run, fit the STTS scorer alone
+    to the temporal aux target on this many training batches (Adam at this rate, ViT frozen; the
+    data iterator is rewound afterwards). See `stts_jax/train/scorer_warmup.py`. 0: off.
   """
   num_steps: int = 1000
   grad_accum: int = 1
   aux_weight: float = 0.5
+  scorer_warmup_steps: int = 0
+  scorer_warmup_lr: float = 3e-3
   seed: int = 0
   skip_nonfinite: bool = True
   log_every: int = 10
@@ -113,6 +118,9 @@ class TrainConfig:
   def validate(self):
     if self.num_steps < 1 or self.grad_accum < 1:
       raise ValueError("train: num_steps and grad_accum must be >= 1")
+    if self.scorer_warmup_steps < 0 or not self.scorer_warmup_lr > 0:
+      raise ValueError(f"train: scorer_warmup_steps must be >= 0 and scorer_warmup_lr > 0, got "
+                       f"{self.scorer_warmup_steps}, {self.scorer_warmup_lr}")
     if self.log_every < 1 or self.eval_every < 0 or self.checkpoint_every < 0:
       raise ValueError("train: log_every >= 1, eval_every >= 0, checkpoint_every >= 0")
     if self.barrier_timeout_s <= 0:

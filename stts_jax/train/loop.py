@@ -71,6 +71,34 @@ def init_state(model_fn: Callable[[], nnx.Module], cfg: TrainConfig, mesh: jax.s
   return graphdef, state, shardings
 
 
+def warm_up_scorer(graphdef: Any, state: nnx.State, shardings: Any, data_iter: Any, cfg: TrainConfig,
+                   mesh: jax.sharding.Mesh, rules: Sequence[tuple[str, Any]]) -> tuple[nnx.State, dict[str, Any]]:
+  """`scorer_warmup.warm_up_scorer` on the model of a freshly initialised TrainState, on the first
+  `cfg.scorer_warmup_steps` batches of `data_iter`, which is then rewound (the main phase sees the
+  batches an unpruned run would). Returns the state in `shardings` and the warm-up summary."""
+  from stts_jax.train import scorer_warmup
+  train_state = nnx.merge(graphdef, state)
+  if train_state.model.scorer is None:
+    raise ValueError("train.scorer_warmup_steps > 0 but the model has no STTS scorer (stts.method != 'stts')")
+  rewind = data_iter.get_state()
+  bar = None
+  if cfg.progress_bar and jax.process_index() == 0:
+    import tqdm
+    bar = tqdm.tqdm(total=cfg.scorer_warmup_steps, desc="scorer warm-up", dynamic_ncols=True, leave=False)
+  try:
+    with jax.set_mesh(mesh):
+      summary = scorer_warmup.warm_up_scorer(
+          train_state.model, data_iter, steps=cfg.scorer_warmup_steps, learning_rate=cfg.scorer_warmup_lr,
+          shard=lambda b: sharding.shard_batch(dict(b), mesh, rules), progress=bar.update if bar else None)
+  finally:
+    if bar is not None:
+      bar.close()
+  data_iter.set_state(rewind)
+  log.info("scorer warm-up: %d steps, aux loss %.4f -> %.4f", summary["steps"], summary["aux_loss_first"],
+           summary["aux_loss_last"])
+  return jax.device_put(nnx.split(train_state)[1], shardings), summary
+
+
 def make_step_fn(graphdef: Any, state_shardings: Any, batch_shardings: Mapping[str, Any],
                  mesh: jax.sharding.Mesh, rules: Sequence[tuple[str, Any]], cfg: TrainConfig,
                  forward: Optional[step_lib.Forward] = None):
@@ -193,8 +221,11 @@ def run(model_fn: Callable[[], nnx.Module], data_iter: Iterator[Mapping[str, np.
   checkpointer = ckpt_lib.Checkpointer(os.path.join(os.path.abspath(workdir), "checkpoints"),
                                        max_to_keep=cfg.max_to_keep, async_save=cfg.async_checkpoint)
   latest = checkpointer.latest_step()
+  warmup_summary = None
   if latest is None:
     graphdef, state, shardings = init_state(model_fn, cfg, mesh, rules)
+    if cfg.scorer_warmup_steps:
+      state, warmup_summary = warm_up_scorer(graphdef, state, shardings, data_iter, cfg, mesh, rules)
   else:
     graphdef, abs_state, shardings = abstract_state(model_fn, cfg, mesh, rules)
     state, _ = checkpointer.restore(latest, abs_state, data_iter)
@@ -203,6 +234,10 @@ def run(model_fn: Callable[[], nnx.Module], data_iter: Iterator[Mapping[str, np.
   writer = _MetricsWriter(workdir, cfg.tensorboard)
   id_log = _ExampleIdLog(workdir, cfg.log_example_ids)
   history: list[dict[str, float]] = []
+  if warmup_summary is not None:
+    record = {f"scorer_warmup/{k}": float(v) for k, v in warmup_summary.items()}
+    writer.write(0, record)
+    history.append({"step": 0.0, **record})
   step_fn = None
   preempted = False
   config_json = config_json or {}

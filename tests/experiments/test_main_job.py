@@ -42,6 +42,7 @@ def test_demo_config_builds_and_traces():
   assert built["job"].vision_pretrain_steps == 200 and not built["train"].optim.freeze
   assert built["train"].optim.vision_learning_rate == pytest.approx(0.1 * built["train"].optim.learning_rate)
   assert model.vit.position_init_std == 1.0
+  assert abs(model.stts.pool_init_std - model.vit.hidden_size ** -0.5) < 1e-9
   with pytest.raises(ValueError, match="unknown config arg"):
     demo.get_config("step=3")
 

@@ -76,6 +76,21 @@ def test_init_follows_authors_and_names_axes():
   assert names[("fc1", "bias")] == ("scorer_mlp",)
 
 
+def test_pool_init_std_scales_the_pooler_only():
+  d = 64
+  cfg = STTSConfig(method="stts", scorer_hidden=128, scorer_heads=4, pool_init_std=1 / math.sqrt(d))
+  wide, base = WindowScorer(d, cfg, rngs=nnx.Rngs(3)), _scorer(d=d, f=128, heads=4, seed=3)
+  for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
+    assert abs(np.asarray(getattr(wide, n).kernel[...]).std() - 0.125) < 0.01
+  np.testing.assert_array_equal(np.asarray(wide.fc1.kernel[...]), np.asarray(base.fc1.kernel[...]))
+  # the pooled feature's scale grows like std^2 * D: the reason narrow ViTs need the larger std
+  x = jax.random.normal(jax.random.key(0), (2, 9, 9, d))
+  ratio = float(jnp.std(wide.pool(x)) / jnp.std(base.pool(x)))
+  assert 20 < ratio < 60
+  with pytest.raises(ValueError, match="pool_init_std"):
+    STTSConfig(method="stts", pool_init_std=0.0).validate()
+
+
 def test_truncation_is_absolute_like_torch():
   from stts_jax.models.scorer import torch_trunc_normal
   w = np.asarray(torch_trunc_normal(1.5)(jax.random.key(0), (20000,)))
