@@ -63,6 +63,8 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
                                                             shuffle_seed=arg.seed))
   cfg.train = dict(
       num_steps=steps, grad_accum=1, aux_weight=0.5, seed=arg.seed, log_every=2 if arg.runlocal else 10,
+      # A fresh scorer first fits the aux target alone (~10 s): see stts_jax/train/scorer_warmup.py.
+      scorer_warmup_steps=(4 if arg.runlocal else 300) if arg.method == "stts" else 0,
       eval_every=0, checkpoint_every=3 if arg.runlocal else 100, max_to_keep=2, tensorboard=False,
       optim=dict(learning_rate=arg.lr, scorer_learning_rate=arg.lr, warmup_steps=min(50, steps // 10),
                  weight_decay=0.0, clip_norm=1.0, vision_learning_rate=arg.lr * 0.1))
@@ -71,7 +73,8 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
                   batch_size=8 if arg.runlocal else 32, warmup=1)
   if arg.runlocal:
     cfg.job = dict(seeds=(arg.seed,), dataset_clips=(40, 8, 16), eval_ratios=(arg.ratio,), eval_examples=16,
-                   speed_batches=1, speed_warmup=1, speed_repeats=2, grid_clips=1, vision_pretrain_steps=4)
+                   speed_batches=1, speed_warmup=1, speed_repeats=2, grid_clips=1, vision_pretrain_steps=4,
+                   vision_pretrain_pruned_ratio=arg.ratio)
   else:
-    cfg.job = dict(seeds=(arg.seed,), vision_pretrain_steps=arg.pretrain)
+    cfg.job = dict(seeds=(arg.seed,), vision_pretrain_steps=arg.pretrain, vision_pretrain_pruned_ratio=arg.ratio)
   return cfg

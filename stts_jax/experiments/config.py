@@ -30,6 +30,8 @@ class JobConfig:
   min_train_speedup / max_accuracy_gap / min_gain_over_random: the checks printed with the table.
   vision_pretrain_steps / vision_pretrain_lr: stage 0, the vision tower pretraining shared by every
     run (`vision_pretrain.py`); 0 steps: the runs start from a random tower.
+  vision_pretrain_pruned_ratio: also pretrain the tower in the pruned path (random windows dropped
+    at this ratio after `prune_at`); 0: full-context path only.
   """
   seeds: tuple[int, ...] = (0,)
   dataset_clips: Optional[tuple[int, int, int]] = None
@@ -46,6 +48,7 @@ class JobConfig:
   min_gain_over_random: float = 0.05
   vision_pretrain_steps: int = 0
   vision_pretrain_lr: float = 1e-3
+  vision_pretrain_pruned_ratio: float = 0.0
 
   def validate(self) -> "JobConfig":
     if not self.seeds or len(set(self.seeds)) != len(self.seeds):
@@ -61,6 +64,8 @@ class JobConfig:
       raise ValueError("job: speed_batches and speed_repeats must be >= 1, speed_warmup >= 0")
     if self.vision_pretrain_steps < 0 or self.vision_pretrain_lr <= 0:
       raise ValueError("job: vision_pretrain_steps must be >= 0 and vision_pretrain_lr > 0")
+    if not 0.0 <= self.vision_pretrain_pruned_ratio < 1.0:
+      raise ValueError(f"job: vision_pretrain_pruned_ratio must be in [0, 1), got {self.vision_pretrain_pruned_ratio}")
     if self.grid_clips < 0 or self.dataset_workers < 0:
       raise ValueError("job: grid_clips and dataset_workers must be >= 0")
     return self

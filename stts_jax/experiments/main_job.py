@@ -159,6 +159,7 @@ def run_config(job: Job, seed: int, run: str) -> dict[str, Any]:
     d.pop(k, None)
   if run == "unpruned":
     d["model"]["stts"] = dict(d["model"]["stts"], method="none", num_rows=None)
+    d["train"] = dict(d["train"], scorer_warmup_steps=0)     # no scorer to warm up
   d["train"] = dict(d["train"], seed=seed)
   d["data"] = dict(d["data"], shuffle_seed=seed)
   d["name"] = f"{d.get('name', 'main_job')}_{run}_seed{seed}"
@@ -206,7 +207,8 @@ def pretrain_vision(job: Job, progress: bool = True) -> Optional[tuple[dict[str,
   if steps == 0:
     return None
   pcfg = vision_pretrain.PretrainConfig(steps=steps, learning_rate=job.job.vision_pretrain_lr,
-                                        batch_size=job.data.batch_size)
+                                        batch_size=job.data.batch_size,
+                                        pruned_ratio=job.job.vision_pretrain_pruned_ratio)
   out_dir = os.path.join(job.workdir, "vision_tower")
   bars = []
 
@@ -220,8 +222,10 @@ def pretrain_vision(job: Job, progress: bool = True) -> Optional[tuple[dict[str,
   finally:
     for bar in bars:
       bar.close()
+  pruned = meta.get("final_pruned_event_recall")
   job.say(f"  vision tower: {meta['status']} ({meta['steps']} steps, event recall "
-          f"{meta['final_event_recall']:.3f}) -> {out_dir}")
+          f"{meta['final_event_recall']:.3f}" + ("" if pruned is None else f", {pruned:.3f} with "
+          f"{job.job.vision_pretrain_pruned_ratio:g} of the windows dropped") + f") -> {out_dir}")
   return params, meta
 
 

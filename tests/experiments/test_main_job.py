@@ -43,6 +43,9 @@ def test_demo_config_builds_and_traces():
   assert built["train"].optim.vision_learning_rate == pytest.approx(0.1 * built["train"].optim.learning_rate)
   assert model.vit.position_init_std == 1.0
   assert abs(model.stts.pool_init_std - model.vit.hidden_size ** -0.5) < 1e-9
+  # the tower is also pretrained in the pruned path; the STTS scorer is warmed up before training
+  assert built["job"].vision_pretrain_pruned_ratio == 0.5 and built["train"].scorer_warmup_steps == 300
+  assert config_lib.build(demo.get_config("method=none"))["train"].scorer_warmup_steps == 0
   with pytest.raises(ValueError, match="unknown config arg"):
     demo.get_config("step=3")
 
@@ -54,6 +57,8 @@ def test_run_configs_seeds_steps_and_eval_cells(tmp_path):
   un, st = main_job.run_config(job, 4, "unpruned"), main_job.run_config(job, 4, "stts")
   assert un["model"]["stts"]["method"] == "none" and un["model"]["stts"]["num_rows"] is None
   assert st["model"]["stts"]["method"] == "stts" and st["model"]["stts"]["num_rows"] == 5
+  # only the STTS run has a scorer to warm up
+  assert un["train"]["scorer_warmup_steps"] == 0 and st["train"]["scorer_warmup_steps"] == 4
   for c in (un, st):
     assert c["train"]["seed"] == 4 and c["data"]["shuffle_seed"] == 4 and c["train"]["num_steps"] == 5
     assert "job" not in c and "eval" not in c
@@ -213,9 +218,12 @@ def test_main_job_runlocal_end_to_end_and_rerun_reuses_everything(tmp_path):
   # Stage 0: one pretrained tower, recorded in both runs' configs and in the report.
   assert "vision tower: trained (4 steps" in text
   assert rep["job"]["vision_tower"]["steps"] == 4 and rep["job"]["vision_tower"]["status"] == "trained"
+  assert "with 0.5 of the windows dropped" in text
   for run in ("unpruned", "stts"):
     with open(os.path.join(tmp_path, "work", "seed0", run, "run_config.json")) as f:
-      assert json.load(f)["vision_tower"]["pretrain"]["steps"] == 4
+      assert json.load(f)["vision_tower"]["pretrain"]["pruned_ratio"] == 0.5
+  stts_history = main_job.read_history(os.path.join(tmp_path, "work", "seed0", "stts"))
+  assert stts_history[0]["step"] == 0 and stts_history[0]["scorer_warmup/steps"] == 4
   # Second run: every stage reuses what the first one wrote.
   lines2 = []
   rep2 = main_job.run(cfg, str(tmp_path / "work"), say=lines2.append, progress=False)

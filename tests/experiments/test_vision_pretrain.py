@@ -100,3 +100,21 @@ def test_pretraining_lowers_the_loss_and_is_reused(tiny_data, tmp_path):
   model = vp.load_into(vlm.Molmo2(model_cfg, rngs=nnx.Rngs(5)), params)
   assert model.scorer is not None
   assert config_lib.to_dict(model_cfg)["vit"]["position_init_std"] == 1.0
+
+
+def test_pruned_path_pretraining_trains_the_same_tower(tiny_data, tmp_path):
+  """pruned_ratio: both paths regress the same parameters (the pruned one is a view sharing them)."""
+  model_cfg = demo.model_config("stts")
+  data_cfg = default_dataset.data_config(tiny_data, batch_size=4, seq_len=demo.SEQ_LEN)
+  cfg = vp.PretrainConfig(steps=30, learning_rate=3e-3, batch_size=4, pruned_ratio=0.5)
+  params, meta = vp.pretrain(model_cfg, data_cfg, cfg, str(tmp_path / "tower"))
+  with open(tmp_path / "tower" / "metrics.jsonl") as f:
+    hist = [json.loads(line) for line in f]
+  assert {"loss", "event_recall", "pruned_loss", "pruned_event_recall"} <= set(hist[-1])
+  assert hist[-1]["pruned_loss"] < 0.7 * hist[0]["pruned_loss"]
+  assert 0.0 <= meta["final_pruned_event_recall"] <= 1.0
+  dense, _ = vp.pretrain(model_cfg, data_cfg, dataclasses.replace(cfg, pruned_ratio=0.0), str(tmp_path / "dense"))
+  assert set(dense) == set(params)
+  assert any(not np.array_equal(dense[k], params[k]) for k in params)   # the pruned loss moved them
+  with pytest.raises(ValueError, match="pruned_ratio"):
+    vp.PretrainConfig(pruned_ratio=1.0).validate()
