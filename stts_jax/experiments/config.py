@@ -31,7 +31,7 @@ class JobConfig:
   vision_pretrain_steps / vision_pretrain_lr: stage 0, the vision tower pretraining shared by every
     run (`vision_pretrain.py`); 0 steps: the runs start from a random tower.
   vision_pretrain_pruned_ratio: also pretrain the tower in the pruned path (random windows dropped
-    at this ratio after `prune_at`); 0: full-context path only.
+    at this ratio after `prune_at`); 0: full-context path only (ignored when vision_pretrain_steps is 0).
   """
   seeds: tuple[int, ...] = (0,)
   dataset_clips: Optional[tuple[int, int, int]] = None

@@ -171,7 +171,8 @@ class _Tagger(nnx.Module):
 
 def pretrain(model_cfg: config_lib.ModelConfig, data_cfg: Any, cfg: PretrainConfig, out_dir: str, *,
              progress: Optional[Callable[[int], Any]] = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-  """Pretrains the vision tower of an unpruned copy of `model_cfg` on `data_cfg`'s train split
+  """Pretrains the vision tower of an unpruned copy of `model_cfg` (and, with `cfg.pruned_ratio`, of
+  a randomly pruned view sharing its parameters) on `data_cfg`'s train split
   (a default-dataset layout: manifests with event/decoy metadata) and saves it to
   `out_dir/vision.npz`; a complete file made with the same settings is reused.
   Returns (params, summary)."""

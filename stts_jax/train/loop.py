@@ -81,6 +81,10 @@ def warm_up_scorer(graphdef: Any, state: nnx.State, shardings: Any, data_iter: A
   if train_state.model.scorer is None:
     raise ValueError("train.scorer_warmup_steps > 0 but the model has no STTS scorer (stts.method != 'stts')")
   rewind = data_iter.get_state()
+  barrier = None
+  if jax.process_count() > 1:
+    barrier = lambda: distributed.barrier("stts_jax/scorer_warmup_compiled",  # noqa: E731
+                                          timeout_s=cfg.barrier_timeout_s)
   bar = None
   if cfg.progress_bar and jax.process_index() == 0:
     import tqdm
@@ -89,7 +93,8 @@ def warm_up_scorer(graphdef: Any, state: nnx.State, shardings: Any, data_iter: A
     with jax.set_mesh(mesh):
       summary = scorer_warmup.warm_up_scorer(
           train_state.model, data_iter, steps=cfg.scorer_warmup_steps, learning_rate=cfg.scorer_warmup_lr,
-          shard=lambda b: sharding.shard_batch(dict(b), mesh, rules), progress=bar.update if bar else None)
+          shard=lambda b: sharding.shard_batch(dict(b), mesh, rules), progress=bar.update if bar else None,
+          barrier=barrier)
   finally:
     if bar is not None:
       bar.close()

@@ -58,6 +58,9 @@ def train_and_evaluate(config: Any, workdir: str, *, data_iter: Any = None,
   resuming from its latest checkpoint. Each process reads its own shard of the training data."""
   cfgs = _sections(config)
   model_cfg, train_cfg, mesh_cfg = cfgs["model"], cfgs["train"], cfgs["mesh"]
+  if train_cfg.scorer_warmup_steps and model_cfg.stts.method != "stts":
+    raise ValueError(f"train.scorer_warmup_steps={train_cfg.scorer_warmup_steps} needs an STTS scorer, but "
+                     f"model.stts.method is {model_cfg.stts.method!r}; set it to 0")
   mesh = mesh_lib.make_mesh(mesh_cfg)
   rules = sharding.make_rules(mesh_cfg)
   log.info("jax %s, %d processes, %d devices, mesh %s", jax.__version__, jax.process_count(),

@@ -57,10 +57,13 @@ def _step(model, optimizer, patches, frame_mask):
 
 def warm_up_scorer(model: nnx.Module, batches: Iterable[Mapping[str, Any]], *, steps: int, learning_rate: float,
                    shard: Optional[Callable[[Mapping[str, np.ndarray]], Mapping[str, jax.Array]]] = None,
-                   progress: Optional[Callable[[int], Any]] = None) -> dict[str, Any]:
+                   progress: Optional[Callable[[int], Any]] = None,
+                   barrier: Optional[Callable[[], None]] = None) -> dict[str, Any]:
   """Trains `model.scorer` in place (Adam, constant `learning_rate`) for `steps` batches of
   `batches` (dicts with `patches` [B, T, P, I] and `frame_mask` [B, T]); every other parameter
-  is left untouched. `shard` places a host batch on devices (default: as is).
+  is left untouched. `shard` places a host batch on devices (default: as is). `barrier`
+  (multi-process runs): called after the step is compiled and before it first runs, so processes
+  whose compile times differ meet at its first collective together.
   Returns {"steps", "aux_loss_first", "aux_loss_last"} (means over the first / last min(10, steps // 2)
   steps, one step each when steps < 4)."""
   if model.scorer is None:
@@ -77,6 +80,9 @@ def warm_up_scorer(model: nnx.Module, batches: Iterable[Mapping[str, Any]], *, s
       raise ValueError(f"scorer warm-up: the data ran out after {len(losses)} of {steps} batches") from None
     fields = {"patches": batch["patches"], "frame_mask": batch["frame_mask"]}
     fields = shard(fields) if shard is not None else {k: jnp.asarray(v) for k, v in fields.items()}
+    if barrier is not None and not losses:
+      _step.lower(model, optimizer, fields["patches"], fields["frame_mask"]).compile()
+      barrier()
     losses.append(_step(model, optimizer, fields["patches"], fields["frame_mask"]))
     if progress is not None:
       progress(1)

@@ -54,6 +54,13 @@ def test_bad_inputs_are_errors():
     scorer_warmup.warm_up_scorer(model, [next(_batches())] * 2, steps=5, learning_rate=1e-3)
   with pytest.raises(ValueError, match="scorer_warmup_steps"):
     train_config.TrainConfig(scorer_warmup_steps=-1).validate()
+  # a config asking to warm up a model without a scorer is rejected before anything is built
+  from configs import demo
+  from stts_jax.train import main as train_main
+  cfg = demo.get_config("method=none,runlocal=true")
+  cfg.train.scorer_warmup_steps = 5
+  with pytest.raises(ValueError, match="needs an STTS scorer, but model.stts.method is 'none'"):
+    train_main.train_and_evaluate(cfg, "/nonexistent/never_created")
 
 
 class _Recording(synthetic_batches.SyntheticBatches):
@@ -79,9 +86,12 @@ def test_loop_warms_up_once_and_rewinds_the_data(tmp_path):
   assert first["scorer_warmup/aux_loss_last"] < first["scorer_warmup/aux_loss_first"]
   with open(os.path.join(tmp_path, "metrics.jsonl")) as f:
     assert "scorer_warmup/aux_loss_last" in json.loads(f.readline())
-  # the state keeps its shardings after the in-place warm-up
-  specs = {str(x.sharding.spec) for x in jax.tree.leaves(result.state)}
-  assert len(specs) > 1
+  # the warmed-up state is back in the state's shardings, leaf by leaf
+  graphdef, state, shardings = loop.init_state(model_fn, cfg, mesh, rules)
+  warmed, _ = loop.warm_up_scorer(graphdef, state, shardings, _batches(), cfg, mesh, rules)
+  for x, s in zip(jax.tree.leaves(warmed), jax.tree.leaves(shardings)):
+    assert x.sharding == s
+  assert len({str(s.spec) for s in jax.tree.leaves(shardings)}) > 1
   # a resumed run restores the warmed-up and trained scorer from the checkpoint: no second warm-up
   cfg3 = helpers.train_cfg(num_steps=3, checkpoint_every=2, scorer_warmup_steps=4, scorer_warmup_lr=1e-2)
   data.fetched = []
