@@ -12,6 +12,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 PAPER = {"train": {128: 1.62, 256: 2.25}, "ttft": {128: 1.61, 256: 2.22}}   # 50% pruned, Molmo2-4B
 
 
+def _save(fig, path: str, title: str) -> str:
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
+
+
 def _frame_axis(ax, frames: Sequence[int]) -> None:
   ax.set_xscale("log", base=2)
   ticks = sorted(set(frames))
@@ -49,12 +58,7 @@ def speedup_plot(rows: Sequence[dict[str, Any]], path: str, parts: Sequence[str]
     ax.set_title(names.get(part, part))
     ax.grid(alpha=0.3)
   axes[0][0].legend(fontsize=7)
-  if title:
-    fig.suptitle(title)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
+  return _save(fig, path, title)
 
 
 def breakdown_plot(rows: Sequence[dict[str, Any]], path: str, title: str = "") -> str:
@@ -80,12 +84,7 @@ def breakdown_plot(rows: Sequence[dict[str, Any]], path: str, title: str = "") -
     ax.set_ylabel("ms")
     ax.legend(fontsize=7, loc="upper left")
     ax.grid(axis="y", alpha=0.3)
-  if title:
-    fig.suptitle(title)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
+  return _save(fig, path, title)
 
 
 def predicted_plot(rows: Sequence[dict[str, Any]], path: str, title: str = "") -> str:
@@ -108,10 +107,7 @@ def predicted_plot(rows: Sequence[dict[str, Any]], path: str, title: str = "") -
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7)
   ax.set_title(title or "Molmo2-4B, 50% pruned")
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
+  return _save(fig, path, "")
 
 
 def write_all(rows: Sequence[dict[str, Any]], out_dir: str, title: str = "") -> list[str]:
