@@ -128,6 +128,11 @@ def loss_curves(curves: Mapping[str, Sequence[tuple[Sequence[float | int], Seque
   ax.set_xlabel("step")
   ax.set_ylabel(ylabel)
   ax.set_yscale("log")
+  return _finish(fig, ax, title)
+
+
+def _finish(fig: Figure, ax, title: str) -> Figure:
+  """Grid, legend, optional title, tight layout: the common end of the line plots."""
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
   if title:
@@ -160,12 +165,7 @@ def accuracy_vs_ratio(series: Sequence[Series], *, chance: Optional[float] = Non
     ax.axhline(chance * 100, color="grey", ls=":", lw=1, label="chance")
   ax.set_xlabel("fraction of vision tokens pruned (ratio)")
   ax.set_ylabel("test accuracy (%)")
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
-  if title:
-    ax.set_title(title, fontsize=9)
-  fig.tight_layout()
-  return fig
+  return _finish(fig, ax, title)
 
 
 def speed_bars(groups: Mapping[str, Mapping[str, float | int]], *, baseline: str, unit: str = "ms",
