@@ -19,7 +19,7 @@ the proportions of Molmo2-4B are kept (analytic FLOPs, `stts_jax/bench/flops.py`
 Analytic FLOP ratio unpruned/pruned at ratio 0.5 (typical rows): 1.47x at 8 frames, 1.65x at 64.
 
 arg: `frames` ("8;16;32;64"), `ratios` ("0;0.3;0.5;0.7"), `batch`, `repeats`, `min_seconds` (per part,
-see `stts_jax/bench/config.py`), `warmup`, `rows`
+see `stts_jax/bench/config.py`), `interleave` (timing rounds across the ratios of a frame count), `warmup`, `rows`
 (fit | typical | bound | min, see `stts_jax/bench/config.py`), `xla` (bool: count XLA FLOPs on
 unrolled copies), `runlocal` (bool).
 """
@@ -55,7 +55,7 @@ def _floats(text: str) -> list[float]:
 def get_config(arg=None) -> ml_collections.ConfigDict:
   # Lists inside `arg` use ';' (',' separates the arguments): frames=8;16;32.
   arg = common.parse_arg(arg, frames="8;16;32;64", ratios="0;0.3;0.5;0.7", batch=1, repeats=3, warmup=1,
-                         min_seconds=2.0,
+                         min_seconds=2.0, interleave=5,
                          rows="fit", xla=True, runlocal=False)
   cfg = ml_collections.ConfigDict()
   cfg.name = "bench_cpu"
@@ -68,5 +68,6 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     frames, ratios, repeats = [4, 8], [0.0, 0.5], 1
   cfg.bench = dict(frames=frames, ratios=ratios, batch_size=arg.batch, repeats=repeats, warmup=arg.warmup,
                    min_seconds=0.0 if arg.runlocal else arg.min_seconds,
+                   interleave_rounds=0 if arg.runlocal else arg.interleave,
                    rows=arg.rows, xla_flops=arg.xla)
   return cfg

@@ -26,6 +26,10 @@ class BenchConfig:
     run `min_seconds` timed: a 25 ms prefill gets 80 calls where a 1 s train step gets 3, so
     the cheap parts' medians are not left to a handful of noisy samples.
   xla_flops: also lower an unrolled copy of every part for XLA's FLOP count (no compilation).
+  interleave_rounds: after all cells of one frame count are compiled and measured, time them again
+    in this many rounds, each round calling every (cell, part) in turn, and report those timings:
+    load that comes and goes then hits the unpruned and the pruned cells alike, where cells timed
+    one after the other drift apart on a shared machine. 0: keep the per-cell timings.
   """
   frames: tuple[int, ...] = (8, 16, 32, 64)
   ratios: tuple[float, ...] = (0.0, 0.3, 0.5, 0.7)
@@ -40,6 +44,7 @@ class BenchConfig:
   rows: str = "fit"
   parts: tuple[str, ...] = PARTS
   xla_flops: bool = True
+  interleave_rounds: int = 0
   seed: int = 0
 
   def validate(self) -> "BenchConfig":
@@ -54,6 +59,8 @@ class BenchConfig:
       raise ValueError(f"bench.parts: unknown {unknown}; known {PARTS}")
     if "decode" in self.parts and "prefill" not in self.parts:
       raise ValueError("bench.parts: 'decode' needs 'prefill' (it decodes from the prefill's cache)")
+    if self.interleave_rounds < 0:
+      raise ValueError(f"bench.interleave_rounds must be >= 0, got {self.interleave_rounds}")
     if self.batch_size < 1 or self.num_batches < 1 or self.decode_tokens < 1:
       raise ValueError("bench.batch_size, num_batches and decode_tokens must be >= 1")
     if self.warmup < 0 or self.repeats < 1:

@@ -10,7 +10,10 @@ compiled program (loop bodies counted once) and of an unrolled copy with the tak
 (`xla_count`), the analytic FLOPs (`costs`) and `memory_analysis()`.
 
 Ratio 0 is the baseline (method "none": the host model, no scorer); speedups and FLOP ratios are
-taken against the baseline of the same frame count (`report.py`).
+taken against the baseline of the same frame count (`report.py`). With `bench.interleave_rounds`,
+the cells of one frame count stay alive once measured and are timed again in rounds (`interleave`),
+every round calling each (cell, part) in turn; those pooled calls replace the per-cell timings, so
+load that comes and goes on a shared machine slows the unpruned and the pruned cells alike.
 """
 
 import dataclasses
@@ -155,6 +158,7 @@ class _Cell:
 
   def __init__(self, cfg: config_lib.ModelConfig, bench: BenchConfig):
     self.bench = bench
+    self.timers: dict[str, Callable[[int], None]] = {}   # part -> blocking call(i), for interleaving
     self.unrolled = None
     if bench.xla_flops:
       self.unrolled = xla_count.abstract_model_state(
@@ -171,9 +175,11 @@ class _Cell:
       compiled = timing.aot_compile(jax.jit(fn), state, *inputs[0], name=name)
     if cc.count != 1:
       raise AssertionError(f"bench part {name!r}: expected exactly one compilation, got {cc.count} ({cc.names})")
-    t = timing.time_calls(lambda i: compiled(state, *inputs[i % len(inputs)]), warmup=self.bench.warmup,
-                          repeats=self.bench.repeats, name=name,
+    call = lambda i: compiled(state, *inputs[i % len(inputs)])  # noqa: E731
+    t = timing.time_calls(call, warmup=self.bench.warmup, repeats=self.bench.repeats, name=name,
                           min_seconds=self.bench.min_seconds)
+    if self.bench.interleave_rounds:
+      self.timers[name] = lambda i: jax.block_until_ready(call(i))
     xla = None
     if unrolled is not None:
       u_fn, u_state = unrolled
@@ -185,8 +191,10 @@ class _Cell:
 
 
 def run_cell(base_cfg: config_lib.ModelConfig, train_cfg: TrainConfig, bench: BenchConfig, frames: int,
-             ratio: float) -> CellResult:
-  """Measures one (frames, ratio) cell; see the module docstring."""
+             ratio: float, timers: Optional[dict[str, Callable[[int], None]]] = None) -> CellResult:
+  """Measures one (frames, ratio) cell; see the module docstring. `timers` (with
+  `bench.interleave_rounds`): filled with a blocking call(i) per measured part, which keeps the
+  cell's compiled functions and states alive for `interleave`."""
   cfg = cell_model_config(base_cfg, frames, ratio, bench.rows)
   b, w = bench.batch_size, cfg.windows_per_frame
   data = [batches_lib.video_batch(cfg, batch_size=b, num_frames=frames, index=i,
@@ -254,7 +262,9 @@ def run_cell(base_cfg: config_lib.ModelConfig, train_cfg: TrainConfig, bench: Be
   del model, visions, state
 
   if "train" in todo:
-    results["train"] = _run_train(cfg, train_cfg, bench, data, costs.train_step(cfg, fwd, b))
+    results["train"], cell.timers["train"] = _run_train(cfg, train_cfg, bench, data, costs.train_step(cfg, fwd, b))
+  if timers is not None:
+    timers.update({k: v for k, v in cell.timers.items() if k in results and v is not None})
   return CellResult(frames=frames, ratio=ratio, method=cfg.stts.method, batch_size=b, seq_len=seq_len,
                     llm_len=s_llm, num_rows=budget.num_rows(frames, w, ratio, cfg.stts.num_rows) if cfg.stts.prunes else None,
                     rows_needed=rows_needed, packed=packed,
@@ -262,7 +272,8 @@ def run_cell(base_cfg: config_lib.ModelConfig, train_cfg: TrainConfig, bench: Be
                     keep_patterns=keep_patterns, parts=results)
 
 
-def _run_train(cfg, train_cfg: TrainConfig, bench: BenchConfig, data: list[dict], analytic: float) -> PartResult:
+def _run_train(cfg, train_cfg: TrainConfig, bench: BenchConfig, data: list[dict],
+               analytic: float) -> tuple[PartResult, Optional[Callable[[int], None]]]:
   mesh = single_device_mesh()
   rules = sharding.make_rules()
   model_fn = _model_fn(cfg, bench.seed)
@@ -280,6 +291,14 @@ def _run_train(cfg, train_cfg: TrainConfig, bench: BenchConfig, data: list[dict]
     t, state = timing.time_stateful(lambda s, i: compiled(s, dev[i % len(dev)]), state,
                                     warmup=bench.warmup, repeats=bench.repeats, name="train",
                                     min_seconds=bench.min_seconds)
+  timer = None
+  if bench.interleave_rounds:
+    box = [state]   # the donated state threads through the later calls
+
+    def timer(i: int) -> None:
+      with jax.set_mesh(mesh):
+        box[0], out = compiled(box[0], dev[i % len(dev)])
+      jax.block_until_ready((box[0], out))
   xla = None
   if bench.xla_flops:
     u_model_fn = _model_fn(dataclasses.replace(cfg, scan_layers=False), bench.seed)
@@ -288,7 +307,7 @@ def _run_train(cfg, train_cfg: TrainConfig, bench: BenchConfig, data: list[dict]
     xla = xla_count.lowered_flops(u_step, u_state, xla_count.shapes_of(fields[0]), mesh=mesh)
   del state
   return PartResult("train", t, 1, cc.count, compiled.compile_seconds, compiled.xla_flops, xla, analytic,
-                    compiled.memory)
+                    compiled.memory), timer
 
 
 def run_grid(base_cfg: config_lib.ModelConfig, train_cfg: TrainConfig, bench: BenchConfig,
@@ -297,10 +316,39 @@ def run_grid(base_cfg: config_lib.ModelConfig, train_cfg: TrainConfig, bench: Be
   bench.validate()
   cells = []
   for frames in bench.frames:
+    group, timers = [], []
     for ratio in bench.grid_ratios:
-      cell = run_cell(base_cfg, train_cfg, bench, frames, ratio)
-      cells.append(cell)
+      timers.append({} if bench.interleave_rounds else None)
+      cell = run_cell(base_cfg, train_cfg, bench, frames, ratio, timers[-1])
+      group.append(cell)
       progress(f"T={frames} ratio={ratio}: " + ", ".join(
           f"{k} {v.seconds * 1e3:.1f} ms" for k, v in cell.parts.items())
                + ("" if all(cell.packed) else f"  [dense fallback in {cell.packed.count(False)} batch(es)]"))
+    if bench.interleave_rounds:
+      interleave(group, timers, bench.interleave_rounds)
+      progress(f"T={frames} interleaved ({bench.interleave_rounds} rounds): " + "; ".join(
+          f"ratio {c.ratio:g} " + ", ".join(f"{k} {v.seconds * 1e3:.1f} ms" for k, v in c.parts.items())
+          for c in group))
+    del timers
+    cells += group
   return cells
+
+
+def interleave(group: list[CellResult], timers: list[dict[str, Callable[[int], None]]], rounds: int) -> None:
+  """Re-times every (cell, part) of `group` in `rounds` rounds; each round calls each of them in
+  turn, as many calls as its first measurement had divided by `rounds` (at least one). The parts'
+  timings are replaced by the pooled calls of all rounds (no warm-up: the first pass warmed them)."""
+  pooled: dict[tuple[int, str], tuple[list[float], list[float]]] = {}
+  for _ in range(rounds):
+    for ci, (cell, cell_timers) in enumerate(zip(group, timers)):
+      for name, call in cell_timers.items():
+        first = cell.parts[name].timing
+        n = max(1, round(len(first.seconds) / rounds))
+        t = timing.time_calls(call, warmup=0, repeats=n, name=name, max_repeats=n)
+        secs, cpu = pooled.setdefault((ci, name), ([], []))
+        secs += t.seconds
+        cpu += t.cpu_seconds
+  for (ci, name), (secs, cpu) in pooled.items():
+    part = group[ci].parts[name]
+    group[ci].parts[name] = dataclasses.replace(
+        part, timing=timing.Timing(name=name, seconds=tuple(secs), warmup=0, cpu_seconds=tuple(cpu)))

@@ -104,6 +104,34 @@ def test_one_compilation_per_part_across_batches_with_different_keep_patterns():
   assert len(cell.packed) == 3 and len(cell.rows_needed) == 3
 
 
+def test_interleaved_rounds_retime_every_cell_without_recompiling():
+  """interleave_rounds: cells of a frame count are re-timed in rounds; each part's timing becomes the
+  pooled round calls (count = rounds x its per-round share), with no new compilation."""
+  bench = BenchConfig(frames=(FRAMES,), ratios=(0.5,), parts=("vision", "train"), warmup=1, repeats=4,
+                      num_batches=2, xla_flops=False, interleave_rounds=2).validate()
+  seen = []
+  with timing.CompileCounter() as cc:
+    cells = runner.run_grid(_tiny(), TRAIN, bench, progress=seen.append)
+  compiles_in_grid = cc.count
+  assert [c.ratio for c in cells] == [0.0, 0.5]
+  for c in cells:
+    assert set(c.parts) == {"vision", "train"}
+    for p in c.parts.values():
+      assert p.compiles == 1 and p.timing.warmup == 0
+      assert len(p.timing.seconds) == 4 and min(p.timing.seconds) > 0   # 2 rounds x 4 / 2 calls
+  assert any("interleaved (2 rounds)" in line for line in seen)
+  # the rounds themselves compiled nothing: a second pass over the same timers adds no compilation
+  timers = [{}, {}]
+  again = [runner.run_cell(_tiny(), TRAIN, bench, FRAMES, r, timers[i]) for i, r in enumerate((0.0, 0.5))]
+  assert all(set(t) == {"vision", "train"} for t in timers)
+  with timing.CompileCounter() as cc2:
+    runner.interleave(again, timers, 1)
+  assert cc2.count == 0 and compiles_in_grid > 0
+  assert len(again[1].parts["train"].timing.seconds) == 4
+  with pytest.raises(ValueError, match="interleave_rounds"):
+    BenchConfig(interleave_rounds=-1).validate()
+
+
 @pytest.mark.slow
 def test_run_cell_all_parts_compile_once_and_report():
   bench = BenchConfig(frames=(FRAMES,), ratios=(0.5,), warmup=0, repeats=1, num_batches=2, decode_tokens=2,
@@ -176,7 +204,8 @@ def test_bench_cpu_config_builds_with_its_bench_section():
   assert cfgs["bench"].rows == "typical" and cfgs["model"].stts.method == "stts"
   assert cfgs["model"].windows_per_frame == 16 and cfgs["model"].stts.prune_at == 2
   local = bench_main._sections(bench_cpu.get_config("runlocal=true"))["bench"]
-  assert local.frames == (4, 8) and local.repeats == 1
+  assert local.frames == (4, 8) and local.repeats == 1 and local.interleave_rounds == 0
+  assert cfgs["bench"].interleave_rounds == 5
   # Molmo2-4B-like split of the work: ViT about half of the forward at 8 frames, less at 64.
   m = cfgs["model"]
   shares = [costs.forward(m, t, batches.prompt_length(t, 16)) for t in (8, 64)]
