@@ -16,7 +16,11 @@ How a failure on one process stops all of them, and what bounds the time:
     the shutdown barrier that a normal interpreter exit would run (that barrier waits up to
     300 s for peers that are blocked in a collective). Every other process has a watcher thread
     blocked on that key; it logs "process j: stopping, process i failed: ...", acknowledges and
-    exits with EXIT_PEER_FAILED (3). Bound: the key-value round trip, well under a second.
+    exits with EXIT_PEER_FAILED (3). Process 0 hosts the coordination service, and a client
+    that loses the service aborts its process (SIGABRT): so process 0, when it is not the one
+    that failed, first waits for the other acknowledgements (those the failing process waits
+    for) and then `exit_grace_s` (2 s) so the failing process leaves with its own exit code.
+    Bound: the key-value round trip plus that grace, a few seconds.
   * A process dies without a word (SIGKILL, OOM kill, machine loss): the coordination service
     (hosted by process 0) stops receiving its heartbeats and, after `heartbeat_timeout_s`,
     tells every live process, whose JAX client aborts it ("Terminating process because the JAX
@@ -121,12 +125,13 @@ class Supervisor:
   """
 
   def __init__(self, *, step_timeout_s: Optional[float] = None, ack_timeout_s: float = 5.0,
-               poll_s: float = 1.0):
+               poll_s: float = 1.0, exit_grace_s: float = 2.0):
     if step_timeout_s is not None and step_timeout_s <= 0:
       raise ValueError(f"Supervisor: step_timeout_s must be positive or None, got {step_timeout_s}")
     self.step_timeout_s = step_timeout_s
     self.ack_timeout_s = ack_timeout_s
     self.poll_s = poll_s
+    self.exit_grace_s = exit_grace_s
     self.process_index = jax.process_index()
     self.process_count = jax.process_count()
     self._client = _client() if self.process_count > 1 else None
@@ -170,16 +175,17 @@ class Supervisor:
     if self._client is None:
       return
     try:
-      self._client.key_value_set(FAIL_KEY, message)
+      self._client.key_value_set(FAIL_KEY, f"{self.process_index}:{message}")
     except Exception as e:   # another process reported first, or the service is gone
       log.debug("could not publish the failure: %s", e)
 
-  def _missing_acks(self) -> list[int]:
-    """Processes that did not acknowledge the failure report within `ack_timeout_s`."""
+  def _missing_acks(self, skip: tuple[int, ...] = ()) -> list[int]:
+    """Processes (other than this one and `skip`) that did not acknowledge the failure report
+    within `ack_timeout_s`."""
     deadline = time.monotonic() + self.ack_timeout_s
     missing = []
     for j in range(self.process_count):
-      if j == self.process_index:
+      if j == self.process_index or j in skip:
         continue
       try:
         self._client.blocking_key_value_get(f"{ACK_PREFIX}{j}", max(1, int(1000 * (deadline - time.monotonic()))))
@@ -213,11 +219,17 @@ class Supervisor:
         return   # the service is gone: the JAX client aborts this process itself
       if self._stop.is_set() or not self._exiting.acquire(blocking=False):
         return
+      culprit, _, message = message.partition(":")
       _say(f"process {self.process_index}: stopping, {message}")
       try:
         self._client.key_value_set(f"{ACK_PREFIX}{self.process_index}", "1")
       except Exception:
         pass
+      if self.process_index == 0:
+        # The service lives in this process: leaving before the failing process has seen all
+        # acknowledgements would abort it (SIGABRT) instead of letting it exit with its code.
+        self._missing_acks(skip=(int(culprit),))
+        time.sleep(self.exit_grace_s)
       os._exit(EXIT_PEER_FAILED)
 
   def _watch_steps(self) -> None:

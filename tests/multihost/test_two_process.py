@@ -109,16 +109,22 @@ def test_two_processes_equal_one_process_and_read_disjoint_shards(tmp_path, data
       "commit_success.txt", "process_0-of-2.json", "process_1-of-2.json"]
 
 
-def test_exception_on_one_process_stops_all_naming_it(tmp_path, dataset):
-  """Process 1 raises on its first batch while process 0 compiles and waits for it: process 0
-  is stopped by the failure report (exit 3), not by a timeout or the launcher."""
-  result, out = _launch_toy(tmp_path / "w", dataset, "--raise_on", "1")
-  assert not result.ok and result.culprit == 1, out.text[-4000:]
-  assert result.returncodes == [3, 1] and result.stopped_by_launcher == []
+@pytest.mark.parametrize("culprit", [1, 0])
+def test_exception_on_one_process_stops_all_naming_it(tmp_path, dataset, culprit):
+  """One process raises on its first batch while the other compiles and waits for it: the other
+  is stopped by the failure report (exit 3), not by a timeout or the launcher. Either way the
+  culprit exits with its own code (1): process 0 hosts the coordination service and outlives a
+  failing process 1, whose JAX client would otherwise abort (SIGABRT, -6) when the service goes."""
+  other = 1 - culprit
+  result, out = _launch_toy(tmp_path / "w", dataset, "--raise_on", str(culprit))
+  assert not result.ok and result.culprit == culprit, out.text[-4000:]
+  codes = [0, 0]
+  codes[culprit], codes[other] = 1, 3
+  assert result.returncodes == codes and result.stopped_by_launcher == [], out.text[-4000:]
   assert abs(result.exit_times[0] - result.exit_times[1]) < 10.0
-  assert "process 1 failed: RuntimeError: injected failure while reading batch 1" in out.text
-  assert re.search(r"\[p0\] .*process 0: stopping, process 1 failed: RuntimeError", out.text)
-  assert "FAILED: process 1 (exit 1)" in out.text
+  assert f"process {culprit} failed: RuntimeError: injected failure while reading batch 1" in out.text
+  assert re.search(rf"\[p{other}\] .*process {other}: stopping, process {culprit} failed: RuntimeError", out.text)
+  assert f"FAILED: process {culprit} (exit 1)" in out.text
 
 
 # ------------------------------------------------------------------------------------------
