@@ -9,7 +9,7 @@ C = len(vit_layers) * D (the concatenated ViT taps), D = ViT width, F = projecto
 E = LLM width.
 """
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp

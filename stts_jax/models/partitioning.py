@@ -20,7 +20,8 @@ Activation axis names: act_batch, act_frames, act_seq, act_patches, act_embed, a
 
 import contextlib
 import contextvars
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, Optional
 
 import jax
 from flax import nnx

@@ -16,7 +16,8 @@ Parameter layout (names match the HF checkpoint modules; kernels are torch weigh
   HF `hidden_states[l + 1]` is the output of block l.
 """
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import jax
 import jax.numpy as jnp

@@ -26,7 +26,8 @@ import json
 import logging
 import os
 import re
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import jax
 import jax.numpy as jnp

@@ -6,7 +6,7 @@ one tensor at a time (numpy arrays; bfloat16 through ml_dtypes).
 
 import json
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 from safetensors import safe_open

@@ -23,7 +23,8 @@ but without those keys gets `method="stts"` with the paper defaults.
 """
 
 import dataclasses
-from typing import Any, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any, Optional
 
 import jax.numpy as jnp
 import numpy as np
