@@ -19,6 +19,8 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              f" --xla_force_host_platform_device_count={os.cpu_count() or 1}").strip()
 sys.path.insert(0, ROOT)
+from stts_jax import hostmem  # noqa: E402
+hostmem.reexec_with_hugepages()   # before JAX starts: glibc reads its tunables at start-up
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402

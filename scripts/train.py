@@ -18,6 +18,8 @@ from ml_collections import config_flags
 
 # configs/*.py import `configs.common`: make the repository root importable.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from stts_jax import hostmem  # noqa: E402
+hostmem.reexec_with_hugepages()   # before JAX starts: glibc reads its tunables at start-up
 
 config_flags.DEFINE_config_file("config", None, "configs/<file>.py[:arg]", lock_config=True)
 flags.DEFINE_string("workdir", None, "checkpoints, metrics.jsonl and TensorBoard logs")

@@ -17,6 +17,7 @@ import jax
 import ml_collections
 
 from stts_jax import config as config_lib
+from stts_jax import hostmem
 from stts_jax.bench import abstract
 from stts_jax.bench import config as bench_config
 from stts_jax.bench import plots
@@ -41,7 +42,9 @@ def _sections(config: Any) -> dict[str, Any]:
 
 def environment() -> dict[str, Any]:
   return {"jax": jax.__version__, "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
-          "python": platform.python_version(), "machine": platform.machine(), "cpu_count": os.cpu_count()}
+          "python": platform.python_version(), "machine": platform.machine(), "cpu_count": os.cpu_count(),
+          # huge pages for XLA:CPU's per-call buffers (stts_jax/hostmem.py) change CPU timings by ~15%
+          "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""), "thp": hostmem.thp_mode()}
 
 
 def benchmark(config: Any, out_dir: str, *, frames: Optional[Sequence[int]] = None,

@@ -1,0 +1,79 @@
+"""Transparent huge pages for the host allocator, so XLA:CPU's per-call buffers stop page-faulting.
+
+XLA:CPU allocates an executable's temp buffer (a train step's activations: 1.6 GiB for
+configs/bench_cpu.py at 32 frames) afresh on every call. glibc serves allocations that large with a
+fresh mmap, so every call faults the whole buffer in again, 4 KiB at a time: 418k page faults per
+step, a quarter of its CPU time spent in the kernel, and more for pruned steps (their step is
+shorter, the faults are not), which skews every speedup measured on CPU. With the glibc tunable
+`glibc.malloc.hugetlb=1` (glibc >= 2.35) malloc advises its mmaps for transparent huge pages
+(2 MiB): ~1k faults per step (measured by scripts/benchmark.py, docs/benchmark.md).
+
+Tunables are read once at process start, so `reexec_with_hugepages()` (first thing in the scripts,
+before JAX is imported) restarts the same command line with it set; the process keeps its pid.
+Nothing happens off glibc/Linux, when the kernel has THP off ("never"), when the tunable is already
+set, or with STTS_JAX_HUGEPAGES=0.
+
+  hugepage_env(environ, libc_version, thp_mode) -> environment to restart with, or None (pure)
+  reexec_with_hugepages()                       -> restarts the process when that is not None
+"""
+
+import os
+import re
+import sys
+from collections.abc import Mapping
+from typing import Optional
+
+TUNABLE = "glibc.malloc.hugetlb"
+OPT_OUT = "STTS_JAX_HUGEPAGES"
+_THP_MODE = "/sys/kernel/mm/transparent_hugepage/enabled"
+
+
+def libc_version() -> Optional[tuple[int, int]]:
+  """(major, minor) of glibc, or None on another C library or platform."""
+  try:
+    text = os.confstr("CS_GNU_LIBC_VERSION")   # "glibc 2.36"
+  except (AttributeError, ValueError, OSError):
+    return None
+  m = re.fullmatch(r"glibc (\d+)\.(\d+).*", text or "")
+  return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def thp_mode(path: str = _THP_MODE) -> Optional[str]:
+  """The kernel's transparent-huge-page mode ("always", "madvise", "never"), None if unknown."""
+  try:
+    with open(path) as f:
+      m = re.search(r"\[(\w+)\]", f.read())
+  except OSError:
+    return None
+  return m.group(1) if m else None
+
+
+def hugepage_env(environ: Mapping[str, str], libc: Optional[tuple[int, int]],
+                 thp: Optional[str]) -> Optional[dict[str, str]]:
+  """The environment to restart with (`environ` plus glibc.malloc.hugetlb=1 appended to
+  GLIBC_TUNABLES), or None when a restart would not help or is not wanted."""
+  if environ.get(OPT_OUT, "1") == "0" or libc is None or libc < (2, 35) or thp in (None, "never"):
+    return None
+  tunables = environ.get("GLIBC_TUNABLES", "")
+  if TUNABLE + "=" in tunables:   # set (by us before the restart, or by the user): leave it
+    return None
+  env = dict(environ)
+  env["GLIBC_TUNABLES"] = f"{tunables}:{TUNABLE}=1" if tunables else f"{TUNABLE}=1"
+  return env
+
+
+def reexec_with_hugepages() -> None:
+  """Restarts this process's command line with `hugepage_env`, if that is not None (no return)."""
+  if not sys.platform.startswith("linux"):
+    return
+  env = hugepage_env(os.environ, libc_version(), thp_mode())
+  if env is None:
+    return
+  # orig_argv keeps the interpreter's own options and `-m module`, which sys.argv drops.
+  argv = [sys.executable, *sys.orig_argv[1:]]
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os.execve(sys.executable, argv, env)
+
+
+__all__ = ["hugepage_env", "libc_version", "reexec_with_hugepages", "thp_mode", "TUNABLE", "OPT_OUT"]
