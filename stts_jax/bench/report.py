@@ -44,7 +44,8 @@ def summary_rows(cells: Sequence[CellResult]) -> list[dict[str, Any]]:
         "frames": c.frames, "ratio": c.ratio, "method": c.method, "batch": c.batch_size, "seq_len": c.seq_len,
         "llm_len": c.llm_len, "kept_windows": c.kept_windows, "num_rows": c.num_rows,
         "rows_needed": max(c.rows_needed) if c.rows_needed else None,
-        "fallback_batches": c.packed.count(False)}
+        "fallback_batches": c.packed.count(False),
+        "train_steps": c.train_steps, "train_fallback_steps": c.train_fallback_steps}
     b = base.get(c.frames, {})
     for k in PART_ORDER:
       if k not in vals:
@@ -95,7 +96,7 @@ def checks(rows: Sequence[dict[str, Any]], *, ratio: float = 0.5, min_efficiency
   if devs:
     out["xla_vs_analytic"] = {"max_rel_dev": max(devs), "ok": max(devs) <= flops_tolerance}
   out["one_compile_per_part"] = {"ok": all(n == 1 for r in rows for n in r["compiles"].values())}
-  out["no_fallback"] = {"ok": all(r["fallback_batches"] == 0 for r in rows)}
+  out["no_fallback"] = {"ok": all(r["fallback_batches"] == 0 and r["train_fallback_steps"] == 0 for r in rows)}
   return out
 
 

@@ -80,6 +80,8 @@ class CellResult:
   kept_windows: int       # per video (static budget)
   keep_patterns: int      # distinct keep masks among the cell's batches (all timed by one compilation)
   parts: dict[str, PartResult]
+  train_steps: int = 0           # train steps run (warm-up, timed, interleaved)
+  train_fallback_steps: int = 0  # of those, steps whose ViT ran the dense fallback (metric dense_fallback)
 
   def to_dict(self) -> dict[str, Any]:
     d = {k: v for k, v in dataclasses.asdict(self).items() if k != "parts"}
@@ -261,19 +263,41 @@ def run_cell(base_cfg: config_lib.ModelConfig, train_cfg: TrainConfig, bench: Be
         analytic=costs.stts_overhead(cfg, frames, b))
   del model, visions, state
 
+  train_steps = None
   if "train" in todo:
-    results["train"], cell.timers["train"] = _run_train(cfg, train_cfg, bench, data, costs.train_step(cfg, fwd, b))
+    results["train"], train_steps = _run_train(cfg, train_cfg, bench, data, costs.train_step(cfg, fwd, b))
+    if bench.interleave_rounds:
+      cell.timers["train"] = train_steps
   if timers is not None:
     timers.update({k: v for k, v in cell.timers.items() if k in results and v is not None})
-  return CellResult(frames=frames, ratio=ratio, method=cfg.stts.method, batch_size=b, seq_len=seq_len,
+  result = CellResult(frames=frames, ratio=ratio, method=cfg.stts.method, batch_size=b, seq_len=seq_len,
                     llm_len=s_llm, num_rows=budget.num_rows(frames, w, ratio, cfg.stts.num_rows) if cfg.stts.prunes else None,
                     rows_needed=rows_needed, packed=packed,
                     kept_windows=budget.num_kept(frames, w, ratio) if cfg.stts.prunes else frames * w,
                     keep_patterns=keep_patterns, parts=results)
+  if train_steps is not None:
+    result.train_steps, result.train_fallback_steps = fallback_counts(train_steps)
+  return result
+
+
+def frozen_weights(train_cfg: TrainConfig) -> TrainConfig:
+  """`train_cfg` with every learning rate 0: the step does the same work (gradients, AdamW moments,
+  the update) but the weights, hence the keep masks, stay those the cell's packed rows were fitted
+  to, so every timed step takes the packed branch (with drifting scorer weights a batch can outgrow
+  the fitted rows and time the dense fallback instead)."""
+  optim = dataclasses.replace(train_cfg.optim, learning_rate=0.0, scorer_learning_rate=0.0,
+                              vision_learning_rate=0.0)
+  return dataclasses.replace(train_cfg, optim=optim)
+
+
+def fallback_counts(steps: timing.StatefulCall) -> tuple[int, int]:
+  """(train steps run, steps whose ViT ran the dense fallback) of a cell's `StatefulCall`."""
+  return len(steps.outputs), int(sum(float(x) > 0 for x in steps.outputs))
 
 
 def _run_train(cfg, train_cfg: TrainConfig, bench: BenchConfig, data: list[dict],
-               analytic: float) -> tuple[PartResult, Optional[Callable[[int], None]]]:
+               analytic: float) -> tuple[PartResult, timing.StatefulCall]:
+  train_cfg = frozen_weights(train_cfg)
   mesh = single_device_mesh()
   rules = sharding.make_rules()
   model_fn = _model_fn(cfg, bench.seed)
@@ -286,28 +310,23 @@ def _run_train(cfg, train_cfg: TrainConfig, bench: BenchConfig, data: list[dict]
   with jax.set_mesh(mesh):
     with timing.CompileCounter() as cc:
       compiled = timing.aot_compile(step_fn, state, dev[0], name="train")
-    if cc.count != 1:
-      raise AssertionError(f"bench part 'train': expected exactly one compilation, got {cc.count} ({cc.names})")
-    t, state = timing.time_stateful(lambda s, i: compiled(s, dev[i % len(dev)]), state,
-                                    warmup=bench.warmup, repeats=bench.repeats, name="train",
-                                    min_seconds=bench.min_seconds)
-  timer = None
-  if bench.interleave_rounds:
-    box = [state]   # the donated state threads through the later calls
-
-    def timer(i: int) -> None:
-      with jax.set_mesh(mesh):
-        box[0], out = compiled(box[0], dev[i % len(dev)])
-      jax.block_until_ready((box[0], out))
+  if cc.count != 1:
+    raise AssertionError(f"bench part 'train': expected exactly one compilation, got {cc.count} ({cc.names})")
+  def step(state, i):
+    with jax.set_mesh(mesh):
+      return compiled(state, dev[i % len(dev)])
+  steps = timing.StatefulCall(step, state, keep=lambda out: out["dense_fallback"])
+  del state
+  t = timing.time_calls(steps, warmup=bench.warmup, repeats=bench.repeats, name="train",
+                        min_seconds=bench.min_seconds)
   xla = None
   if bench.xla_flops:
     u_model_fn = _model_fn(dataclasses.replace(cfg, scan_layers=False), bench.seed)
     u_graphdef, u_state, u_sh = loop.abstract_state(u_model_fn, train_cfg, mesh, rules)
     u_step = loop.make_step_fn(u_graphdef, u_sh, batch_sh, mesh, rules, train_cfg)
     xla = xla_count.lowered_flops(u_step, u_state, xla_count.shapes_of(fields[0]), mesh=mesh)
-  del state
   return PartResult("train", t, 1, cc.count, compiled.compile_seconds, compiled.xla_flops, xla, analytic,
-                    compiled.memory), timer
+                    compiled.memory), steps
 
 
 def run_grid(base_cfg: config_lib.ModelConfig, train_cfg: TrainConfig, bench: BenchConfig,
@@ -323,9 +342,14 @@ def run_grid(base_cfg: config_lib.ModelConfig, train_cfg: TrainConfig, bench: Be
       group.append(cell)
       progress(f"T={frames} ratio={ratio}: " + ", ".join(
           f"{k} {v.seconds * 1e3:.1f} ms" for k, v in cell.parts.items())
-               + ("" if all(cell.packed) else f"  [dense fallback in {cell.packed.count(False)} batch(es)]"))
+               + ("" if all(cell.packed) else f"  [dense fallback in {cell.packed.count(False)} batch(es)]")
+               + (f"  [dense fallback in {cell.train_fallback_steps} of {cell.train_steps} train steps]"
+                  if cell.train_fallback_steps else ""))
     if bench.interleave_rounds:
       interleave(group, timers, bench.interleave_rounds)
+      for cell, cell_timers in zip(group, timers):
+        if isinstance(cell_timers.get("train"), timing.StatefulCall):
+          cell.train_steps, cell.train_fallback_steps = fallback_counts(cell_timers["train"])
       progress(f"T={frames} interleaved ({bench.interleave_rounds} rounds): " + "; ".join(
           f"ratio {c.ratio:g} " + ", ".join(f"{k} {v.seconds * 1e3:.1f} ms" for k, v in c.parts.items())
           for c in group))

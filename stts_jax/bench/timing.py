@@ -10,8 +10,8 @@ Rules every measurement in `stts_jax.bench` follows:
   * `CompileCounter` counts XLA backend compilations (a `jax.monitoring` listener) so callers
     can assert that the timed region compiled nothing and that each cell compiled once.
 
-Functions whose first argument is donated (a train state) are timed with `time_stateful`, which
-feeds each call's new state into the next call.
+Functions whose first argument is donated (a train state) are timed through `StatefulCall`, which
+feeds each call's new state into the next call (and can keep a piece of every output).
 """
 
 import dataclasses
@@ -201,16 +201,19 @@ def time_calls(call: Callable[[int], Any], *, warmup: int = 1, repeats: int = 5,
                      min_seconds=min_seconds, max_repeats=max_repeats)
 
 
-def time_stateful(step: Callable[[Any, int], tuple[Any, Any]], state: Any, *, warmup: int = 1,
-                  repeats: int = 5, name: str = "", min_seconds: float = 0.0,
-                  max_repeats: int = 100) -> tuple[Timing, Any]:
-  """Times `state, out = step(state, i)` with the state threaded through the calls (so a donated
-  state is never reused); repeats as `time_calls`. Returns the timing and the final state."""
-  box = [state]
+class StatefulCall:
+  """`call(i)` runs `state, out = step(state, i)` with the state threaded through the calls (so a
+  donated state is never reused), blocks on both, and appends `keep(out)` to `outputs` (device
+  values: reading them after timing adds no host sync to the timed calls). Time it with
+  `time_calls`; it stays callable for later rounds (`runner.interleave`)."""
 
-  def run(i: int) -> None:
-    box[0], out = step(box[0], i)
-    jax.block_until_ready((box[0], out))
-  t = _timed_loop(run, warmup=warmup, repeats=repeats, name=name, min_seconds=min_seconds,
-                  max_repeats=max_repeats)
-  return t, box[0]
+  def __init__(self, step: Callable[[Any, int], tuple[Any, Any]], state: Any,
+               keep: Optional[Callable[[Any], Any]] = None):
+    self.step, self.state, self.keep = step, state, keep
+    self.outputs: list[Any] = []
+
+  def __call__(self, i: int) -> None:
+    self.state, out = self.step(self.state, i)
+    jax.block_until_ready((self.state, out))
+    if self.keep is not None:
+      self.outputs.append(self.keep(out))

@@ -73,6 +73,16 @@ def _skip_update(optimizer: nnx.Optimizer, model: nnx.Module, grads: Any) -> Non
   del optimizer, model, grads
 
 
+def _dense_fallback(model: nnx.Module, out: Any) -> jax.Array:
+  """1.0 if this forward pruned but ran the dense ViT fallback (`VideoOutput.packed` False), else 0.0
+  (also for unpruned models and forwards without a `packed` field)."""
+  packed = getattr(out, "packed", None)
+  config = getattr(model, "config", None)
+  if packed is None or config is None or not config.stts.prunes:
+    return jnp.zeros((), jnp.float32)
+  return jnp.logical_not(packed).astype(jnp.float32)
+
+
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, cfg: TrainConfig,
                forward: Optional[Forward] = None) -> dict[str, jax.Array]:
   """Runs one step in place on `state`; returns scalar metrics.
@@ -84,7 +94,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, cfg: TrainConf
   `target_ids`, `loss_mask`, `aux_loss`, `keep_mask`, `num_truncated` (as
   `video_forward.VideoOutput`); default `video_forward.forward_video`.
   Metrics: loss, ce, aux_loss, kept_ratio (kept / real windows), loss_tokens, truncated_tokens
-  (LLM tokens cut by the static length; should stay 0), grad_norm (before clipping), lr,
+  (LLM tokens cut by the static length; should stay 0), dense_fallback (microbatches whose kept
+  patches did not fit the static packed rows and ran the exact but slower dense ViT; should stay
+  near 0, else raise `stts.num_rows`), grad_norm (before clipping), lr,
   lr_scorer, lr_vision, skipped (this step), skipped_total, step.
   """
   forward = forward or video_forward.forward_video
@@ -105,7 +117,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, cfg: TrainConf
              "kept_windows": jnp.sum(keep).astype(jnp.float32),
              "valid_windows": (jnp.sum(mb["frame_mask"]) * keep.shape[-1]).astype(jnp.float32),
              "loss_tokens": jnp.sum(out.loss_mask).astype(jnp.float32),
-             "truncated_tokens": jnp.sum(out.num_truncated).astype(jnp.float32)}
+             "truncated_tokens": jnp.sum(out.num_truncated).astype(jnp.float32),
+             "dense_fallback": _dense_fallback(m, out)}
     return loss, stats
 
   grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
@@ -123,7 +136,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, cfg: TrainConf
 
     zeros_stats = {k: jnp.zeros((), jnp.float32) for k in
                    ("ce_sum", "aux_loss", "kept_windows", "valid_windows", "loss_tokens",
-                    "truncated_tokens")}
+                    "truncated_tokens", "dense_fallback")}
     zeros_grads = jax.tree.map(jnp.zeros_like, params)
     (loss, stats, grads), _ = jax.lax.scan(
         body, (jnp.zeros((), jnp.float32), zeros_stats, zeros_grads),
@@ -146,6 +159,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, cfg: TrainConf
       "kept_ratio": stats["kept_windows"] / jnp.maximum(stats["valid_windows"], 1.0),
       "loss_tokens": stats["loss_tokens"],
       "truncated_tokens": stats["truncated_tokens"],
+      "dense_fallback": stats["dense_fallback"],
       "grad_norm": grad_norm,
       "lr": lr["main"],
       "lr_scorer": lr["scorer"],

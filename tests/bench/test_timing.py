@@ -68,20 +68,24 @@ def test_time_calls_fails_if_the_timed_region_compiles():
     timing.time_calls(call, warmup=0, repeats=2, name="bad")
 
 
-def test_time_stateful_threads_a_donated_state():
-  step = jax.jit(lambda s, inc: (s + inc, jnp.sum(s)), donate_argnums=0)
+def test_stateful_call_threads_a_donated_state_and_keeps_outputs():
+  step = jax.jit(lambda s, inc: (s + inc, {"sum": jnp.sum(s)}), donate_argnums=0)
   compiled = timing.aot_compile(step, jnp.zeros(4), jnp.float32(1.0))
-  t, final = timing.time_stateful(lambda s, i: compiled(s, jnp.float32(i + 1)), jnp.zeros(4), warmup=1,
-                                  repeats=3, name="step")
+  call = timing.StatefulCall(lambda s, i: compiled(s, jnp.float32(i + 1)), jnp.zeros(4), keep=lambda o: o["sum"])
+  t = timing.time_calls(call, warmup=1, repeats=3, name="step")
   assert len(t.seconds) == 3
-  np.testing.assert_allclose(np.asarray(final), 1 + 2 + 3 + 4)
+  np.testing.assert_allclose(np.asarray(call.state), 1 + 2 + 3 + 4)
+  # every call's output is kept, warm-up included: sums of the state before each call
+  assert [float(x) for x in call.outputs] == [0.0, 4.0, 12.0, 24.0]
+  call(4)   # still callable after timing (interleaved rounds)
+  np.testing.assert_allclose(np.asarray(call.state), 15.0)
 
 
 def test_bad_counts_are_rejected():
   with pytest.raises(ValueError, match="repeats"):
     timing.time_calls(lambda i: jnp.ones(1), warmup=0, repeats=0)
   with pytest.raises(ValueError, match="warmup"):
-    timing.time_stateful(lambda s, i: (s, s), jnp.ones(1), warmup=-1, repeats=1)
+    timing.time_calls(timing.StatefulCall(lambda s, i: (s, s), jnp.ones(1)), warmup=-1, repeats=1)
 
 
 def test_min_seconds_adds_repeats_up_to_the_cap():
@@ -101,6 +105,6 @@ def test_min_seconds_adds_repeats_up_to_the_cap():
   assert len(capped.seconds) == 6
   slow = timing.time_calls(sleeper(0.03), warmup=0, repeats=2, min_seconds=0.05)
   assert len(slow.seconds) == 2
-  t, state = timing.time_stateful(lambda s, i: (s + 1, s), np.zeros(()), warmup=1, repeats=1,
-                                  min_seconds=0.0)
-  assert len(t.seconds) == 1 and float(state) == 2.0
+  stateful = timing.StatefulCall(lambda s, i: (s + 1, s), np.zeros(()))
+  t = timing.time_calls(stateful, warmup=1, repeats=1, min_seconds=0.0)
+  assert len(t.seconds) == 1 and float(stateful.state) == 2.0
