@@ -15,7 +15,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # `configs` package
 from stts_jax import hostmem  # noqa: E402
-hostmem.reexec_with_hugepages()   # before JAX starts: glibc reads its tunables at start-up
+hostmem.reexec_with_hugepages(steady=True)   # before JAX starts: glibc reads its tunables at start-up
 
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402

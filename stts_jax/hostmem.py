@@ -8,13 +8,21 @@ shorter, the faults are not), which skews every speedup measured on CPU. With th
 `glibc.malloc.hugetlb=1` (glibc >= 2.35) malloc advises its mmaps for transparent huge pages
 (2 MiB): ~1k faults per step (measured by scripts/benchmark.py, docs/benchmark.md).
 
+The kernel still hands out (and zeroes) fresh huge pages on every call, and when it has to compact
+memory to find them a step takes up to 2x longer: fine for training (the mean improves), bad for a
+benchmark that compares single calls. `steady=True` (scripts/benchmark.py) therefore also keeps
+freed memory in the process: one malloc arena (`arena_max=1`) whose heap serves the large buffers
+(`mmap_threshold`) and is never trimmed (`trim_threshold`), so after the first calls a step
+page-faults nothing (0 faults, step times within ~2%), at ~25% more CPU time from the shared arena
+for every cell alike.
+
 Tunables are read once at process start, so `reexec_with_hugepages()` (first thing in the scripts,
-before JAX is imported) restarts the same command line with it set; the process keeps its pid.
+before JAX is imported) restarts the same command line with them set; the process keeps its pid.
 Nothing happens off glibc/Linux, when the kernel has THP off ("never"), when the tunable is already
 set, or with STTS_JAX_HUGEPAGES=0.
 
-  hugepage_env(environ, libc_version, thp_mode) -> environment to restart with, or None (pure)
-  reexec_with_hugepages()                       -> restarts the process when that is not None
+  hugepage_env(environ, libc_version, thp_mode, steady) -> environment to restart with, or None (pure)
+  reexec_with_hugepages(steady)                         -> restarts the process when that is not None
 """
 
 import os
@@ -24,6 +32,9 @@ from collections.abc import Mapping
 from typing import Optional
 
 TUNABLE = "glibc.malloc.hugetlb"
+# Keep large freed buffers in one never-trimmed heap (values: 16 GiB, 1 TiB; glibc accepts them).
+STEADY_TUNABLES = ("glibc.malloc.arena_max=1", "glibc.malloc.mmap_threshold=17179869184",
+                   "glibc.malloc.trim_threshold=1099511627776")
 OPT_OUT = "STTS_JAX_HUGEPAGES"
 _THP_MODE = "/sys/kernel/mm/transparent_hugepage/enabled"
 
@@ -49,24 +60,26 @@ def thp_mode(path: str = _THP_MODE) -> Optional[str]:
 
 
 def hugepage_env(environ: Mapping[str, str], libc: Optional[tuple[int, int]],
-                 thp: Optional[str]) -> Optional[dict[str, str]]:
-  """The environment to restart with (`environ` plus glibc.malloc.hugetlb=1 appended to
-  GLIBC_TUNABLES), or None when a restart would not help or is not wanted."""
+                 thp: Optional[str], steady: bool = False) -> Optional[dict[str, str]]:
+  """The environment to restart with (`environ` plus glibc.malloc.hugetlb=1, and with `steady` the
+  `STEADY_TUNABLES`, appended to GLIBC_TUNABLES), or None when a restart would not help or is not
+  wanted."""
   if environ.get(OPT_OUT, "1") == "0" or libc is None or libc < (2, 35) or thp in (None, "never"):
     return None
   tunables = environ.get("GLIBC_TUNABLES", "")
   if TUNABLE + "=" in tunables:   # set (by us before the restart, or by the user): leave it
     return None
+  added = [f"{TUNABLE}=1", *(STEADY_TUNABLES if steady else ())]
   env = dict(environ)
-  env["GLIBC_TUNABLES"] = f"{tunables}:{TUNABLE}=1" if tunables else f"{TUNABLE}=1"
+  env["GLIBC_TUNABLES"] = ":".join(([tunables] if tunables else []) + added)
   return env
 
 
-def reexec_with_hugepages() -> None:
+def reexec_with_hugepages(steady: bool = False) -> None:
   """Restarts this process's command line with `hugepage_env`, if that is not None (no return)."""
   if not sys.platform.startswith("linux"):
     return
-  env = hugepage_env(os.environ, libc_version(), thp_mode())
+  env = hugepage_env(os.environ, libc_version(), thp_mode(), steady)
   if env is None:
     return
   # orig_argv keeps the interpreter's own options and `-m module`, which sys.argv drops.

@@ -23,6 +23,12 @@ def test_hugepage_env_appends_the_tunable_once():
   assert hostmem.hugepage_env({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, (2, 36), "madvise") is None
 
 
+def test_steady_env_also_keeps_freed_memory_in_one_heap():
+  env = hostmem.hugepage_env({}, (2, 36), "madvise", steady=True)
+  assert env["GLIBC_TUNABLES"].split(":") == ["glibc.malloc.hugetlb=1", *hostmem.STEADY_TUNABLES]
+  assert "glibc.malloc.arena_max=1" in hostmem.STEADY_TUNABLES
+
+
 @pytest.mark.parametrize("environ,libc,thp", [
     ({}, (2, 34), "madvise"),              # the tunable came with glibc 2.35
     ({}, None, "madvise"),                 # musl, macOS

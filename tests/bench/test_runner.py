@@ -128,6 +128,15 @@ def test_interleaved_rounds_retime_every_cell_without_recompiling():
     runner.interleave(again, timers, 1)
   assert cc2.count == 0 and compiles_in_grid > 0
   assert len(again[1].parts["train"].timing.seconds) == 4
+  # train steps counted (1 warm-up + 4 first pass + 4 in the grid's 2 rounds), none fell back ...
+  assert [(c.train_steps, c.train_fallback_steps) for c in cells] == [(9, 0), (9, 0)]
+  # ... because the timed step has every learning rate at 0: the weights the rows were fitted to stay
+  steps = timers[1]["train"]
+  before = [np.asarray(x) for x in jax.tree.leaves(steps.state["model"])]   # copies: the state is donated
+  steps(0)
+  after = [np.asarray(x) for x in jax.tree.leaves(steps.state["model"])]
+  assert len(before) > 10 and all(np.array_equal(a, b) for a, b in zip(before, after))
+  assert float(steps.outputs[-1]) == 0.0
   with pytest.raises(ValueError, match="interleave_rounds"):
     BenchConfig(interleave_rounds=-1).validate()
 
@@ -184,6 +193,9 @@ def test_report_speedups_efficiency_overhead_and_checks():
   assert chk["train_speedup_grows"]["ok"]
   assert not chk["overhead_share_at_largest_frames"]["ok"]   # 5% > 3% at 16 frames
   assert chk["one_compile_per_part"]["ok"] and chk["no_fallback"]["ok"]
+  cells[3].train_steps, cells[3].train_fallback_steps = 9, 2   # a timed train step ran the dense ViT
+  rows = report.summary_rows(cells)
+  assert rows[3]["train_fallback_steps"] == 2 and not report.checks(rows)["no_fallback"]["ok"]
 
 
 def test_bench_config_validation():

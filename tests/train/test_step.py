@@ -10,6 +10,9 @@ import pytest
 from tests.train import helpers, toy_model
 
 
+FALLBACK_SEED = 9   # synthetic videos of 3 and 6 frames: 2 and 4 rows needed (of 3)
+
+
 def _run(mesh, cfg, batch_list, initial=None, **kw):
   _, state, step_fn = helpers.build_step(mesh, cfg, batch=batch_list[0], **kw)
   if initial is not None:
@@ -111,3 +114,33 @@ def test_freeze_and_scorer_learning_rate():
   np.testing.assert_array_equal(after["model/scorer"], before["model/scorer"])   # lr 0
   assert np.abs(after["model/up"] - before["model/up"]).max() > 1e-4
   assert float(m["lr_scorer"]) == 0.0 and float(m["lr"]) == pytest.approx(1e-2)
+
+
+def test_dense_fallback_metric_counts_the_microbatches_that_outgrow_the_packed_rows():
+  """A tiny STTS Molmo2 with the fewest packed rows (3 for 6 frames of 9 windows at ratio 0.5) and
+  one video per micro-batch: `dense_fallback` counts the videos whose kept windows need more rows,
+  as computed independently from their keep masks (one fits, one does not)."""
+  from flax import nnx
+
+  from stts_jax.bench import parts
+  from stts_jax.models import budget
+  from stts_jax.models import video_forward
+  from stts_jax.models.vlm import Molmo2
+  from stts_jax.testing.tiny import tiny_model_config
+  t = 6
+  rows = budget.min_rows(t, 9, 0.5)
+  model_cfg = tiny_model_config(method="stts", ratio=0.5, num_rows=rows)
+  batch = next(helpers.batches(batch_size=2, num_frames=t, seq_len=128, seed=FALLBACK_SEED))
+  model = Molmo2(model_cfg, rngs=nnx.Rngs(0))
+  keep = video_forward.vit_features_video(model, jnp.asarray(batch["patches"]),
+                                          jnp.asarray(batch["frame_mask"])).keep_mask_btw
+  needed = np.asarray(jax.jit(parts.rows_needed_fn(model_cfg, t))(keep))
+  assert np.sum(needed <= rows) == 1 and np.sum(needed > rows) == 1, (needed, rows)   # one of each
+  mesh = helpers.mesh_1()
+  _, state, step_fn = helpers.build_step(mesh, helpers.train_cfg(grad_accum=2), batch=batch,
+                                         model_fn=lambda: Molmo2(model_cfg, rngs=nnx.Rngs(0)),
+                                         forward=video_forward.forward_video)
+  with jax.set_mesh(mesh):
+    _, m = step_fn(state, helpers.put(batch, mesh))
+  assert float(m["dense_fallback"]) == 1.0
+  assert np.isfinite(float(m["loss"]))
