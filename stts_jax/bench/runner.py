@@ -14,6 +14,8 @@ taken against the baseline of the same frame count (`report.py`). With `bench.in
 the cells of one frame count stay alive once measured and are timed again in rounds (`interleave`),
 every round calling each (cell, part) in turn; those pooled calls replace the per-cell timings, so
 load that comes and goes on a shared machine slows the unpruned and the pruned cells alike.
+The train step runs with frozen weights (`frozen_weights`) and its `dense_fallback` metric is
+counted over every call, so a cell's timed steps are all the packed path (the report checks it).
 """
 
 import dataclasses
@@ -312,6 +314,7 @@ def _run_train(cfg, train_cfg: TrainConfig, bench: BenchConfig, data: list[dict]
       compiled = timing.aot_compile(step_fn, state, dev[0], name="train")
   if cc.count != 1:
     raise AssertionError(f"bench part 'train': expected exactly one compilation, got {cc.count} ({cc.names})")
+
   def step(state, i):
     with jax.set_mesh(mesh):
       return compiled(state, dev[i % len(dev)])
