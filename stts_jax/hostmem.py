@@ -75,9 +75,16 @@ def hugepage_env(environ: Mapping[str, str], libc: Optional[tuple[int, int]],
   return env
 
 
+def _interactive() -> bool:
+  """Inside IPython/Jupyter (e.g. `%run scripts/train.py`) or an interactive interpreter, where a
+  restart would replace the kernel or the session rather than the script."""
+  return "IPython" in sys.modules or hasattr(sys, "ps1") or bool(sys.flags.interactive)
+
+
 def reexec_with_hugepages(steady: bool = False) -> None:
-  """Restarts this process's command line with `hugepage_env`, if that is not None (no return)."""
-  if not sys.platform.startswith("linux"):
+  """Restarts this process's command line with `hugepage_env`, if that is not None (no return).
+  Not on other platforms, nor in an interactive session (`_interactive`)."""
+  if not sys.platform.startswith("linux") or _interactive():
     return
   env = hugepage_env(os.environ, libc_version(), thp_mode(), steady)
   if env is None:

@@ -40,6 +40,15 @@ def test_hugepage_env_none_when_it_cannot_help_or_is_unwanted(environ, libc, thp
   assert hostmem.hugepage_env(environ, libc, thp) is None
 
 
+def test_no_restart_in_an_interactive_session(monkeypatch):
+  """Under IPython (`%run scripts/train.py` in a notebook) a restart would replace the kernel."""
+  monkeypatch.setitem(sys.modules, "IPython", object())
+  monkeypatch.setattr(hostmem.os, "execve", lambda *a: pytest.fail("restarted an interactive session"))
+  monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+  monkeypatch.delenv("STTS_JAX_HUGEPAGES", raising=False)
+  hostmem.reexec_with_hugepages()
+
+
 def test_thp_mode_reads_the_bracketed_mode(tmp_path):
   path = tmp_path / "enabled"
   path.write_text("always [madvise] never\n")
