@@ -248,6 +248,9 @@ class ModelConfig:
   param_dtype: str = "float32"
   scan_layers: bool = True        # stack decoder/ViT layers with nnx.scan
   remat: str = "none"             # none | full | dots (jax.checkpoint policy name)
+  # ViT/LLM attention implementation (models/attention.py): auto | xla | blockwise | pallas_gpu | splash.
+  attention: str = "auto"
+  attention_block: int = 512      # blockwise: query/key block length
 
   def validate(self):
     self.vit.validate()
@@ -272,6 +275,11 @@ class ModelConfig:
       raise ValueError("dtype/param_dtype must be float32 or bfloat16")
     if self.remat not in ("none", "full", "dots"):
       raise ValueError(f"remat must be none|full|dots, got {self.remat!r}")
+    from stts_jax.models import attention as attention_lib   # no cycle: attention imports no config
+    if self.attention not in attention_lib.IMPLEMENTATIONS:
+      raise ValueError(f"attention must be one of {attention_lib.IMPLEMENTATIONS}, got {self.attention!r}")
+    if self.attention_block < 8 or self.attention_block % 8:
+      raise ValueError(f"attention_block must be a positive multiple of 8, got {self.attention_block}")
     return self
 
   @property

@@ -34,7 +34,6 @@ Implementations (`impl`):
 import dataclasses
 import functools
 import logging
-import math
 from typing import Any, Optional
 
 import jax
@@ -204,21 +203,53 @@ def choose(impl: str, mask: AttentionMask, q_shape, k_shape, backend: Optional[s
 # ------------------------------------------------------------------------------------------------
 # xla: the reference
 # ------------------------------------------------------------------------------------------------
-def xla_attention(q, k, v, mask: AttentionMask, *, scale: float, key_bias=None):
-  """Einsum reference: [B, N, Sq, Sk] float32 logits and softmax; zero rows for fully masked queries."""
-  b, sq, n, h = q.shape
-  kh = k.shape[-2]
-  g = n // kh
-  q5 = q.reshape(b, sq, kh, g, h)
-  logits = jnp.einsum("bqkgh,bskh->bkgqs", q5, k, preferred_element_type=jnp.float32) * scale
-  if key_bias is not None:
-    logits = logits + key_bias.astype(jnp.float32)[:, None, None, None, :]
-  allowed = mask.dense()[:, None, None]
-  logits = jnp.where(allowed, logits, MASK_VALUE)
+def dense_attention(
+    q_bsnh: Float[Array, "*batch Sq N H"],
+    k_bskh: Float[Array, "*batch Sk K H"],
+    v_bskh: Float[Array, "*batch Sk K H"],
+    *,
+    scale: float,
+    bias: Optional[Float[Array, "..."]] = None,
+    mask: Optional[Bool[Array, "..."]] = None,
+) -> Float[Array, "*batch Sq N H"]:
+  """Softmax attention with grouped kv heads (N % K == 0), float32 logits and softmax.
+
+  bias: additive logits, broadcastable to `[*batch, N, Sq, Sk]`; must be finite (use large negative
+    numbers such as -1e9 to suppress a key).
+  mask: True = may attend, broadcastable to `[*batch, N, Sq, Sk]`. A query that may attend no key
+    gets an all-zero output (no NaN, zero gradient) instead of a uniform average.
+  Output is in `v`'s dtype.
+  """
+  n, h = q_bsnh.shape[-2:]
+  k = k_bskh.shape[-2]
+  if n % k:
+    raise ValueError(f"attention: {n} query heads not a multiple of {k} kv heads")
+  g = n // k
+  q_bskgh = q_bsnh.reshape(*q_bsnh.shape[:-2], k, g, h)
+  logits = jnp.einsum("...qkgh,...skh->...kgqs", q_bskgh, k_bskh,
+                      preferred_element_type=jnp.float32)
+  logits = logits.reshape(*logits.shape[:-4], n, *logits.shape[-2:]) * scale   # [*B, N, Sq, Sk]
+  if bias is not None:
+    logits = logits + bias.astype(jnp.float32)
+  if mask is not None:
+    logits = jnp.where(mask, logits, MASK_VALUE)
   probs = jax.nn.softmax(logits, axis=-1)
-  probs = jnp.where(allowed, probs, 0.0).astype(v.dtype)
-  out = jnp.einsum("bkgqs,bskh->bqkgh", probs, v)
-  return out.reshape(b, sq, n, h)
+  if mask is not None:
+    # Exactly zero for masked keys; all-zero rows for queries without any valid key.
+    probs = jnp.where(mask, probs, 0.0)
+  probs = probs.astype(v_bskh.dtype)
+  probs_bkgqs = probs.reshape(*probs.shape[:-3], k, g, *probs.shape[-2:])
+  out = jnp.einsum("...kgqs,...skh->...qkgh", probs_bkgqs, v_bskh)
+  return out.reshape(*out.shape[:-3], n, h)
+
+
+
+def xla_attention(q, k, v, mask: AttentionMask, *, scale: float, key_bias=None):
+  """The einsum reference under `mask`: [B, N, Sq, Sk] float32 logits and softmax."""
+  bias = None if key_bias is None else key_bias.astype(jnp.float32)[:, None, None, :]
+  # Whole frames need no mask (every key of the row is valid): skip the [B, 1, S, S] select.
+  dense = None if mask.kind == "vit_frames" else mask.dense()[:, None]
+  return dense_attention(q, k, v, scale=scale, bias=bias, mask=dense)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -490,5 +521,5 @@ def splash_attention(q, k, v, mask: AttentionMask, *, scale: float, key_bias=Non
 
 
 __all__ = ["AttentionMask", "IMPLEMENTATIONS", "MASK_KINDS", "attention", "blockwise_attention", "choose",
-           "decode_mask", "fused_supports", "llm_mask", "pallas_gpu_attention", "splash_attention",
+           "decode_mask", "dense_attention", "fused_supports", "llm_mask", "pallas_gpu_attention", "splash_attention",
            "vit_frames_mask", "vit_rows_mask", "xla_attention"]

@@ -7,20 +7,20 @@ Conventions (all modules here):
   * Norm statistics and attention softmax run in float32 whatever `dtype` is.
 """
 
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Bool, Float
 
+from stts_jax.models import attention as attention_lib
 from stts_jax.models import partitioning
 
 DType = Any
 AxisName = Optional[str]
 
-# Finite "minus infinity" for masked attention logits (f32-safe; exp underflows to exactly 0).
-MASK_VALUE = -1e30
+MASK_VALUE = attention_lib.MASK_VALUE
 
 default_kernel_init = nnx.initializers.lecun_normal()
 
@@ -106,44 +106,8 @@ class SwiGLU(nnx.Module):
     return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-def dot_product_attention(
-    q_bsnh: Float[Array, "*batch Sq N H"],
-    k_bskh: Float[Array, "*batch Sk K H"],
-    v_bskh: Float[Array, "*batch Sk K H"],
-    *,
-    scale: float,
-    bias: Optional[Float[Array, "..."]] = None,
-    mask: Optional[Bool[Array, "..."]] = None,
-) -> Float[Array, "*batch Sq N H"]:
-  """Softmax attention with grouped kv heads (N % K == 0), float32 logits and softmax.
-
-  bias: additive logits, broadcastable to `[*batch, N, Sq, Sk]`; must be finite (use large negative
-    numbers such as -1e9 to suppress a key).
-  mask: True = may attend, broadcastable to `[*batch, N, Sq, Sk]`. A query that may attend no key
-    gets an all-zero output (no NaN, zero gradient) instead of a uniform average.
-  Output is in `v`'s dtype.
-  """
-  n, h = q_bsnh.shape[-2:]
-  k = k_bskh.shape[-2]
-  if n % k:
-    raise ValueError(f"attention: {n} query heads not a multiple of {k} kv heads")
-  g = n // k
-  q_bskgh = q_bsnh.reshape(*q_bsnh.shape[:-2], k, g, h)
-  logits = jnp.einsum("...qkgh,...skh->...kgqs", q_bskgh, k_bskh,
-                      preferred_element_type=jnp.float32)
-  logits = logits.reshape(*logits.shape[:-4], n, *logits.shape[-2:]) * scale   # [*B, N, Sq, Sk]
-  if bias is not None:
-    logits = logits + bias.astype(jnp.float32)
-  if mask is not None:
-    logits = jnp.where(mask, logits, MASK_VALUE)
-  probs = jax.nn.softmax(logits, axis=-1)
-  if mask is not None:
-    # Exactly zero for masked keys; all-zero rows for queries without any valid key.
-    probs = jnp.where(mask, probs, 0.0)
-  probs = probs.astype(v_bskh.dtype)
-  probs_bkgqs = probs.reshape(*probs.shape[:-3], k, g, *probs.shape[-2:])
-  out = jnp.einsum("...kgqs,...skh->...qkgh", probs_bkgqs, v_bskh)
-  return out.reshape(*out.shape[:-3], n, h)
+# The dense reference lives with the other implementations; kept here under its old name.
+dot_product_attention = attention_lib.dense_attention
 
 
 class Attention(nnx.Module):
@@ -156,9 +120,12 @@ class Attention(nnx.Module):
 
   def __init__(self, in_features: int, num_heads: int, head_dim: int, out_features: int, *,
                in_name: AxisName, heads_name: AxisName, out_name: AxisName, use_bias: bool = True,
-               dtype: DType = jnp.float32, param_dtype: DType = jnp.float32, rngs: nnx.Rngs):
+               dtype: DType = jnp.float32, param_dtype: DType = jnp.float32, impl: str = "xla",
+               block: int = attention_lib.DEFAULT_BLOCK, rngs: nnx.Rngs):
     self.num_heads = num_heads
     self.head_dim = head_dim
+    self.impl = impl
+    self.block = block
     kw = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     inner = num_heads * head_dim
     self.q_proj = Linear(in_features, inner, names=(in_name, heads_name), **kw)
@@ -169,12 +136,23 @@ class Attention(nnx.Module):
   def __call__(self, x_bsc: Float[Array, "*batch Sq C"],
                kv_bsc: Optional[Float[Array, "*batch Sk C"]] = None, *,
                bias: Optional[Float[Array, "..."]] = None,
-               mask: Optional[Bool[Array, "..."]] = None) -> Float[Array, "*batch Sq out"]:
-    """Self-attention over `x` (or cross-attention to `kv`). bias/mask as `dot_product_attention`."""
+               mask: Union[Bool[Array, "..."], attention_lib.AttentionMask, None] = None
+               ) -> Float[Array, "*batch Sq out"]:
+    """Self-attention over `x` (or cross-attention to `kv`).
+
+    With `mask` an `AttentionMask` (ViT call sites): `x` is `[B, S, C]`, `bias` a per-key bias `[B, S]`,
+    and the configured implementation (`impl`) runs. Otherwise (pooling over a few keys) bias/mask are
+    dense as in `dot_product_attention`.
+    """
     kv_bsc = x_bsc if kv_bsc is None else kv_bsc
     heads = (self.num_heads, self.head_dim)
     q = self.q_proj(x_bsc).reshape(*x_bsc.shape[:-1], *heads)
     k = self.k_proj(kv_bsc).reshape(*kv_bsc.shape[:-1], *heads)
     v = self.v_proj(kv_bsc).reshape(*kv_bsc.shape[:-1], *heads)
-    out = dot_product_attention(q, k, v, scale=self.head_dim ** -0.5, bias=bias, mask=mask)
+    scale = self.head_dim ** -0.5
+    if isinstance(mask, attention_lib.AttentionMask):
+      out = attention_lib.attention(q, k, v, mask, scale=scale, key_bias=bias, impl=self.impl,
+                                    block_q=self.block, block_k=self.block)
+    else:
+      out = dot_product_attention(q, k, v, scale=scale, bias=bias, mask=mask)
     return self.o_proj(out.reshape(*out.shape[:-2], -1))

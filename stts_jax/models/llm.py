@@ -6,13 +6,16 @@ before RoPE, softmax in float32, `norm_after` (OLMo-style: the norm is applied t
 output before the residual add). The embedding table has `vocab_size + additional_vocab_size` rows;
 the untied `lm_head` scores only the first `vocab_size`.
 
-Attention rule (prefill and decode alike): query i may see key j iff
-  (j is at or before i in the sequence/cache  OR  both i and j are vision tokens)  AND  j is a real token.
+Attention rule (prefill and decode alike; `models/attention.py`): query i may see key j iff
+  (j is at or before i in the sequence/cache  OR  both i and j are vision tokens)
+  AND  i and j belong to the same example (`example_ids`; one per row unless packed)  AND  j is a real token.
 The vision overlay reproduces HF's `mm_token_type_ids` block mask; at decode the caller passes
 `vision_mask=False` for the new token, as HF drops the overlay on decode steps.
 
-A query that may see no key (a padding position whose earlier keys are all padding) gets a zero
-attention output; HF averages uniformly there. Only padding positions differ.
+A padding query (token_mask False) sees no key and gets a zero attention output; HF computes
+something there. Only padding positions differ. The implementation is `attention` (config
+`model.attention`): the mask above is not expressible by segment ids alone, so `auto` runs the
+`blockwise` kernel (or the `xla` reference for small calls).
 
 `Decoder.__call__` returns the final-normed hidden states; `Decoder.logits(hidden)` applies `lm_head`.
 
@@ -34,6 +37,7 @@ from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
 from stts_jax import config as config_lib
+from stts_jax.models import attention as attention_lib
 from stts_jax.models import layers
 from stts_jax.models import partitioning
 from stts_jax.models import rope
@@ -61,19 +65,18 @@ class KVCache:
 
 
 def prefill_mask(token_mask_bs: Bool[Array, "B S"], vision_mask_bs: Bool[Array, "B S"]) -> Bool[Array, "B S S"]:
-  """(causal OR both vision) AND key is a real token."""
-  s = token_mask_bs.shape[1]
-  causal = jnp.arange(s)[None, :] <= jnp.arange(s)[:, None]
-  both_vision = vision_mask_bs[:, :, None] & vision_mask_bs[:, None, :]
-  return (causal[None] | both_vision) & token_mask_bs[:, None, :]
+  """The dense prefill mask (tests): (causal OR both vision) AND same example AND both real tokens."""
+  return attention_lib.llm_mask(token_mask_bs, vision_mask_bs).dense()
 
 
 class Attention(nnx.Module):
   """Self-attention with q/k RMSNorm before RoPE; o_proj never has a bias."""
 
-  def __init__(self, cfg: config_lib.LLMConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+  def __init__(self, cfg: config_lib.LLMConfig, *, dtype, param_dtype, attention: str = "xla",
+               attention_block: int = attention_lib.DEFAULT_BLOCK, rngs: nnx.Rngs):
     e, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     self.num_heads, self.num_kv_heads, self.head_dim = n, k, h
+    self.impl, self.block = attention, attention_block
     self.qk_norm_type = cfg.qk_norm_type
     kw = dict(dtype=dtype, param_dtype=param_dtype, kernel_init=_INIT, rngs=rngs)
     bias = cfg.attention_bias
@@ -101,14 +104,15 @@ class Attention(nnx.Module):
     k = rope.apply_rope(k, cos_bsh, sin_bsh)
     return q, k, v
 
-  def __call__(self, x_bse, cos_bsh, sin_bsh, allowed_bst, kv_cache=None, cache_index=None):
+  def __call__(self, x_bse, cos_bsh, sin_bsh, mask: attention_lib.AttentionMask, kv_cache=None,
+               cache_index=None):
     q, k, v = self.project_qkv(x_bse, cos_bsh, sin_bsh)
     if kv_cache is not None:
       k_cache, v_cache = kv_cache
       k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), cache_index, axis=1)
       v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), cache_index, axis=1)
-    out = layers.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), scale=self.head_dim ** -0.5,
-                                       mask=allowed_bst[:, None])
+    out = attention_lib.attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, scale=self.head_dim ** -0.5,
+                                  impl=self.impl, block_q=self.block, block_k=self.block)
     b, s = x_bse.shape[:2]
     return self.o_proj(out.reshape(b, s, -1)), (k, v)
 
@@ -116,11 +120,12 @@ class Attention(nnx.Module):
 class DecoderLayer(nnx.Module):
   """Pre-norm (or `norm_after`) attention + SwiGLU block."""
 
-  def __init__(self, cfg: config_lib.LLMConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+  def __init__(self, cfg: config_lib.LLMConfig, *, dtype, param_dtype, attention: str = "xla",
+               attention_block: int = attention_lib.DEFAULT_BLOCK, rngs: nnx.Rngs):
     self.norm_after = cfg.norm_after
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.input_layernorm = layers.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **kw)
-    self.self_attn = Attention(cfg, **kw)
+    self.self_attn = Attention(cfg, attention=attention, attention_block=attention_block, **kw)
     self.post_attention_layernorm = layers.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **kw)
     self.mlp = layers.SwiGLU(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_size, in_name="embed",
                              hidden_name="mlp", out_name="embed", **kw)
@@ -149,7 +154,8 @@ class Decoder(nnx.Module):
   (`scan_layers=True`) or kept as a list; both give identical results."""
 
   def __init__(self, cfg: config_lib.LLMConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
-               scan_layers: bool = True, remat: str = "none", rngs: nnx.Rngs):
+               scan_layers: bool = True, remat: str = "none", attention: str = "xla",
+               attention_block: int = attention_lib.DEFAULT_BLOCK, rngs: nnx.Rngs):
     cfg.validate()
     if remat not in ("none", *_REMAT_POLICIES):
       raise ValueError(f"Decoder: remat must be none|full|dots, got {remat!r}")
@@ -161,7 +167,8 @@ class Decoder(nnx.Module):
                                   embedding_init=partitioning.with_names(_INIT, ("vocab", "embed")), rngs=rngs)
 
     def make_layer(r):
-      return DecoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=r)
+      return DecoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, attention=attention,
+                          attention_block=attention_block, rngs=r)
 
     if scan_layers:
       @nnx.split_rngs(splits=cfg.num_layers)
@@ -203,7 +210,8 @@ class Decoder(nnx.Module):
 
   def __call__(self, embeds_bse: Float[Array, "B S E"], positions_bs: Int[Array, "B S"],
                token_mask_bs: Bool[Array, "B S"], vision_mask_bs: Bool[Array, "B S"], *,
-               cache: Optional[KVCache] = None, cache_index: Union[int, Int[Array, ""], None] = None
+               cache: Optional[KVCache] = None, cache_index: Union[int, Int[Array, ""], None] = None,
+               example_ids_bs: Optional[Int[Array, "B S"]] = None
                ) -> tuple[Float[Array, "B S E"], Optional[KVCache]]:
     """Runs the decoder on input embeddings.
 
@@ -211,12 +219,14 @@ class Decoder(nnx.Module):
     With `cache` (from `init_cache`) and `cache_index` (int32 scalar, first slot to write): the S new
     keys/values are written at slots `[cache_index, cache_index + S)`, queries attend to every valid
     filled slot up to their own (plus vision slots, if the query is vision); returns (hidden, new cache).
+    example_ids_bs: example of each token of a packed sequence (prefill without cache only; default one
+    example per row).
     """
     h = partitioning.constrain(embeds_bse.astype(self.dtype), ("act_batch", "act_seq", "act_embed"))
     tables = self._rope_tables(positions_bs)
     use_scaled = jnp.asarray(rope.layer_uses_scaled_rope(self.cfg))
     if cache is None:
-      allowed = prefill_mask(token_mask_bs, vision_mask_bs)
+      allowed = attention_lib.llm_mask(token_mask_bs, vision_mask_bs, example_ids_bs)
       kv = None
       new_cache = None
     else:
@@ -225,9 +235,9 @@ class Decoder(nnx.Module):
       cache_index = jnp.asarray(cache_index, jnp.int32)
       valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, token_mask_bs, cache_index, axis=1)
       vision = jax.lax.dynamic_update_slice_in_dim(cache.vision, vision_mask_bs, cache_index, axis=1)
-      slot_q = cache_index + jnp.arange(h.shape[1])
-      causal = jnp.arange(cache.max_len)[None, :] <= slot_q[:, None]
-      allowed = (causal[None] | (vision_mask_bs[:, :, None] & vision[:, None, :])) & valid[:, None, :]
+      if example_ids_bs is not None:
+        raise ValueError("Decoder: example_ids_bs (packed sequences) is for prefill without a cache")
+      allowed = attention_lib.decode_mask(token_mask_bs, vision_mask_bs, cache_index, valid, vision)
       kv = (cache.k, cache.v)
       new_cache = KVCache(k=cache.k, v=cache.v, valid=valid, vision=vision)
 

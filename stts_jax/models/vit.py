@@ -25,6 +25,7 @@ from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
 from stts_jax.config import ViTConfig
+from stts_jax.models import attention as attention_lib
 from stts_jax.models import layers
 from stts_jax.models import partitioning
 
@@ -47,17 +48,18 @@ class ViTMLP(nnx.Module):
 class ViTBlock(nnx.Module):
   """Pre-LN encoder block: `h += o(attn(LN1 h))`, then `h += fc2(gelu(fc1(LN2 h)))`."""
 
-  def __init__(self, cfg: ViTConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+  def __init__(self, cfg: ViTConfig, *, dtype, param_dtype, attention: str = "xla",
+               attention_block: int = attention_lib.DEFAULT_BLOCK, rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.layer_norm1 = layers.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, **kw)
     self.self_attn = layers.Attention(
         cfg.hidden_size, cfg.num_heads, cfg.head_dim, cfg.hidden_size, in_name="vit_embed",
-        heads_name="vit_heads", out_name="vit_embed", use_bias=True, **kw)
+        heads_name="vit_heads", out_name="vit_embed", use_bias=True, impl=attention, block=attention_block, **kw)
     self.layer_norm2 = layers.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, **kw)
     self.mlp = ViTMLP(cfg, **kw)
 
-  def __call__(self, x_npd: Float[Array, "N P D"], bias: Optional[Float[Array, "N 1 1 P"]] = None,
-               mask: Optional[Bool[Array, "N 1 P P"]] = None) -> Float[Array, "N P D"]:
+  def __call__(self, x_npd: Float[Array, "N P D"], bias: Optional[Float[Array, "N P"]],
+               mask: attention_lib.AttentionMask) -> Float[Array, "N P D"]:
     x_npd = x_npd + self.self_attn(self.layer_norm1(x_npd), bias=bias, mask=mask).astype(x_npd.dtype)
     x_npd = x_npd + self.mlp(self.layer_norm2(x_npd)).astype(x_npd.dtype)
     return partitioning.constrain(x_npd, _ACT_NAMES)
@@ -91,18 +93,14 @@ _scan_blocks_eager = jax.jit(_scan_blocks, static_argnames=("graphdef", "length"
 
 
 def attention_inputs(
-    key_bias: Optional[Float[Array, "N P"]], segment_ids: Optional[Int[Array, "N P"]],
-) -> tuple[Optional[Float[Array, "N 1 1 P"]], Optional[Bool[Array, "N 1 P P"]]]:
-  """Per-row key bias and block-diagonal mask in the layout the blocks consume.
-
-  mask[n, 0, q, k] = segment_ids[n, q] == segment_ids[n, k] and segment_ids[n, k] >= 0.
-  """
-  bias = None if key_bias is None else key_bias.astype(jnp.float32)[:, None, None, :]
-  mask = None
-  if segment_ids is not None:
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]
-    mask = (same & (segment_ids[:, None, :] >= 0))[:, None]
-  return bias, mask
+    key_bias: Optional[Float[Array, "N P"]], segment_ids: Optional[Int[Array, "N P"]], shape: tuple[int, int],
+) -> tuple[Optional[Float[Array, "N P"]], attention_lib.AttentionMask]:
+  """Per-key bias (float32) and the call site's mask: packed rows (`segment_ids`: q sees k iff ids are
+  equal and id[k] >= 0) or whole frames (`segment_ids` None) for `shape` = (N, P)."""
+  bias = None if key_bias is None else key_bias.astype(jnp.float32)
+  if segment_ids is None:
+    return bias, attention_lib.vit_frames_mask(*shape)
+  return bias, attention_lib.vit_rows_mask(segment_ids)
 
 
 class VisionTransformer(nnx.Module):
@@ -112,6 +110,7 @@ class VisionTransformer(nnx.Module):
     cfg: sizes. `num_layers` (default `cfg.num_layers`) blocks are built; the VLM passes
       `max(adapter.vit_layers) + 1` so trailing checkpoint blocks are never built or run.
     dtype: compute dtype; param_dtype: storage dtype.
+    attention: implementation name (`models/attention.py`); attention_block: its block length.
     scan_layers: stack the blocks (leading "layers" axis) and run ranges with `lax.scan`;
       otherwise an `nnx.List` of blocks run in a Python loop. Same numbers either way.
     remat: "none" | "full" | "dots" (`jax.checkpoint`, policy dots_with_no_batch_dims_saveable).
@@ -119,6 +118,7 @@ class VisionTransformer(nnx.Module):
 
   def __init__(self, cfg: ViTConfig, *, num_layers: Optional[int] = None, dtype=jnp.float32,
                param_dtype=jnp.float32, scan_layers: bool = True, remat: str = "none",
+               attention: str = "xla", attention_block: int = attention_lib.DEFAULT_BLOCK,
                rngs: nnx.Rngs):
     cfg.validate()
     num_layers = cfg.num_layers if num_layers is None else num_layers
@@ -132,6 +132,7 @@ class VisionTransformer(nnx.Module):
     self.remat = remat
     self.dtype = dtype
     kw = dict(dtype=dtype, param_dtype=param_dtype)
+    block_kw = dict(kw, attention=attention, attention_block=attention_block)
     self.patch_embedding = layers.Linear(cfg.patch_dim, cfg.hidden_size, names=("patch_in", "vit_embed"),
                                          rngs=rngs, **kw)
     self.positional_embedding = nnx.Param(partitioning.with_names(
@@ -141,10 +142,10 @@ class VisionTransformer(nnx.Module):
       @nnx.split_rngs(splits=num_layers)
       @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
       def make_blocks(block_rngs: nnx.Rngs) -> ViTBlock:
-        return ViTBlock(cfg, rngs=block_rngs, **kw)
+        return ViTBlock(cfg, rngs=block_rngs, **block_kw)
       self.blocks = make_blocks(rngs)
     else:
-      self.blocks = nnx.List([ViTBlock(cfg, rngs=rngs, **kw) for _ in range(num_layers)])
+      self.blocks = nnx.List([ViTBlock(cfg, rngs=rngs, **block_kw) for _ in range(num_layers)])
 
   def embed(self, patches: Float[Array, "N P I"]) -> Float[Array, "N P D"]:
     """Linear patch embedding plus the learned positional embedding: `[N, P, I] -> [N, P, D]`."""
@@ -171,7 +172,7 @@ class VisionTransformer(nnx.Module):
     """
     if not 0 <= start <= stop <= self.num_layers:
       raise ValueError(f"ViT.run_blocks: need 0 <= start <= stop <= {self.num_layers}, got {start}, {stop}")
-    bias, mask = attention_inputs(key_bias, segment_ids)
+    bias, mask = attention_inputs(key_bias, segment_ids, hidden.shape[:2])
     hidden = hidden.astype(self.dtype)
     ends = sorted({t + 1 for t in taps if start <= t < stop} | {stop})
     outputs: dict[int, jax.Array] = {}

@@ -61,7 +61,8 @@ class Molmo2(nnx.Module):
     self.config = cfg
     dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    stack = dict(scan_layers=cfg.scan_layers, remat=cfg.remat)
+    stack = dict(scan_layers=cfg.scan_layers, remat=cfg.remat, attention=cfg.attention,
+                 attention_block=cfg.attention_block)
     self.vit = vit_lib.VisionTransformer(cfg.vit, num_layers=max(cfg.adapter.vit_layers) + 1, **stack, **common)
     self.adapter = adapter_lib.Adapter(cfg.adapter, vit_hidden=cfg.vit.hidden_size,
                                        text_hidden=cfg.llm.hidden_size, **common)
