@@ -316,6 +316,36 @@ def _unblocks(x):
   return jnp.moveaxis(x, 0, 1).reshape(b, nb * size, *x.shape[3:])
 
 
+def _block_table(cfg, qs, ks, qi, ki, qv, kv):
+  """live [nq, nk] bool: may any query of block i see any key of block j, in any row of the batch?
+
+  Built from per-block summaries of the per-token arrays (segment range, index range, any vision),
+  so it is a superset of the exact answer (a live block can still be fully masked; a dead one never
+  holds an allowed pair). Reducing over the batch once here keeps the loops' `cond` predicates free of
+  per-iteration cross-device reductions when the batch is sharded.
+  """
+  big = jnp.iinfo(jnp.int32).max
+
+  def summary(seg, idx, vis, size, use_max_idx):
+    b = seg.shape[0]
+    seg, idx, vis = (x.reshape(b, -1, size) for x in (seg, idx, vis))
+    valid = seg >= 0
+    seg_lo = jnp.min(jnp.where(valid, seg, big), -1)
+    seg_hi = jnp.max(jnp.where(valid, seg, -1), -1)
+    idx_ext = (jnp.max(jnp.where(valid, idx, -big), -1) if use_max_idx
+               else jnp.min(jnp.where(valid, idx, big), -1))
+    return jnp.any(valid, -1), seg_lo, seg_hi, idx_ext, jnp.any(valid & vis, -1)
+
+  q_any, q_lo, q_hi, q_idx_max, q_vis = summary(qs, qi, qv, cfg.block_q, True)    # each [B, nq]
+  k_any, k_lo, k_hi, k_idx_min, k_vis = summary(ks, ki, kv, cfg.block_k, False)   # each [B, nk]
+  e = lambda x: x[:, :, None]
+  f = lambda x: x[:, None, :]
+  live = e(q_any) & f(k_any) & (e(q_lo) <= f(k_hi)) & (f(k_lo) <= e(q_hi))
+  if cfg.causal:
+    live = live & ((f(k_idx_min) <= e(q_idx_max)) | (e(q_vis) & f(k_vis)))
+  return jnp.any(live, axis=0)
+
+
 def _scores(cfg, q_blk, k_blk, bias_blk, ok):
   """q_blk [B, bq, K, G, H], k_blk [B, bk, K, H] -> masked float32 scores [B, K, G, bq, bk] (-inf outside)."""
   s = jnp.einsum("bqkgh,bskh->bkgqs", q_blk, k_blk, preferred_element_type=jnp.float32) * cfg.scale
@@ -330,19 +360,20 @@ def _flash_forward(cfg: _BlockConfig, q, k, v, bias, qs, ks, qi, ki, qv, kv):
   q5 = q.reshape(b, sq, kh, g, h)
   kb, vb = _blocks(k, cfg.block_k), _blocks(v, cfg.block_k)
   biasb, ksb, kib, kvb = _blocks(bias, cfg.block_k), _blocks(ks, cfg.block_k), _blocks(ki, cfg.block_k), _blocks(kv, cfg.block_k)
+  live = _block_table(cfg, qs, ks, qi, ki, qv, kv)
 
   def one_q_block(xs):
-    q_blk, qs_blk, qi_blk, qv_blk = xs
+    q_blk, qs_blk, qi_blk, qv_blk, live_i = xs
     bq = q_blk.shape[1]
     init = (jnp.full((b, kh, g, bq), -jnp.inf, jnp.float32), jnp.zeros((b, kh, g, bq), jnp.float32),
             jnp.zeros((b, kh, g, bq, h), jnp.float32))
 
     def step(carry, ys):
-      k_blk, v_blk, bias_blk, ks_blk, ki_blk, kv_blk = ys
-      ok = _allowed(qs_blk, ks_blk, qi_blk, ki_blk, qv_blk, kv_blk, cfg.causal)
+      k_blk, v_blk, bias_blk, ks_blk, ki_blk, kv_blk, live_ij = ys
 
       def compute(carry):
         m, l, acc = carry
+        ok = _allowed(qs_blk, ks_blk, qi_blk, ki_blk, qv_blk, kv_blk, cfg.causal)
         s = _scores(cfg, q_blk, k_blk, bias_blk, ok)
         m_new = jnp.maximum(m, jnp.max(s, axis=-1))
         m_safe = jnp.where(jnp.isneginf(m_new), 0.0, m_new)
@@ -352,9 +383,9 @@ def _flash_forward(cfg: _BlockConfig, q, k, v, bias, qs, ks, qi, ki, qv, kv):
         pv = jnp.einsum("bkgqs,bskh->bkgqh", p.astype(v_blk.dtype), v_blk, preferred_element_type=jnp.float32)
         return m_new, l, acc * alpha[..., None] + pv
 
-      return jax.lax.cond(jnp.any(ok), compute, lambda c: c, carry), None
+      return jax.lax.cond(live_ij, compute, lambda c: c, carry), None
 
-    (m, l, acc), _ = jax.lax.scan(step, init, (kb, vb, biasb, ksb, kib, kvb))
+    (m, l, acc), _ = jax.lax.scan(step, init, (kb, vb, biasb, ksb, kib, kvb, live_i))
     live = l > 0
     out = jnp.where(live[..., None], acc / jnp.where(live, l, 1.0)[..., None], 0.0)
     lse = jnp.where(live, jnp.where(jnp.isneginf(m), 0.0, m) + jnp.log(jnp.where(live, l, 1.0)), jnp.inf)
@@ -362,7 +393,7 @@ def _flash_forward(cfg: _BlockConfig, q, k, v, bias, qs, ks, qi, ki, qv, kv):
     return out.astype(q.dtype), jnp.moveaxis(lse, 3, 1).reshape(b, bq, n)
 
   outs, lses = jax.lax.map(one_q_block, (_blocks(q5, cfg.block_q), _blocks(qs, cfg.block_q),
-                                         _blocks(qi, cfg.block_q), _blocks(qv, cfg.block_q)))
+                                         _blocks(qi, cfg.block_q), _blocks(qv, cfg.block_q), live))
   return _unblocks(outs), _unblocks(lses)
 
 
@@ -389,19 +420,19 @@ def _flash_bwd(cfg, res, dout):
   deltab = _blocks(delta.reshape(b, sq, kh, g), cfg.block_q)
   qsb, qib, qvb = _blocks(qs, cfg.block_q), _blocks(qi, cfg.block_q), _blocks(qv, cfg.block_q)
   nq = sq // cfg.block_q
+  live = _block_table(cfg, qs, ks, qi, ki, qv, kv)
 
   def one_k_block(dq, ys):
-    k_blk, v_blk, bias_blk, ks_blk, ki_blk, kv_blk = ys
+    k_blk, v_blk, bias_blk, ks_blk, ki_blk, kv_blk, live_j = ys
     bk = k_blk.shape[1]
     init = (jnp.zeros((b, bk, kh, h), jnp.float32), jnp.zeros((b, bk, kh, h), jnp.float32),
             jnp.zeros((b, bk), jnp.float32), dq)
 
     def step(carry, i):
-      q_blk, do_blk, lse_blk, delta_blk = q5b[i], do5b[i], lseb[i], deltab[i]
-      ok = _allowed(qsb[i], ks_blk, qib[i], ki_blk, qvb[i], kv_blk, cfg.causal)
-
       def compute(carry):
         dk, dv, dbias, dq = carry
+        q_blk, do_blk, lse_blk, delta_blk = q5b[i], do5b[i], lseb[i], deltab[i]
+        ok = _allowed(qsb[i], ks_blk, qib[i], ki_blk, qvb[i], kv_blk, cfg.causal)
         s = _scores(cfg, q_blk, k_blk, bias_blk, ok)                              # [B, K, G, bq, bk]
         p = jnp.exp(s - jnp.moveaxis(lse_blk, 1, 3)[..., None])                    # 0 where masked
         dv = dv + jnp.einsum("bkgqs,bqkgh->bskh", p.astype(do_blk.dtype), do_blk,
@@ -417,7 +448,7 @@ def _flash_bwd(cfg, res, dout):
         dq = jax.lax.dynamic_update_slice_in_dim(dq, cur + dq_blk, start, axis=1)
         return dk, dv, dbias, dq
 
-      return jax.lax.cond(jnp.any(ok), compute, lambda c: c, carry), None
+      return jax.lax.cond(live_j[i], compute, lambda c: c, carry), None
 
     (dk, dv, dbias, dq), _ = jax.lax.scan(step, init, jnp.arange(nq))
     return dq, (dk, dv, dbias)
@@ -426,7 +457,7 @@ def _flash_bwd(cfg, res, dout):
   kb, vb = _blocks(k, cfg.block_k), _blocks(v, cfg.block_k)
   dq, (dkb, dvb, dbiasb) = jax.lax.scan(
       one_k_block, dq0, (kb, vb, _blocks(bias, cfg.block_k), _blocks(ks, cfg.block_k), _blocks(ki, cfg.block_k),
-                         _blocks(kv, cfg.block_k)))
+                         _blocks(kv, cfg.block_k), live.T))
   dq = dq.reshape(b, sq, n, h).astype(q.dtype)
   dk, dv, dbias = _unblocks(dkb).astype(k.dtype), _unblocks(dvb).astype(v.dtype), _unblocks(dbiasb)
   # The mask arrays are integer/bool: no cotangent.
