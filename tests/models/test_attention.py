@@ -454,3 +454,66 @@ def test_bfloat16_runs_and_is_close_to_float32(impl, kind):
   for name, g, r in zip(("dq", "dk", "dv", "dbias"), got_g, ref_g):
     if r is not None:
       _assert_close(g, r, f"{impl} bf16 {name}", tol=5e-2)
+
+
+# ------------------------------------------------------------------------------------------------
+# whole model: a tiny STTS Molmo2 with blockwise attention equals the same model with xla
+# ------------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _tiny_pair():
+  """The same tiny STTS Molmo2 (ratio 0.5) twice: attention "xla" and "blockwise" with 16-token blocks,
+  so the ViT's packed rows (81-slot frames) and the LLM sequence (~60 tokens) span several blocks."""
+  from flax import nnx
+  from stts_jax.models.vlm import Molmo2
+  from stts_jax.testing.tiny import tiny_model_config
+  from tests.models.test_video_forward import _seq_len, make_batch
+  cfg = tiny_model_config(method="stts", ratio=0.5)
+  ref = Molmo2(dataclasses.replace(cfg, attention="xla").validate(), rngs=nnx.Rngs(0))
+  blk = Molmo2(dataclasses.replace(cfg, attention="blockwise", attention_block=16).validate(), rngs=nnx.Rngs(0))
+  nnx.update(blk, nnx.state(ref, nnx.Param))
+  t = 4
+  batch = {k: jnp.asarray(v) for k, v in make_batch(cfg, [4, 2], t, _seq_len(t), seed=2).items()}
+  return ref, blk, batch
+
+
+def _video_loss(model, batch):
+  """Training loss of one video batch: mean answer cross entropy + the STTS auxiliary loss."""
+  from stts_jax.models import video_forward as vf
+  from stts_jax.train.step import answer_cross_entropy
+  out = vf.forward_video(model, batch, rng=jax.random.key(0), deterministic=False)
+  ce = answer_cross_entropy(out.logits, out.target_ids, out.loss_mask) / jnp.maximum(jnp.sum(out.loss_mask), 1)
+  return ce + out.aux_loss, out
+
+
+@pytest.mark.slow   # ~45 s of CPU: builds two tiny Molmo2 and compiles both video forwards
+def test_tiny_molmo2_blockwise_logits_equal_xla():
+  from flax import nnx
+  ref, blk, batch = _tiny_pair()
+  run = nnx.jit(lambda m, b: _video_loss(m, b)[1])
+  out_ref, out_blk = run(ref, batch), run(blk, batch)
+  np.testing.assert_array_equal(np.asarray(out_blk.keep_mask), np.asarray(out_ref.keep_mask))
+  assert int(np.asarray(out_ref.num_kept).sum()) < 6 * 9   # STTS pruned windows
+  _assert_close(out_blk.logits, out_ref.logits, "tiny Molmo2 logits")
+
+
+@pytest.mark.slow   # ~2 min of CPU: compiles the gradient of the whole model twice
+def test_tiny_molmo2_blockwise_training_gradients_equal_xla():
+  from flax import nnx
+  ref, blk, batch = _tiny_pair()
+
+  @nnx.jit
+  def grads(model, batch):
+    params = nnx.state(model, nnx.Param)
+    graphdef, _, rest = nnx.split(model, nnx.Param, ...)
+    def loss(p):
+      return _video_loss(nnx.merge(graphdef, p, rest, copy=True), batch)[0]
+    return jax.value_and_grad(loss)(params)
+
+  (loss_ref, g_ref), (loss_blk, g_blk) = grads(ref, batch), grads(blk, batch)
+  _assert_close(loss_blk, loss_ref, "loss")
+  flat_ref, flat_blk = dict(nnx.to_flat_state(g_ref)), dict(nnx.to_flat_state(g_blk))
+  assert flat_ref.keys() == flat_blk.keys()
+  scorer = [p for p in flat_ref if p[0] == "scorer"]
+  assert scorer and max(np.abs(np.asarray(flat_ref[p].get_value())).max() for p in scorer) > 0   # LM -> scorer
+  for path in flat_ref:
+    _assert_close(flat_blk[path].get_value(), flat_ref[path].get_value(), f"grad {'.'.join(map(str, path))}")

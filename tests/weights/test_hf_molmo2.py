@@ -105,6 +105,24 @@ def test_scan_and_list_layers_load_the_same(case_run):
   np.testing.assert_allclose(got[valid], case_run["ref"][valid], atol=TOL)
 
 
+def test_blockwise_attention_matches_transformers(case_run):
+  """The memory-efficient attention (models/attention.py, 16-token blocks so every sequence spans
+  several) gives transformers' logits too; the two video cases cover GQA, MQA, batch 2 and padding."""
+  if case_run["case"].media != "video":
+    pytest.skip("the video cases carry every mask feature (vision spans, padding, batch 2)")
+  model = weights.load_molmo2(case_run["ckpt"], attention="blockwise", attention_block=16)
+  assert model.config.attention == "blockwise"
+  valid = cases.valid_positions(case_run["inputs"])
+  ours = _ours(model, case_run["case"], case_run["inputs"])
+  err = np.abs(ours - case_run["ref"])[valid].max()
+  print(f"{case_run['case'].name} blockwise: max |logit diff| = {err:.2e}")
+  assert err <= TOL
+  # and the same logits as the xla reference loaded from the same checkpoint, at every valid position
+  ref = _ours(case_run["model"], case_run["case"], case_run["inputs"])
+  assert case_run["model"].config.attention == "auto"
+  np.testing.assert_allclose(ours[valid], ref[valid], atol=1e-5 * max(1.0, float(np.abs(ref[valid]).max())))
+
+
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
   case = cases.CASES[0]
