@@ -15,7 +15,7 @@ Parameter axis names (weights):
   scorer_in    scorer MLP input 2D                       scorer_mlp scorer MLP hidden
   layers       stacked-layer axis added by nnx.vmap/scan
 Activation axis names: act_batch, act_frames, act_seq, act_patches, act_embed, act_vit_embed,
-  act_heads, act_kv_heads, act_mlp, act_vocab.
+  act_heads, act_kv_heads, act_mlp, act_vocab, and for the loss logits act_loss_batch, act_loss_vocab.
 """
 
 import contextlib

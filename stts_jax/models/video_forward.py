@@ -61,7 +61,7 @@ class VisionOutput:
 
 @struct.dataclass
 class VideoOutput:
-  logits: Any   # float [B, S, V]; S = S' (pruned length) or S
+  logits: Any   # float [B, S, V]; S = S' (pruned length) or S; None with logits=False
   target_ids: Any   # int32 [B, S]
   loss_mask: Any   # bool [B, S]
   token_mask: Any   # bool [B, S]
@@ -71,6 +71,8 @@ class VideoOutput:
   num_kept: Any   # int32 [B]; kept windows per video
   num_truncated: Any   # int32 [B]; LLM tokens cut by the static length (0 for valid data)
   packed: Any   # bool scalar
+  hidden: Any = None   # float [B, S, E]; final-normed decoder output (logits=False only)
+  lm_head: Any = None   # float [E, V]; the LM head kernel, logits = hidden @ lm_head (logits=False only)
 
 
 def normalize_patches(patches: Shaped[Array, "*B P I"]) -> Float[Array, "*B P I"]:
@@ -264,25 +266,33 @@ def decoder_inputs(model, input_ids: Int[Array, "B S"], token_mask: Bool[Array, 
                        loss_mask=loss_mask, num_truncated=truncated)
 
 
-def llm_forward(model, batch: dict[str, Any], vision: VisionOutput) -> VideoOutput:
-  """The LLM half: pooled kept windows -> (pruned) sequence -> decoder -> logits."""
+def llm_forward(model, batch: dict[str, Any], vision: VisionOutput, *, logits: bool = True) -> VideoOutput:
+  """The LLM half: pooled kept windows -> (pruned) sequence -> decoder -> logits.
+
+  logits=False: no LM head; the output carries the final hidden states [B, S, E] and the head kernel
+  [E, V] instead, for a loss that needs logits at a few positions only (train/loss.py).
+  """
   num_slots = num_llm_slots(model.config, vision.keep_mask_btw.shape[1])
   feats, _ = pool_windows(model, vision, num_slots)
   dec = decoder_inputs(model, batch["input_ids"], batch["token_mask"], vision.keep_mask_btw, feats,
                        batch["target_ids"], batch["loss_mask"])
   hidden, _ = model.llm(dec.embeds, dec.positions, dec.token_mask, dec.vision_mask)
+  head = dict(logits=model.llm.logits(hidden)) if logits else dict(
+      logits=None, hidden=hidden, lm_head=model.llm.lm_head.kernel[...])
   return VideoOutput(
-      logits=model.llm.logits(hidden), target_ids=dec.target_ids, loss_mask=dec.loss_mask,
+      target_ids=dec.target_ids, loss_mask=dec.loss_mask,
       token_mask=dec.token_mask, aux_loss=vision.aux_loss, keep_mask=vision.keep_mask_btw,
       scores=vision.scores_btw, num_kept=pruning.num_kept(vision.keep_mask_btw),
-      num_truncated=dec.num_truncated, packed=vision.packed)
+      num_truncated=dec.num_truncated, packed=vision.packed, **head)
 
 
 def forward_video(model, batch: dict[str, Any], *, rng: Optional[jax.Array] = None,
-                  deterministic: bool = True) -> VideoOutput:
-  """The full STTS video forward (module docstring). Static shapes: one compilation per (B, T, S)."""
+                  deterministic: bool = True, logits: bool = True) -> VideoOutput:
+  """The full STTS video forward (module docstring). Static shapes: one compilation per (B, T, S).
+
+  logits=False: hidden states and the LM head kernel instead of [B, S, V] logits (`llm_forward`)."""
   _check_batch(batch)
   patches = jnp.asarray(batch["patches"])
   frame_mask = jnp.asarray(batch["frame_mask"], bool)
   vision = vit_features_video(model, patches, frame_mask, rng, deterministic=deterministic)
-  return llm_forward(model, batch, vision)
+  return llm_forward(model, batch, vision, logits=logits)

@@ -94,6 +94,12 @@ class TrainConfig:
   scorer_warmup_steps / scorer_warmup_lr: before step 1 of a fresh run, fit the STTS scorer alone
     to the temporal aux target on this many training batches (Adam at this rate, ViT frozen; the
     data iterator is rewound afterwards). See `stts_jax/train/scorer_warmup.py`. 0: off.
+  loss: "answer" (default) runs the LM head only at the answer positions (`stts_jax/train/loss.py`),
+    never [B, S, V] logits; "full" computes the logits of every position (the plain forward; for
+    before/after measurements and parity). Both give the same loss and gradients.
+  max_answer_tokens: loss "answer": answer positions per example gathered for the LM head (static;
+    the logits are [B, K, V] float32). A micro-batch with a longer answer takes the exact chunked
+    fallback (metric `ce_fallback`), so this only trades memory against speed, never correctness.
   """
   num_steps: int = 1000
   grad_accum: int = 1
@@ -101,6 +107,8 @@ class TrainConfig:
   scorer_warmup_steps: int = 0
   scorer_warmup_lr: float = 3e-3
   seed: int = 0
+  loss: str = "answer"
+  max_answer_tokens: int = 256
   skip_nonfinite: bool = True
   log_every: int = 10
   eval_every: int = 0                    # 0: no eval hook calls during training
@@ -125,6 +133,10 @@ class TrainConfig:
       raise ValueError("train: log_every >= 1, eval_every >= 0, checkpoint_every >= 0")
     if self.barrier_timeout_s <= 0:
       raise ValueError("train.barrier_timeout_s must be > 0")
+    if self.loss not in ("answer", "full"):
+      raise ValueError(f"train.loss must be 'answer' or 'full', got {self.loss!r}")
+    if self.max_answer_tokens < 1:
+      raise ValueError(f"train.max_answer_tokens must be >= 1, got {self.max_answer_tokens}")
     if self.max_to_keep < 1:
       raise ValueError("train.max_to_keep must be >= 1")
     self.optim.validate()

@@ -9,10 +9,10 @@ maps them onto the mesh axes ('data', 'fsdp', 'tensor') of `stts_jax/train/mesh.
   q_heads     tensor                      act_kv_heads   tensor
   kv_heads    tensor                      act_mlp        tensor
   mlp         tensor                      act_vocab      tensor
-  vit_embed   fsdp                        act_frames, act_seq, act_patches,
-  vit_heads   tensor                      act_embed, act_vit_embed   replicated
-  vit_mlp     tensor
-  adapter_in  fsdp
+  vit_embed   fsdp                        act_loss_batch data
+  vit_heads   tensor                      act_loss_vocab tensor, fsdp
+  vit_mlp     tensor                      act_frames, act_seq, act_patches,
+  adapter_in  fsdp                        act_embed, act_vit_embed   replicated
   scorer_in   fsdp
   scorer_mlp  tensor
   norm, patch_in, vit_pos, layers         replicated
@@ -23,6 +23,9 @@ both of its dims made XLA rematerialise the lookup's gradient, stack_notes.md), 
 `[embed, vocab]` gets embed->fsdp, vocab->tensor. A mesh axis whose size does not divide the
 dimension is dropped for that array (e.g. the 4-entry scorer output or odd tiny-model widths),
 so every config shards legally; `describe_shardings` shows what each param got.
+The loss logits [B, K, V] (train/loss.py) use act_loss_batch x act_loss_vocab: the vocab takes the
+FSDP axis that the batch holds everywhere else, so each device computes a vocab slice of the logits
+from the (tiny) gathered hidden states of the whole micro-batch.
 `MeshConfig.rules` overrides entries by logical name.
 """
 
@@ -64,6 +67,8 @@ RULES: tuple[tuple[str, MeshAxes], ...] = (
     ("act_kv_heads", ("tensor",)),
     ("act_mlp", ("tensor",)),
     ("act_vocab", ("tensor",)),
+    ("act_loss_batch", ("data",)),
+    ("act_loss_vocab", ("tensor", "fsdp")),
     ("act_frames", None),
     ("act_seq", None),
     ("act_patches", None),

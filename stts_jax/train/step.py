@@ -3,6 +3,11 @@ non-finite guard, optimizer update. Pure of host state; the loop jits it once.
 
 loss = sum over answer tokens of CE / (answer tokens in the global batch)
        + aux_weight * temporal aux loss (DESIGN.md section 3.10).
+
+The CE (`TrainConfig.loss`): "answer" runs the LM head only at the answer positions (`train/loss.py`:
+the first `max_answer_tokens` of each example gathered, with an exact chunked fallback for longer
+answers), never a [B, S, V] tensor; "full" computes the logits of every position as the model's
+plain forward does (before/after measurements and parity).
 """
 
 from collections.abc import Callable
@@ -16,10 +21,13 @@ from jaxtyping import Array, Bool, Float, Int
 
 from stts_jax.models import partitioning
 from stts_jax.models import video_forward
+from stts_jax.train import loss as loss_lib
 from stts_jax.train import optim
 from stts_jax.train.config import TrainConfig
 
-Forward = Callable[..., Any]   # forward(model, batch, *, rng, deterministic) -> VideoOutput
+# forward(model, batch, *, rng, deterministic) -> VideoOutput (with `logits`); with loss "answer" it is
+# called with `logits=False` as well and must return `hidden [B, S, E]` and `lm_head [E, V]` instead.
+Forward = Callable[..., Any]
 
 
 class Counter(nnx.Variable):
@@ -42,11 +50,23 @@ class TrainState(nnx.Module):
 
 def answer_cross_entropy(logits_bsv: Float[Array, "B S V"], target_ids_bs: Int[Array, "B S"],
                          loss_mask_bs: Bool[Array, "B S"]) -> Float[Array, ""]:
-  """Sum of float32 cross entropy over positions where `loss_mask` is True."""
-  logits = logits_bsv.astype(jnp.float32)
-  logz = jax.nn.logsumexp(logits, axis=-1)
-  target = jnp.take_along_axis(logits, target_ids_bs[..., None].astype(jnp.int32), axis=-1)[..., 0]
-  return jnp.sum(jnp.where(loss_mask_bs, logz - target, 0.0))
+  """Sum of float32 cross entropy over positions where `loss_mask` is True (full logits given)."""
+  return loss_lib.full_cross_entropy(logits_bsv, target_ids_bs, loss_mask_bs)
+
+
+def cross_entropy(forward: Forward, model: nnx.Module, mb: dict[str, jax.Array], rng: jax.Array,
+                   cfg: TrainConfig) -> tuple[Any, jax.Array, jax.Array]:
+  """(forward output, CE sum over the loss positions, 1.0 if the chunked CE fallback ran)."""
+  if cfg.loss == "full":
+    out = forward(model, mb, rng=rng, deterministic=False)
+    return out, answer_cross_entropy(out.logits, out.target_ids, out.loss_mask), jnp.zeros((), jnp.float32)
+  out = forward(model, mb, rng=rng, deterministic=False, logits=False)
+  if getattr(out, "hidden", None) is None or getattr(out, "lm_head", None) is None:
+    raise ValueError("train.loss='answer': the forward must return `hidden` [B, S, E] and `lm_head` [E, V] "
+                     "when called with logits=False (or set train.loss='full')")
+  ce, fell_back = loss_lib.answer_cross_entropy(out.hidden, out.lm_head, out.target_ids, out.loss_mask,
+                                                max_tokens=cfg.max_answer_tokens)
+  return out, ce, fell_back
 
 
 def _microbatches(batch: dict[str, jax.Array], num_micro: int) -> dict[str, jax.Array]:
@@ -96,7 +116,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, cfg: TrainConf
   Metrics: loss, ce, aux_loss, kept_ratio (kept / real windows), loss_tokens, truncated_tokens
   (LLM tokens cut by the static length; should stay 0), dense_fallback (microbatches whose kept
   patches did not fit the static packed rows and ran the exact but slower dense ViT; should stay
-  near 0, else raise `stts.num_rows`), grad_norm (before clipping), lr,
+  near 0, else raise `stts.num_rows`), ce_fallback (microbatches with an example of more than
+  `max_answer_tokens` answer tokens, whose exact CE ran chunked over the whole sequence; should stay
+  near 0, else raise `train.max_answer_tokens`), grad_norm (before clipping), lr,
   lr_scorer, lr_vision, skipped (this step), skipped_total, step.
   """
   forward = forward or video_forward.forward_video
@@ -108,8 +130,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, cfg: TrainConf
 
   def micro_loss(params_, mb, micro_rng):
     m = nnx.merge(graphdef, params_, rest, copy=True)
-    out = forward(m, mb, rng=micro_rng, deterministic=False)
-    ce_sum = answer_cross_entropy(out.logits, out.target_ids, out.loss_mask)
+    out, ce_sum, ce_fallback = cross_entropy(forward, m, mb, micro_rng, cfg)
     aux = jnp.asarray(out.aux_loss, jnp.float32)
     loss = ce_sum / normalizer + cfg.aux_weight * aux / num_micro
     keep = out.keep_mask & mb["frame_mask"][:, :, None]
@@ -118,7 +139,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, cfg: TrainConf
              "valid_windows": (jnp.sum(mb["frame_mask"]) * keep.shape[-1]).astype(jnp.float32),
              "loss_tokens": jnp.sum(out.loss_mask).astype(jnp.float32),
              "truncated_tokens": jnp.sum(out.num_truncated).astype(jnp.float32),
-             "dense_fallback": _dense_fallback(m, out)}
+             "dense_fallback": _dense_fallback(m, out), "ce_fallback": ce_fallback}
     return loss, stats
 
   grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
@@ -136,7 +157,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, cfg: TrainConf
 
     zeros_stats = {k: jnp.zeros((), jnp.float32) for k in
                    ("ce_sum", "aux_loss", "kept_windows", "valid_windows", "loss_tokens",
-                    "truncated_tokens", "dense_fallback")}
+                    "truncated_tokens", "dense_fallback", "ce_fallback")}
     zeros_grads = jax.tree.map(jnp.zeros_like, params)
     (loss, stats, grads), _ = jax.lax.scan(
         body, (jnp.zeros((), jnp.float32), zeros_stats, zeros_grads),
@@ -160,6 +181,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, cfg: TrainConf
       "loss_tokens": stats["loss_tokens"],
       "truncated_tokens": stats["truncated_tokens"],
       "dense_fallback": stats["dense_fallback"],
+      "ce_fallback": stats["ce_fallback"],
       "grad_norm": grad_norm,
       "lr": lr["main"],
       "lr_scorer": lr["scorer"],

@@ -64,11 +64,13 @@ def test_grad_accumulation_equals_full_batch():
     np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=k)
 
 
-def _nan_forward(model, batch, *, rng=None, deterministic=True):
-  """toy_forward whose logits turn NaN when a timestamp is NaN (poisons loss and grads)."""
-  out = toy_model.toy_forward(model, batch, rng=rng, deterministic=deterministic)
+def _nan_forward(model, batch, *, rng=None, deterministic=True, logits=True):
+  """toy_forward whose logits (or hidden states) turn NaN when a timestamp is NaN (poisons loss and grads)."""
+  out = toy_model.toy_forward(model, batch, rng=rng, deterministic=deterministic, logits=logits)
   poison = jnp.sum(batch["timestamps"]) * 0.0
-  return dataclasses.replace(out, logits=out.logits + poison)
+  if logits:
+    return dataclasses.replace(out, logits=out.logits + poison)
+  return dataclasses.replace(out, hidden=out.hidden + poison)
 
 
 @pytest.mark.multidevice

@@ -2,6 +2,7 @@
 (sharding, accumulation, resume, non-finite skip) independent of the Molmo2 model."""
 
 import dataclasses
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +17,7 @@ init = nnx.initializers.normal(0.02)
 
 @dataclasses.dataclass
 class ToyOutput:
-  logits: jax.Array
+  logits: Optional[jax.Array]
   target_ids: jax.Array
   loss_mask: jax.Array
   aux_loss: jax.Array
@@ -24,6 +25,8 @@ class ToyOutput:
   scores: jax.Array
   num_kept: jax.Array
   num_truncated: jax.Array
+  hidden: Optional[jax.Array] = None     # [B, S, E] (logits=False)
+  lm_head: Optional[jax.Array] = None    # [E, V] (logits=False)
 
 
 class ToyVideoLM(nnx.Module):
@@ -40,7 +43,7 @@ class ToyVideoLM(nnx.Module):
     self.head = nnx.Param(names(init, ("embed", "vocab"))(rngs.params(), (width, v)))
 
 
-def toy_forward(model: ToyVideoLM, batch, *, rng=None, deterministic=True) -> ToyOutput:
+def toy_forward(model: ToyVideoLM, batch, *, rng=None, deterministic=True, logits=True) -> ToyOutput:
   del rng, deterministic
   cfg = model.cfg
   w = cfg.windows_per_frame
@@ -57,10 +60,10 @@ def toy_forward(model: ToyVideoLM, batch, *, rng=None, deterministic=True) -> To
   hidden = partitioning.constrain(hidden, ("act_batch", "act_seq", "act_mlp"))
   x = x + hidden @ model.down[...]
   x = x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6) * model.norm[...]
-  logits = x @ model.head[...]
+  head = dict(logits=x @ model.head[...]) if logits else dict(logits=None, hidden=x, lm_head=model.head[...])
   target = jnp.abs(win[:, 1:] - win[:, :-1]).mean(-1)                      # [B, T-1, W]
   aux = jnp.mean(jnp.square(scores[:, 1:] - target))
   keep = jnp.ones((b, t, w), bool) & batch["frame_mask"][..., None]
-  return ToyOutput(logits=logits, target_ids=batch["target_ids"], loss_mask=batch["loss_mask"],
+  return ToyOutput(**head, target_ids=batch["target_ids"], loss_mask=batch["loss_mask"],
                    aux_loss=aux, keep_mask=keep, scores=scores, num_kept=keep.sum((1, 2)),
                    num_truncated=jnp.zeros((b,), jnp.int32))
