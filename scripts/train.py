@@ -4,6 +4,7 @@
   python scripts/train.py --config configs/train_tiny.py:steps=50 --config.train.log_every=5 --workdir ...
   python scripts/train.py --config configs/molmo2_4b_stts.py --aot        # 8 virtual CPU devices:
       XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu python scripts/train.py ...
+      add --aot_json report.json for the machine-readable report, --noaot_flops to skip the FLOP count
   Multi-process: --coordinator host:port --num_processes N --process_id i (or the cluster's env
   vars with --distributed); locally: python scripts/launch_local.py -n 2 -- scripts/train.py ...
   A failure on any process stops all of them (stts_jax/train/distributed.py).
@@ -24,6 +25,8 @@ hostmem.reexec_with_hugepages()   # before JAX starts: glibc reads its tunables 
 config_flags.DEFINE_config_file("config", None, "configs/<file>.py[:arg]", lock_config=True)
 flags.DEFINE_string("workdir", None, "checkpoints, metrics.jsonl and TensorBoard logs")
 flags.DEFINE_bool("aot", False, "lower+compile the step from abstract shapes, print FLOPs and memory")
+flags.DEFINE_string("aot_json", None, "with --aot: also write the report as JSON to this path")
+flags.DEFINE_bool("aot_flops", True, "with --aot: count FLOPs on an unrolled lowering (slower)")
 flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() from the cluster env")
 flags.DEFINE_string("coordinator", None, "multi-process: coordinator host:port")
 flags.DEFINE_integer("num_processes", None, "multi-process: number of processes")
@@ -46,8 +49,10 @@ def main(argv):
   logging.info("jax %s, backend %s, %d processes, devices: %s", jax.__version__, jax.default_backend(),
                jax.process_count(), jax.devices())
   if FLAGS.aot:
-    report = train_main.aot_from_config(FLAGS.config)
+    report = train_main.aot_from_config(FLAGS.config, count_flops=FLAGS.aot_flops)
     print(report.summary(), flush=True)
+    if FLAGS.aot_json:
+      train_main.write_aot_json(report, FLAGS.aot_json, FLAGS.config, [sys.executable] + sys.argv)
     return
   if not FLAGS.workdir:
     raise app.UsageError("--workdir is required for training")

@@ -14,9 +14,21 @@ It is a global count for the whole step (all devices, forward + backward (+ rema
 A `lax.cond` counts as its most expensive branch: the packed-ViT path of STTS is counted as its
 dense fallback (unpruned ViT cost after the soft block), so the ViT share is an upper bound.
 `compiled_flops_per_device` is the scanned compile's own (undercounted) number, kept for reference.
+
+Attention: the implementation each attention call site resolved to (`models/attention.py` logs each
+(call site, shape) choice once per process at INFO) is captured while the step is lowered. A choice
+already logged earlier in the same process is not logged again, so run one AOT compile per process
+(as `scripts/aot_table.py` does) when the report must list every call site.
+
+`report_json(report, ...)` is the machine-readable form behind `scripts/train.py --aot_json`.
 """
 
 import dataclasses
+import logging
+import os
+import platform
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Optional
@@ -44,6 +56,19 @@ class AotReport:
   temp_bytes: int
   alias_bytes: int
   compile_seconds: float
+  batch_size: int = 0                    # global batch of one step
+  grad_accum: int = 1
+  batch_devices: int = 1                 # devices the batch axis is split over
+  attention: list = dataclasses.field(default_factory=list)   # [{site, impl, asked, q, k, backend}]
+
+  @property
+  def micro_batch(self) -> int:
+    """Examples per micro-batch (global)."""
+    return self.batch_size // max(self.grad_accum, 1)
+
+  @property
+  def micro_batch_per_device(self) -> float:
+    return self.micro_batch / max(self.batch_devices, 1)
 
   @property
   def per_device_bytes(self) -> int:
@@ -60,7 +85,40 @@ class AotReport:
         f"{_size(self.per_device_bytes)}",
         f"compile time {self.compile_seconds:.1f} s (scanned layers; compiled_flops_per_device="
         f"{self.compiled_flops_per_device:.4e}, undercounts scanned layers)",
+        f"micro-batch {self.micro_batch} ({self.micro_batch_per_device:g} per device), attention: "
+        + (", ".join(f"{a['site']} {a['impl']} q{tuple(a['q'])}" for a in self.attention) or "none logged"),
     ])
+
+
+class _AttentionChoices(logging.Handler):
+  """Collects the attention module's one-per-(call site, shape) INFO records while a step is lowered."""
+
+  def __init__(self):
+    super().__init__(logging.INFO)
+    self.choices: list[dict[str, Any]] = []
+
+  def emit(self, record: logging.LogRecord) -> None:
+    args = record.args if isinstance(record.args, tuple) else ()
+    if len(args) == 6:   # (kind, resolved, q shape, k shape, backend, asked): attention.choose's format
+      kind, resolved, q, k, backend, asked = args
+      self.choices.append({"site": kind, "impl": resolved, "asked": asked, "q": list(q), "k": list(k),
+                           "backend": backend})
+    else:
+      self.choices.append({"message": record.getMessage()})
+
+  def __enter__(self):
+    logger = logging.getLogger("stts_jax.models.attention")
+    self._level = logger.level
+    logger.addHandler(self)
+    if logger.getEffectiveLevel() > logging.INFO:
+      logger.setLevel(logging.INFO)
+    return self
+
+  def __exit__(self, *exc):
+    logger = logging.getLogger("stts_jax.models.attention")
+    logger.removeHandler(self)
+    logger.setLevel(self._level)
+    return False
 
 
 def _size(num_bytes: int) -> str:
@@ -107,7 +165,8 @@ def compile_train_step(model_cfg: config_lib.ModelConfig, cfg: TrainConfig, mesh
   """
   model_fn = model_fn or _default_model_fn
   t0 = time.perf_counter()
-  lowered, num_params = _lower(lambda: model_fn(model_cfg), cfg, mesh, rules, batch, forward)
+  with _AttentionChoices() as choices:
+    lowered, num_params = _lower(lambda: model_fn(model_cfg), cfg, mesh, rules, batch, forward)
   compiled = lowered.compile()
   seconds = time.perf_counter() - t0
   mem = compiled.memory_analysis()
@@ -131,7 +190,65 @@ def compile_train_step(model_cfg: config_lib.ModelConfig, cfg: TrainConfig, mesh
       compiled_flops_per_device=float(cost.get("flops", 0.0)),
       argument_bytes=int(mem.argument_size_in_bytes), output_bytes=int(mem.output_size_in_bytes),
       temp_bytes=int(mem.temp_size_in_bytes), alias_bytes=int(mem.alias_size_in_bytes),
-      compile_seconds=seconds)
+      compile_seconds=seconds, batch_size=int(next(iter(batch.values())).shape[0]), grad_accum=cfg.grad_accum,
+      batch_devices=_batch_devices(mesh, rules), attention=choices.choices)
+
+
+def _batch_devices(mesh: jax.sharding.Mesh, rules: Sequence[tuple[str, Any]]) -> int:
+  spec = sharding.batch_spec(1, mesh, rules)
+  axes = () if spec[0] is None else (spec[0],) if isinstance(spec[0], str) else tuple(spec[0])
+  return int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+
+
+def git_commit() -> dict[str, Any]:
+  """{"commit": HEAD, "dirty": uncommitted changes to tracked files} of the stts_jax checkout."""
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  def git(*args):
+    try:
+      return subprocess.run(["git", *args], capture_output=True, text=True, cwd=root, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+      return ""
+  return {"commit": git("rev-parse", "HEAD") or "unknown",
+          "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+
+
+def machine() -> dict[str, Any]:
+  return {"host": platform.node(), "platform": platform.platform(), "processor": platform.machine(),
+          "cpu_count": os.cpu_count(), "python": platform.python_version(), "jax": jax.__version__,
+          "backend": jax.default_backend(), "xla_flags": os.environ.get("XLA_FLAGS", "")}
+
+
+def report_json(report: AotReport, *, config: Optional[Mapping[str, Any]] = None,
+                command: Optional[Sequence[str]] = None) -> dict[str, Any]:
+  """Machine-readable AOT report: devices, mesh, micro-batch, per-device bytes, FLOPs, compile time,
+  attention per call site, the config, git commit, machine and command. Bytes are XLA's
+  `memory_analysis` per device (on CPU many bf16 buffers are upcast: an estimate for GPU/TPU)."""
+  devices = jax.devices()
+  return {
+      "devices": {"count": report.num_devices, "platform": devices[0].platform,
+                  "kind": devices[0].device_kind, "process_count": jax.process_count()},
+      "mesh": report.mesh_shape,
+      "batch": {"global": report.batch_size, "grad_accum": report.grad_accum, "micro_batch": report.micro_batch,
+                "micro_batch_per_device": report.micro_batch_per_device, "batch_devices": report.batch_devices},
+      "num_params": report.num_params,
+      "bytes_per_device": {"argument": report.argument_bytes, "temp": report.temp_bytes,
+                           "output": report.output_bytes, "alias": report.alias_bytes,
+                           "argument_plus_temp": report.per_device_bytes},
+      "gib_per_device": {"argument": report.argument_bytes / 1024 ** 3, "temp": report.temp_bytes / 1024 ** 3,
+                         "argument_plus_temp": report.per_device_bytes / 1024 ** 3},
+      "memory_note": "XLA memory_analysis; on CPU many bf16 buffers are upcast to float32, so CPU numbers "
+                     "are an estimate (upper bound) for GPU/TPU",
+      "flops": {"global": report.flops,
+                "per_device": None if report.flops is None else report.flops / report.num_devices,
+                "compiled_per_device_scanned": report.compiled_flops_per_device},
+      "compile_seconds": report.compile_seconds,
+      "attention": report.attention,
+      "config": dict(config) if config is not None else None,
+      "git": git_commit(),
+      "machine": machine(),
+      "command": list(command) if command is not None else list(sys.argv),
+      "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+  }
 
 
 def _default_model_fn(model_cfg: config_lib.ModelConfig) -> nnx.Module:

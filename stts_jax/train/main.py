@@ -3,10 +3,13 @@
   init_distributed(...)                 multi-process setup (before any other JAX call)
   train_and_evaluate(config, workdir)   builds everything from a top-level config and trains
   aot_from_config(config, ...)          compiles the step from abstract shapes and reports sizes
+  write_aot_json(report, path, ...)     its machine-readable form (`scripts/train.py --aot_json`)
 """
 
+import json
 import logging
-from collections.abc import Callable, Mapping
+import os
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Optional
 
 import jax
@@ -93,3 +96,14 @@ def aot_from_config(config: Any, *, batch_size: Optional[int] = None, num_frames
   return aot.compile_train_step(model_cfg, train_cfg, mesh, sharding.make_rules(mesh_cfg), batch,
                                 model_fn=lambda c: model_builder(c, train_cfg.seed)(),
                                 forward=forward, count_flops=count_flops)
+
+
+def write_aot_json(report: aot.AotReport, path: str, config: Any, command: Sequence[str]) -> dict[str, Any]:
+  """Writes `aot.report_json` of `report` (with the config as a dict) to `path`; returns it."""
+  raw = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
+  out = aot.report_json(report, config=raw, command=command)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(out, f, indent=1, default=str)
+  log.info("AOT report written to %s", path)
+  return out

@@ -28,3 +28,44 @@ def test_compile_train_step_reports_flops_and_memory():
   assert report.temp_bytes > 0 and report.alias_bytes > 0
   text = report.summary()
   assert "FLOPs per step" in text and "per-device memory" in text
+
+
+@pytest.mark.multidevice
+def test_aot_json_report(tmp_path):
+  """`write_aot_json` (scripts/train.py --aot_json): devices, mesh, micro-batch, per-device bytes as
+  compiled, FLOPs, provenance; micro-batch 4 / accum 2 = 2 over the 4 batch devices (data x fsdp)."""
+  import json
+
+  from stts_jax.train import main as train_main
+  cfg = helpers.train_cfg(grad_accum=2)
+  batch = aot.abstract_batch(helpers.MODEL_CFG, batch_size=4, num_frames=3, seq_len=64)
+  report = aot.compile_train_step(
+      helpers.MODEL_CFG, cfg, helpers.mesh_8(), sharding.make_rules(), batch,
+      model_fn=lambda c: toy_model.ToyVideoLM(c, rngs=nnx.Rngs(0)), forward=toy_model.toy_forward,
+      count_flops=False)
+  path = tmp_path / "sub" / "aot.json"
+  train_main.write_aot_json(report, str(path), {"train": {"grad_accum": 2}}, ["train.py", "--aot"])
+  out = json.loads(path.read_text())
+  assert out["devices"]["count"] == 8 and out["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
+  assert out["batch"] == {"global": 4, "grad_accum": 2, "micro_batch": 2, "micro_batch_per_device": 0.5,
+                          "batch_devices": 4}
+  b = out["bytes_per_device"]
+  assert b["argument"] == report.argument_bytes > 0 and b["temp"] == report.temp_bytes > 0
+  assert b["argument_plus_temp"] == report.argument_bytes + report.temp_bytes
+  assert out["flops"]["global"] is None and out["flops"]["compiled_per_device_scanned"] > 0
+  assert out["compile_seconds"] > 0 and out["config"] == {"train": {"grad_accum": 2}}
+  assert out["command"] == ["train.py", "--aot"] and len(out["git"]["commit"]) == 40
+  assert out["machine"]["jax"] and "estimate" in out["memory_note"]
+
+
+def test_attention_choices_are_captured_per_call_site():
+  """The attention module's one-time INFO record of each (call site, shape) lands in the report."""
+  import jax.numpy as jnp
+
+  from stts_jax.models import attention as attention_lib
+  mask = attention_lib.vit_rows_mask(jnp.zeros((1, 1237), jnp.int32))   # a shape no other test uses
+  with aot._AttentionChoices() as choices:
+    resolved = attention_lib.choose("blockwise", mask, (1, 1237, 3, 8), (1, 1237, 3, 8), backend="cpu")
+  assert resolved == "blockwise"
+  assert choices.choices == [{"site": "vit_rows", "impl": "blockwise", "asked": "blockwise", "q": [1, 1237, 3, 8],
+                              "k": [1, 1237, 3, 8], "backend": "cpu"}]
