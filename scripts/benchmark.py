@@ -4,6 +4,8 @@
       --out /tmp/stts_bench
   python scripts/benchmark.py --config configs/molmo2_4b_stts.py --abstract --frames 64,128,256 \
       --ratios 0.5 --out /tmp/stts_bench_4b          # shapes only, no weights (~1 min per frame count)
+  python scripts/benchmark.py --attention_layer --out docs/results   # one LLM attention layer, blockwise vs xla
+  python scripts/benchmark.py --config configs/bench_cpu.py --attention_auto --out /tmp/auto   # auto per cell
 Writes CSV + JSON + PNGs to --out and prints the checks (speedup / FLOP-ratio efficiency, overhead
 share, XLA vs analytic FLOPs, one compilation per part). Measure on a quiet machine.
 """
@@ -26,6 +28,10 @@ flags.DEFINE_list("frames", None, "frame counts (default: the config's; abstract
 flags.DEFINE_list("ratios", None, "prune ratios (default: the config's; abstract: 0.5)")
 flags.DEFINE_bool("abstract", False, "lower the config's model from shapes only and predict speedups")
 flags.DEFINE_bool("memory", False, "abstract mode: also compile the full step for memory_analysis()")
+flags.DEFINE_bool("attention_layer", False, "time one attention layer (Molmo2 LLM mask), blockwise vs xla")
+flags.DEFINE_list("lengths", ["1024", "2048", "4096", "8192"], "attention_layer: sequence lengths")
+flags.DEFINE_integer("repeats", 5, "attention_layer: timed calls per implementation and part")
+flags.DEFINE_bool("attention_auto", False, "resolve model.attention=auto at every grid cell of --config (traced)")
 FLAGS = flags.FLAGS
 
 
@@ -35,8 +41,19 @@ def main(argv):
   import jax
   from stts_jax.bench import main as bench_main
   logging.info("jax %s, backend %s, devices: %s", jax.__version__, jax.default_backend(), jax.devices())
+  if FLAGS.attention_layer:
+    from stts_jax.bench import attention_layer
+    out = attention_layer.run(FLAGS.out, lengths=[int(x) for x in FLAGS.lengths], repeats=FLAGS.repeats)
+    print(json.dumps(out["checks"], indent=1), flush=True)
+    sys.exit(0 if all(c["ok"] for c in out["checks"].values()) else 1)
+  if FLAGS.config is None:
+    raise app.UsageError("--config is required (except with --attention_layer)")
   frames = [int(x) for x in FLAGS.frames] if FLAGS.frames else None
   ratios = [float(x) for x in FLAGS.ratios] if FLAGS.ratios else None
+  if FLAGS.attention_auto:
+    out = bench_main.attention_auto(FLAGS.config, FLAGS.out, frames=frames, ratios=ratios)
+    print(json.dumps(out, indent=1), flush=True)
+    return
   if FLAGS.abstract:
     out = bench_main.abstract_benchmark(FLAGS.config, FLAGS.out, frames=frames or (64, 128, 256),
                                         ratios=ratios or (0.5,), memory=FLAGS.memory)
@@ -47,5 +64,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config", "out"])
+  flags.mark_flags_as_required(["out"])
   app.run(main)

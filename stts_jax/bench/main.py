@@ -93,3 +93,21 @@ def abstract_benchmark(config: Any, out_dir: str, *, frames: Sequence[int] = (64
                              title=f"{cfgs.get('name', 'model')}: predicted speedup")
   progress(f"wrote {out_dir}/abstract.csv, abstract.json, {os.path.basename(png)}")
   return {"rows": rows}
+
+
+def attention_auto(config: Any, out_dir: str, *, frames: Optional[Sequence[int]] = None,
+                   ratios: Optional[Sequence[float]] = None, progress: Callable[[str], None] = log.info
+                   ) -> dict[str, Any]:
+  """What `model.attention` (default auto) resolves to at every call site of the measured grid's cells,
+  traced from shapes (`attention_layer.auto_choices`); writes auto_choices.csv/.json to `out_dir`."""
+  from stts_jax.bench import attention_layer
+  cfgs = _sections(config)
+  bench = cfgs["bench"]
+  frames = tuple(frames or bench.frames)
+  ratios = tuple(ratios if ratios is not None else bench.grid_ratios)
+  progress(f"attention auto: frames {frames}, ratios {ratios}, model.attention={cfgs['model'].attention!r}")
+  choices = attention_layer.auto_choices(cfgs["model"], frames, ratios, batch_size=bench.batch_size)
+  summary = attention_layer.write_auto_choices(out_dir, choices, frames=list(frames), ratios=list(ratios),
+                                               model_attention=cfgs["model"].attention)
+  progress(f"wrote {out_dir}/auto_choices.csv, auto_choices.json")
+  return summary
