@@ -15,7 +15,7 @@ per step), `seq` (seq_len; 0: the recipe's length for `frames`, 9686 at 64 and 1
 `budget.typical_num_rows(frames, 81, ratio)`, 40 at 64 frames, with the exact dense fallback for a
 batch that needs more; `bound` = the proven worst case, ~T at ratio 0.5, which saves no ViT work),
 `attention` (auto | xla | blockwise | pallas_gpu | splash: models/attention.py), `loss` (answer: LM
-head at the answer positions only | full: [B, S, V] logits), `answer` (train.max_answer_tokens),
+head at the answer positions only | full: [B, S, V] logits), `answer` (train.max_answer_tokens), `block` (model.attention_block: blockwise query/key block),
 `vit_layers` / `llm_layers` (0: the real depth; smaller values for AOT breakdowns; the adapter taps
 keep their offsets from the top), `freeze` (one regex over parameter paths, e.g. `^llm/layers/`).
 AOT table of this recipe (before/after memory): `scripts/aot_table.py`, docs/real_scale.md.
@@ -35,7 +35,7 @@ SEQ_LEN = {64: 9686, 128: 11400}
 def get_config(arg=None) -> ml_collections.ConfigDict:
   arg = common.parse_arg(arg, data="", ratio=0.5, method="stts", frames=64, batch=64, accum=8, seq=0,
                          dtype="bfloat16", remat="full", fsdp=-1, tensor=1, rows="typical", attention="auto",
-                         loss="answer", answer=256, vit_layers=0, llm_layers=0,
+                         loss="answer", answer=256, block=512, vit_layers=0, llm_layers=0,
                          freeze="")
   if arg.rows not in ("typical", "bound"):
     raise ValueError(f"rows must be 'typical' or 'bound', got {arg.rows!r}")
@@ -48,6 +48,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   cfg.name = "molmo2_4b_stts"
   cfg.model.dtype = arg.dtype                 # compute dtype; parameters stay float32
   cfg.model.attention = arg.attention
+  cfg.model.attention_block = arg.block
   if arg.vit_layers:   # taps keep the real offsets from the top (27 -> 24, 18; L -> L-3, L-9)
     if arg.vit_layers < 14:
       raise ValueError(f"vit_layers must be >= 14 (taps L-3, L-9 after prune_at 3), got {arg.vit_layers}")

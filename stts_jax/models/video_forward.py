@@ -155,7 +155,8 @@ def vit_after_prune(model, hidden_btpd: Float[Array, "B T P D"], keep_mask: Bool
   """Blocks prune_at+2 .. max(taps) on the kept patches -> ({tap: [B, T, P, D], zeros at dropped}, packed).
 
   Packed into `num_rows` rows per video when every video fits, else (same batch, exact same
-  attention sets) one frame per row with a block mask: never loses a kept token.
+  attention sets) one frame per row with a block mask, `num_rows` frames per video at a time: never
+  loses a kept token, and the fallback's memory stays that of the packed path.
   """
   cfg = model.config
   b, t, p, d = hidden_btpd.shape
@@ -171,10 +172,28 @@ def vit_after_prune(model, hidden_btpd: Float[Array, "B T P D"], keep_mask: Bool
     return {k: packing.unpack(v.reshape(b, num_rows, p, d), plan) for k, v in o.items()}
 
   def dense_path(hidden_btpd):
-    _, o = model.vit.run_blocks(hidden_btpd.reshape(b * t, p, d), start, last, taps=post_taps,
-                                segment_ids=packing.dense_segment_ids(plan).reshape(b * t, p))
+    # Frames in chunks of `num_rows` per video (each frame is its own row, so chunks are independent),
+    # each chunk rematerialised: the fallback's backward pass holds one chunk's activations, no more
+    # than the packed path's `num_rows` rows, instead of all T frames' (it would set the step's peak).
+    chunk = min(num_rows, t)
+    n = -(-t // chunk)
+    seg_btp = packing.dense_segment_ids(plan)
+    pad = n * chunk - t   # padding frames: segment -1 (no key, zero output), dropped below
+    h = jnp.pad(hidden_btpd, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    seg = jnp.pad(seg_btp, ((0, 0), (0, pad), (0, 0)), constant_values=-1)
+    to_chunks = lambda x: jnp.moveaxis(x.reshape(b, n, chunk, *x.shape[2:]), 1, 0)   # noqa: E731
+
+    @jax.checkpoint
+    def one(xs):
+      h_bcpd, seg_bcp = xs
+      _, o = model.vit.run_blocks(h_bcpd.reshape(b * chunk, p, d), start, last, taps=post_taps,
+                                  segment_ids=seg_bcp.reshape(b * chunk, p))
+      return {k: v.reshape(b, chunk, p, d) for k, v in o.items()}
+
+    o = jax.lax.map(one, (to_chunks(h), to_chunks(seg)))   # {tap: [n, B, chunk, P, D]}
     keep_btp1 = plan.keep_btp[..., None]
-    return {k: jnp.where(keep_btp1, v.reshape(b, t, p, d), jnp.zeros((), v.dtype)) for k, v in o.items()}
+    return {k: jnp.where(keep_btp1, jnp.moveaxis(v, 0, 1).reshape(b, n * chunk, p, d)[:, :t],
+                         jnp.zeros((), v.dtype)) for k, v in o.items()}
 
   fits = plan.fits
   # The rare fallback is rematerialised: under autodiff `lax.cond` carries the residuals of both
