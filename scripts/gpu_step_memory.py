@@ -102,7 +102,7 @@ def run_variant(args, name: str, attention: str, loss_overrides: dict):
                        axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=jax.devices()[:1])
   rules = sharding.make_rules(MeshConfig(data=1, fsdp=1, tensor=1))
   batch = make_batch(mcfg, args.frames, args.seq_len)
-  row = {"variant": name, "attention": attention, "loss": loss_overrides}
+  row = {"variant": name, "attention": attention, "loss_mode": loss_overrides}
   try:
     t0 = time.perf_counter()
     graphdef, state, shardings = loop.init_state(lambda: vlm.Molmo2(mcfg, rngs=nnx.Rngs(0)), tcfg, mesh, rules)
@@ -124,7 +124,7 @@ def run_variant(args, name: str, attention: str, loss_overrides: dict):
         if r:
           times.append(time.perf_counter() - t)
     stats = jax.devices()[0].memory_stats() or {}
-    row.update(step_s_median=statistics.median(times), step_s=times, loss=float(metrics["loss"]),
+    row.update(step_s_median=statistics.median(times), step_s=times, train_loss=float(metrics["loss"]),
                dense_fallback=float(metrics["dense_fallback"]),
                peak_bytes_in_use=stats.get("peak_bytes_in_use"), bytes_limit=stats.get("bytes_limit"))
   except Exception as e:   # an OOM is a result here: report it
@@ -134,8 +134,8 @@ def run_variant(args, name: str, attention: str, loss_overrides: dict):
   return row
 
 
-LOSS_FULL = {"loss_logits": "full"}
-LOSS_ONLY = {"loss_logits": "gather"}
+LOSS_FULL = {"loss": "full"}
+LOSS_ONLY = {"loss": "answer"}
 VARIANTS = {"before": ("xla", LOSS_FULL), "after": ("auto", LOSS_ONLY),
             "after_blockwise": ("blockwise", LOSS_ONLY), "xla_lossonly": ("xla", LOSS_ONLY)}
 
