@@ -529,7 +529,10 @@ def _splash_kernel(num_heads: int, length: int, block: int, interpret: bool):
   full = sm.MultiHeadMask([sm.FullMask((length, length)) for _ in range(num_heads)])
   sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
                         block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
-  return sk.make_splash_mha(full, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
+  # The kernel object holds mask-info arrays; built under a trace they would be that trace's tracers
+  # and leak into every later program that reuses the cached kernel.
+  with jax.ensure_compile_time_eval():
+    return sk.make_splash_mha(full, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
 
 
 def splash_attention(q, k, v, mask: AttentionMask, *, scale: float, key_bias=None, block: int = 128):

@@ -119,17 +119,19 @@ class Molmo2(nnx.Module):
     return self.llm.logits(hidden)
 
 
-def with_attention(model: Molmo2, attention: str) -> Molmo2:
+def with_attention(model: Molmo2, attention: str, block: Optional[int] = None) -> Molmo2:
   """A Molmo2 sharing `model`'s parameters whose ViT and LLM attention run `attention` (any name of
-  `models.attention.IMPLEMENTATIONS`); `model` is unchanged. The implementation is a static attribute
-  of each attention module, so a loaded or trained model can be evaluated with every implementation."""
+  `models.attention.IMPLEMENTATIONS`), with blockwise block length `block` if given; `model` is
+  unchanged. The implementation is a static attribute of each attention module, so a loaded or
+  trained model can be evaluated with every implementation."""
   import dataclasses
   graphdef, state = nnx.split(model)
   out = nnx.merge(graphdef, state)
-  out.config = dataclasses.replace(model.config, attention=attention).validate()
+  block = model.config.attention_block if block is None else block
+  out.config = dataclasses.replace(model.config, attention=attention, attention_block=block).validate()
   for _, node in nnx.iter_graph(out):
     # ViT attention (layers.Attention) and LLM attention (llm.Attention) carry `impl`; the adapter's and
     # scorer's pooling over a few keys always use the dense einsum and ignore it.
     if isinstance(node, nnx.Module) and hasattr(node, "impl") and hasattr(node, "block"):
-      node.impl = attention
+      node.impl, node.block = attention, block
   return out
