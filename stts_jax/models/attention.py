@@ -353,7 +353,21 @@ def _scores(cfg, q_blk, k_blk, bias_blk, ok):
   return jnp.where(ok[:, None, None], s, -jnp.inf)
 
 
+def _tie_to(x, *masks):
+  """Returns `masks` made data-dependent on `x` (an optimisation barrier, no arithmetic).
+
+  Inside a differentiated `lax.scan` over layers the mask arrays are loop constants while q/k/v are
+  not. JAX's scan partial evaluation hoists every loop-invariant computation out of the loop, and it
+  does so recursively through our block loops: the per-block masks and bias broadcasts ([B, N, bq, bk]
+  each) would be computed once outside and stacked over all (query block, key block) pairs, i.e. the
+  full [B, N, L, L] score-sized tensor this kernel exists to avoid. Tying them to q keeps them inside.
+  """
+  out = jax.lax.optimization_barrier((x, *masks))
+  return out[1:]
+
+
 def _flash_forward(cfg: _BlockConfig, q, k, v, bias, qs, ks, qi, ki, qv, kv):
+  bias, qs, ks, qi, ki, qv, kv = _tie_to(q, bias, qs, ks, qi, ki, qv, kv)
   b, sq, n, h = q.shape
   kh = k.shape[2]
   g = n // kh
@@ -409,6 +423,7 @@ def _flash_fwd(cfg, q, k, v, bias, qs, ks, qi, ki, qv, kv):
 
 def _flash_bwd(cfg, res, dout):
   q, k, v, bias, qs, ks, qi, ki, qv, kv, out, lse = res
+  bias, qs, ks, qi, ki, qv, kv = _tie_to(dout, bias, qs, ks, qi, ki, qv, kv)
   b, sq, n, h = q.shape
   sk, kh = k.shape[1], k.shape[2]
   g = n // kh
@@ -507,8 +522,14 @@ def _fused_finish(out, mask, s: int, h: int):
   return jnp.where(live, out, jnp.zeros((), out.dtype))
 
 
-def pallas_gpu_attention(q, k, v, mask: AttentionMask, *, scale: float, key_bias=None, block: int = 128):
-  """Pallas (Triton) flash attention with segment ids; non-causal self-attention masks only."""
+def pallas_gpu_attention(q, k, v, mask: AttentionMask, *, scale: float, key_bias=None,
+                         block: Optional[int] = None):
+  """Pallas (Triton) flash attention with segment ids; non-causal self-attention masks only.
+
+  block: query/key tile (default 128 for 16-bit inputs, 64 for float32: 128-row float32 tiles of the
+  padded head dim 128 exceed an H200's 227 KiB of shared memory per block)."""
+  if block is None:
+    block = 128 if jnp.dtype(q.dtype).itemsize <= 2 else 64
   from jax.experimental.pallas.ops.gpu import attention as gpu_attention
   if not fused_supports(mask, q.shape, k.shape):
     raise ValueError(f"pallas_gpu cannot express the {mask.kind} mask")

@@ -517,3 +517,24 @@ def test_tiny_molmo2_blockwise_training_gradients_equal_xla():
   assert scorer and max(np.abs(np.asarray(flat_ref[p].get_value())).max() for p in scorer) > 0   # LM -> scorer
   for path in flat_ref:
     _assert_close(flat_blk[path].get_value(), flat_ref[path].get_value(), f"grad {'.'.join(map(str, path))}")
+
+
+def test_blockwise_memory_stays_linear_inside_a_differentiated_layer_scan():
+  """Regression: inside a scanned, differentiated stack of layers the masks are loop constants, and
+  JAX's scan partial evaluation used to hoist the per-block masks/bias broadcasts out of the loop,
+  stacked over every (query block, key block) pair: a score-sized [B, N, L, L] buffer again."""
+  s, n, kh, h, blk = 2048, 4, 2, 16, 256
+  q = jnp.ones((1, s, n, h))
+  k = jnp.ones((1, s, kh, h))
+  v = jnp.ones((1, s, kh, h))
+  mask = A.llm_mask(jnp.ones((1, s), bool), jnp.zeros((1, s), bool))
+
+  def loss(q, k, v):
+    def layer(c, _):
+      return A.attention(c, k, v, mask, scale=0.25, impl="blockwise", block_q=blk, block_k=blk), None
+    out, _ = jax.lax.scan(layer, q, None, length=2)
+    return jnp.sum(out ** 2)
+
+  temp = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, v).compile().memory_analysis().temp_size_in_bytes
+  score_bytes = 4 * n * s * s                      # one layer's float32 scores: 64 MiB here
+  assert temp < score_bytes / 4, (temp, score_bytes)
