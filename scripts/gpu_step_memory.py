@@ -31,6 +31,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _commit() -> str:
+  if os.environ.get("STTS_JAX_COMMIT"):   # the device machine's copy of the tree has no matching .git
+    return os.environ["STTS_JAX_COMMIT"]
   try:
     return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                           cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
