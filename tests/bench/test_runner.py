@@ -86,7 +86,10 @@ def test_taken_branch_counts_the_packed_path_not_the_fallback():
   packed = xla_count.lowered_flops(fn, state, *shapes)
   raw = xla_count.lowered_flops(fn, state, *shapes, taken_branch=False)      # XLA: max of both branches
   expected = costs.vision(costs.forward(cfg, FRAMES, seq_len))
-  assert raw > packed * 1.05
+  # XLA counts a cond as its costlier branch. The dense fallback runs its frames in a `lax.map` of
+  # `num_rows`-frame chunks whose body XLA counts once, so it reads about the packed path's size: the
+  # taken-branch count can only be <= the raw one, and it must match the analytic packed estimate.
+  assert raw >= packed
   assert abs(packed / expected - 1.0) <= 0.10
 
 
