@@ -66,7 +66,16 @@ class Adapter(nnx.Module):
     flat_sc = features.reshape(n * p, c).astype(self.dtype)
     valid_qk = pool_idx >= 0
     gathered_qkc = jnp.take(flat_sc, jnp.maximum(pool_idx, 0), axis=0, mode="clip")
-    gathered_qkc = jnp.where(valid_qk[..., None], gathered_qkc, 0).astype(self.dtype)
+    return self.pool_gathered(gathered_qkc, valid_qk)
+
+  def pool_gathered(self, gathered_qkc: Float[Array, "Q K C"], valid_qk: Array) -> Float[Array, "Q D"]:
+    """`pool` on already gathered slots `[Q, K, C]` (invalid slots any value; `valid_qk` [Q, K] bool).
+
+    For callers that gather per example (`video_forward.pool_windows`: a batched gather keeps the
+    batch axis sharded, where `pool`'s global indices into the whole batch's patch table make
+    SPMD all-gather the features and the gradient of every example).
+    """
+    gathered_qkc = jnp.where(valid_qk[..., None], gathered_qkc.astype(self.dtype), 0).astype(self.dtype)
     count_q = jnp.maximum(valid_qk.sum(-1), 1).astype(jnp.float32)
     query_qc = (gathered_qkc.astype(jnp.float32).sum(1) / count_q[:, None]).astype(self.dtype)
     pooled = self.image_pooling_2d(query_qc[:, None, :], gathered_qkc, mask=valid_qk[:, None, None, :])

@@ -41,6 +41,7 @@ from stts_jax.models import adapter as adapter_lib
 from stts_jax.models import aux_loss as aux_lib
 from stts_jax.models import budget
 from stts_jax.models import packing
+from stts_jax.models import partitioning
 from stts_jax.models import pruning
 from stts_jax.models import scorer as scorer_lib
 from stts_jax.models import sequence
@@ -218,11 +219,18 @@ def pool_windows(model, vision: VisionOutput, num_slots: int) -> tuple[Float[Arr
   w = cfg.windows_per_frame
   idx_wm = jnp.asarray(windows_lib.window_patch_index((cfg.vit.grid, cfg.vit.grid), tuple(cfg.stts.window)))
   slots_bk, valid_bk = kept_window_slots(vision.keep_mask_btw, num_slots)
-  frame_bk = slots_bk // w
-  base_bk = (jnp.arange(b, dtype=jnp.int32)[:, None] * t + frame_bk) * p
-  pool_bkm = base_bk[..., None] + idx_wm[slots_bk % w]
-  pool_bkm = jnp.where(valid_bk[..., None], pool_bkm, -1)
-  feats = model.adapter(vision.features_btpc.reshape(b * t, p, c), pool_bkm.reshape(b * num_slots, -1))
+  m = idx_wm.shape[-1]
+  # Per-example indices into that example's [T*P] patches and a batched gather: the batch axis stays
+  # sharded (indices into the whole batch's [B*T*P] table made SPMD gather, and scatter-add the
+  # gradient of, every example's features on every device).
+  local_bkm = (slots_bk // w)[..., None] * p + idx_wm[slots_bk % w]
+  local_bkm = jnp.where(valid_bk[..., None], local_bkm, 0)
+  flat_bnc = partitioning.constrain(vision.features_btpc.reshape(b, t * p, c).astype(model.adapter.dtype),
+                                    ("act_batch", None, None))
+  gathered = jnp.take_along_axis(flat_bnc, local_bkm.reshape(b, num_slots * m, 1), axis=1)
+  gathered = partitioning.constrain(gathered, ("act_batch", None, None)).reshape(b * num_slots, m, c)
+  valid_qm = jnp.broadcast_to(valid_bk[..., None], (b, num_slots, m)).reshape(b * num_slots, m)
+  feats = model.adapter.project(model.adapter.pool_gathered(gathered, valid_qm))
   return feats.reshape(b, num_slots, -1), valid_bk
 
 

@@ -47,6 +47,10 @@ def full_cross_entropy(logits_bsv: Float[Array, "B S V"], target_ids_bs: Int[Arr
 def head_logits(hidden_bke: Float[Array, "B K E"], head_ev: Float[Array, "E V"]) -> Float[Array, "B K V"]:
   """The LM head on a few positions: dot in the hidden states' dtype, float32 result, vocab-sharded."""
   dtype = hidden_bke.dtype
+  # The head resharded to the logits' vocab split (E whole, V over act_loss_vocab) before the dot: with
+  # the stored [E/fsdp, V] layout, SPMD computed the head's gradient from all-gathered full-vocab
+  # logit gradients ([B*K, V] float32 on every device).
+  head_ev = partitioning.constrain(head_ev, (None, "act_loss_vocab"))
   logits = jnp.dot(hidden_bke, head_ev.astype(dtype)).astype(jnp.float32)
   return partitioning.constrain(logits, LOGITS_NAMES)
 
