@@ -17,7 +17,8 @@ batch that needs more; `bound` = the proven worst case, ~T at ratio 0.5, which s
 `attention` (auto | xla | blockwise | pallas_gpu | splash: models/attention.py), `loss` (answer: LM
 head at the answer positions only | full: [B, S, V] logits), `answer` (train.max_answer_tokens), `block` (model.attention_block: blockwise query/key block),
 `vit_layers` / `llm_layers` (0: the real depth; smaller values for AOT breakdowns; the adapter taps
-keep their offsets from the top), `freeze` (one regex over parameter paths, e.g. `^llm/layers/`).
+keep their offsets from the top), `freeze` (one regex over parameter paths, e.g. `^llm/layers/`),
+`accum_dtype` (float32 | bfloat16: the gradient accumulator across microbatches, train.accum_dtype).
 AOT table of this recipe (before/after memory): `scripts/aot_table.py`, docs/real_scale.md.
 The learning rates are our choice (DESIGN.md does not give the authors').
 """
@@ -36,7 +37,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   arg = common.parse_arg(arg, data="", ratio=0.5, method="stts", frames=64, batch=64, accum=8, seq=0,
                          dtype="bfloat16", remat="full", fsdp=-1, tensor=1, rows="typical", attention="auto",
                          loss="answer", answer=256, block=512, vit_layers=0, llm_layers=0,
-                         freeze="")
+                         freeze="", accum_dtype="float32")
   if arg.rows not in ("typical", "bound"):
     raise ValueError(f"rows must be 'typical' or 'bound', got {arg.rows!r}")
   if arg.method not in ("stts", "none"):
@@ -64,7 +65,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
                   max_frames=arg.frames, max_fps=2.0, seq_len=seq, batch_size=arg.batch,
                   num_workers=8)
   cfg.train = dict(
-      num_steps=6250, grad_accum=arg.accum, aux_weight=0.5, log_every=10, checkpoint_every=500,
+      num_steps=6250, grad_accum=arg.accum, accum_dtype=arg.accum_dtype, aux_weight=0.5, log_every=10, checkpoint_every=500,
       max_to_keep=3, loss=arg.loss, max_answer_tokens=arg.answer,
       optim=dict(learning_rate=1e-5, scorer_learning_rate=1e-4, warmup_steps=200, weight_decay=0.0,
                  clip_norm=1.0, freeze=(arg.freeze,) if arg.freeze else ()))

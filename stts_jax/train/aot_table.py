@@ -63,6 +63,8 @@ def cells() -> list[Cell]:
       Cell("bd_llm_frozen18", 8, f"{base},{MESH_8},freeze=^llm/layers/,llm_layers=18", "breakdown"),
       # ViT: the vision tower and scorer frozen (no backward pass through the ViT at all).
       Cell("bd_vit_frozen", 8, f"{base},{MESH_8},freeze=^(vit|scorer)/", "breakdown"),
+      # The gradient accumulator in bfloat16 (train.accum_dtype; the after cell keeps float32).
+      Cell("bd_accum_bf16", 8, f"{base},{MESH_8},accum_dtype=bfloat16", "breakdown"),
   ]
   return out
 
@@ -150,6 +152,12 @@ def breakdown(results: Mapping[str, Mapping[str, Any]]) -> Optional[dict[str, di
   rest = t("stts64_after_8dev") - accumulator - llm_saved - vit
   out["rest: one layer's recompute, micro-batch gradients, weight all-gathers, loss"] = {
       "gib": rest, "how": "temp minus the three temporaries above (residual)"}
+  if "bd_accum_bf16" in results:
+    bf16 = results["bd_accum_bf16"]
+    out["temporaries with a bfloat16 accumulator (train.accum_dtype)"] = {
+        "gib": _gib(bf16, "temp"),
+        "how": f"the after cell with accum_dtype=bfloat16: {_gib(bf16, 'temp') - t('stts64_after_8dev'):+.2f} GiB "
+               f"temporaries; arguments + temporaries {_gib(bf16, 'argument_plus_temp'):.2f} GiB"}
   return out
 
 

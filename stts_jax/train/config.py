@@ -100,9 +100,14 @@ class TrainConfig:
   max_answer_tokens: loss "answer": answer positions per example gathered for the LM head (static;
     the logits are [B, K, V] float32). A micro-batch with a longer answer takes the exact chunked
     fallback (metric `ce_fallback`), so this only trades memory against speed, never correctness.
+  accum_dtype: dtype of the gradient accumulator carried across microbatches (grad_accum > 1):
+    "float32" (default; exact sum of the float32 microbatch gradients) or "bfloat16" (half the
+    accumulator memory; each microbatch gradient is rounded to bfloat16 before it is added, and
+    the sum is cast back to the parameter dtype for clipping and the optimizer).
   """
   num_steps: int = 1000
   grad_accum: int = 1
+  accum_dtype: str = "float32"
   aux_weight: float = 0.5
   scorer_warmup_steps: int = 0
   scorer_warmup_lr: float = 3e-3
@@ -135,6 +140,8 @@ class TrainConfig:
       raise ValueError("train.barrier_timeout_s must be > 0")
     if self.loss not in ("answer", "full"):
       raise ValueError(f"train.loss must be 'answer' or 'full', got {self.loss!r}")
+    if self.accum_dtype not in ("float32", "bfloat16"):
+      raise ValueError(f"train.accum_dtype must be 'float32' or 'bfloat16', got {self.accum_dtype!r}")
     if self.max_answer_tokens < 1:
       raise ValueError(f"train.max_answer_tokens must be >= 1, got {self.max_answer_tokens}")
     if self.max_to_keep < 1:

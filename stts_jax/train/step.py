@@ -85,6 +85,14 @@ def _constrain_batch(mb: dict[str, jax.Array]) -> dict[str, jax.Array]:
   return {k: partitioning.constrain(v, ("act_batch",) + (None,) * (v.ndim - 1)) for k, v in mb.items()}
 
 
+def _accum_dtype(cfg: TrainConfig, param: jax.Array):
+  """The accumulator dtype of one parameter: `cfg.accum_dtype` for floating parameters (float32
+  keeps the parameter's own dtype), else the parameter's."""
+  if cfg.accum_dtype == "float32" or not jnp.issubdtype(param.dtype, jnp.floating):
+    return param.dtype
+  return jnp.dtype(cfg.accum_dtype)
+
+
 def _apply_update(optimizer: nnx.Optimizer, model: nnx.Module, grads: Any) -> None:
   optimizer.update(model, grads)
 
@@ -153,15 +161,16 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, cfg: TrainConf
       (l, st), g = grad_fn(params, _constrain_batch(mb), jax.random.fold_in(rng, i))
       acc_loss, acc_stats, acc_grads = carry
       return (acc_loss + l, jax.tree.map(jnp.add, acc_stats, st),
-              jax.tree.map(jnp.add, acc_grads, g)), None
+              jax.tree.map(lambda a, x: a + x.astype(a.dtype), acc_grads, g)), None
 
     zeros_stats = {k: jnp.zeros((), jnp.float32) for k in
                    ("ce_sum", "aux_loss", "kept_windows", "valid_windows", "loss_tokens",
                     "truncated_tokens", "dense_fallback", "ce_fallback")}
-    zeros_grads = jax.tree.map(jnp.zeros_like, params)
+    zeros_grads = jax.tree.map(lambda p: jnp.zeros_like(p, dtype=_accum_dtype(cfg, p)), params)
     (loss, stats, grads), _ = jax.lax.scan(
         body, (jnp.zeros((), jnp.float32), zeros_stats, zeros_grads),
         (jnp.arange(num_micro), micro))
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
 
   grad_norm = optax.tree.norm(grads)
   ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)

@@ -64,6 +64,23 @@ def test_grad_accumulation_equals_full_batch():
     np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=k)
 
 
+def test_bfloat16_grad_accumulation_is_close_to_float32():
+  """train.accum_dtype=bfloat16: the same step up to bfloat16 rounding of each microbatch gradient;
+  the accumulated gradient goes back to the float32 parameters' dtype."""
+  batch_list = [next(helpers.batches(batch_size=4))]
+  mesh = helpers.mesh_1()
+  s32, m32, _ = _run(mesh, helpers.train_cfg(grad_accum=2), batch_list)
+  s16, m16, _ = _run(mesh, helpers.train_cfg(grad_accum=2, accum_dtype="bfloat16"), batch_list)
+  np.testing.assert_allclose(m16[0]["loss"], m32[0]["loss"], rtol=1e-6)
+  np.testing.assert_allclose(m16[0]["grad_norm"], m32[0]["grad_norm"], rtol=1e-2)
+  a, b = helpers.flat_arrays(s32), helpers.flat_arrays(s16)
+  for k in a:
+    assert a[k].dtype == b[k].dtype, k
+  np.testing.assert_allclose(a["model/up"], b["model/up"], rtol=0, atol=2e-2)   # <= 2 lr (Adam steps ~lr)
+  with pytest.raises(ValueError, match="accum_dtype"):
+    helpers.train_cfg(accum_dtype="float16")
+
+
 def _nan_forward(model, batch, *, rng=None, deterministic=True, logits=True):
   """toy_forward whose logits (or hidden states) turn NaN when a timestamp is NaN (poisons loss and grads)."""
   out = toy_model.toy_forward(model, batch, rng=rng, deterministic=deterministic, logits=logits)
