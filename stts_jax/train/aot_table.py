@@ -204,6 +204,9 @@ def markdown(results: Mapping[str, Mapping[str, Any]]) -> str:
   bd = breakdown(results)
   if bd is not None:
     out += ["### Breakdown: 8 devices, STTS 64 frames, after (GiB per device)", "",
+            "Each row but the arguments is a difference of peak temporaries between compiles: what removing "
+            "that category saves at the step's peak, not the category's size (a buffer that is not live at "
+            "the peak saves nothing).", "",
             "| category | GiB | how |", "|---|---|---|"]
     out += [f"| {k} | {v['gib']:.2f} | {v['how']} |" for k, v in bd.items()]
     out.append("")
