@@ -18,7 +18,9 @@ batch that needs more; `bound` = the proven worst case, ~T at ratio 0.5, which s
 head at the answer positions only | full: [B, S, V] logits), `answer` (train.max_answer_tokens), `block` (model.attention_block: blockwise query/key block),
 `vit_layers` / `llm_layers` (0: the real depth; smaller values for AOT breakdowns; the adapter taps
 keep their offsets from the top), `freeze` (one regex over parameter paths, e.g. `^llm/layers/`),
-`accum_dtype` (float32 | bfloat16: the gradient accumulator across microbatches, train.accum_dtype).
+`accum_dtype` (float32 | bfloat16: the gradient accumulator across microbatches, train.accum_dtype),
+`vit_chunk` (model.vit_chunk: ViT rows of each example per rematerialised chunk, 0 = all at once; 16 by
+default: at 64 frames per device the ViT backward otherwise sets the step's peak, see docs/real_scale.md).
 AOT table of this recipe (before/after memory): `scripts/aot_table.py`, docs/real_scale.md.
 The learning rates are our choice (DESIGN.md does not give the authors').
 """
@@ -37,7 +39,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   arg = common.parse_arg(arg, data="", ratio=0.5, method="stts", frames=64, batch=64, accum=8, seq=0,
                          dtype="bfloat16", remat="full", fsdp=-1, tensor=1, rows="typical", attention="auto",
                          loss="answer", answer=256, block=512, vit_layers=0, llm_layers=0,
-                         freeze="", accum_dtype="float32")
+                         freeze="", accum_dtype="float32", vit_chunk=16)
   if arg.rows not in ("typical", "bound"):
     raise ValueError(f"rows must be 'typical' or 'bound', got {arg.rows!r}")
   if arg.method not in ("stts", "none"):
@@ -50,6 +52,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   cfg.model.dtype = arg.dtype                 # compute dtype; parameters stay float32
   cfg.model.attention = arg.attention
   cfg.model.attention_block = arg.block
+  cfg.model.vit_chunk = arg.vit_chunk or None   # 0: all of an example's ViT rows at once
   if arg.vit_layers:   # taps keep the real offsets from the top (27 -> 24, 18; L -> L-3, L-9)
     if arg.vit_layers < 14:
       raise ValueError(f"vit_layers must be >= 14 (taps L-3, L-9 after prune_at 3), got {arg.vit_layers}")

@@ -251,6 +251,9 @@ class ModelConfig:
   # ViT/LLM attention implementation (models/attention.py): auto | xla | blockwise | pallas_gpu | splash.
   attention: str = "auto"
   attention_block: int = 512      # blockwise: query/key block length
+  # ViT rows (frames or packed rows) of each example run together, rematerialised per chunk
+  # (video_forward.run_vit_rows): less activation memory for one more ViT forward. None: all at once.
+  vit_chunk: Optional[int] = None
 
   def validate(self):
     self.vit.validate()
@@ -278,6 +281,8 @@ class ModelConfig:
     from stts_jax.models import attention as attention_lib   # no cycle: attention imports no config
     if self.attention not in attention_lib.IMPLEMENTATIONS:
       raise ValueError(f"attention must be one of {attention_lib.IMPLEMENTATIONS}, got {self.attention!r}")
+    if self.vit_chunk is not None and self.vit_chunk < 1:
+      raise ValueError(f"vit_chunk must be None or >= 1, got {self.vit_chunk}")
     if self.attention_block < 8 or self.attention_block % 8:
       raise ValueError(f"attention_block must be a positive multiple of 8, got {self.attention_block}")
     return self

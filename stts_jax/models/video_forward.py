@@ -110,6 +110,45 @@ def _scores(model, method: str, hidden_btpd, rng, grid_hw, window, deterministic
   raise ValueError(f"unknown pruning method {method!r}")
 
 
+def run_vit_rows(model, hidden_bnpd: Float[Array, "B N P D"], start: int, stop: int, *, taps=(),
+                 key_bias_bnp: Optional[Float[Array, "B N P"]] = None,
+                 segment_ids_bnp: Optional[Int[Array, "B N P"]] = None, chunk: Optional[int] = None
+                 ) -> tuple[Float[Array, "B N P D"], dict[int, Float[Array, "B N P D"]]]:
+  """`model.vit.run_blocks` on N rows (frames or packed rows) of each of B examples.
+
+  chunk (default `model.config.vit_chunk`; None: all rows at once): rows of every example that run
+  together, each chunk rematerialised (`jax.checkpoint` in a `lax.map`). Rows never attend across rows,
+  so chunks are independent and the result is the same; the backward pass then holds one chunk's
+  per-layer activations instead of all N rows' (at 64 frames per device these set the step's peak), at
+  the price of one more forward pass through these blocks. Chunks split each example's rows, so the
+  batch axis (sharded over devices) stays whole in every chunk. Padding rows: zeros, segment -1.
+  """
+  b, n, p, d = hidden_bnpd.shape
+  chunk = model.config.vit_chunk if chunk is None else chunk
+  flat = lambda x: None if x is None else x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])   # noqa: E731
+
+  def run(h, kb, seg):
+    rows = h.shape[1]
+    out, outs = model.vit.run_blocks(flat(h), start, stop, taps=taps, key_bias=flat(kb), segment_ids=flat(seg))
+    return out.reshape(b, rows, p, -1), {k: v.reshape(b, rows, p, -1) for k, v in outs.items()}
+
+  if not chunk or chunk >= n:
+    return run(hidden_bnpd, key_bias_bnp, segment_ids_bnp)
+  k = -(-n // chunk)
+  pad = k * chunk - n
+
+  def to_chunks(x, value):
+    if x is None:
+      return None
+    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=value)
+    return jnp.moveaxis(x.reshape(b, k, chunk, *x.shape[2:]), 1, 0)    # [k, B, chunk, ...]
+
+  out, outs = jax.lax.map(jax.checkpoint(lambda xs: run(*xs)),
+                          (to_chunks(hidden_bnpd, 0), to_chunks(key_bias_bnp, 0), to_chunks(segment_ids_bnp, -1)))
+  back = lambda x: jnp.moveaxis(x, 0, 1).reshape(b, k * chunk, *x.shape[3:])[:, :n]   # noqa: E731
+  return back(out), {t: back(v) for t, v in outs.items()}
+
+
 def vit_features_video(model, patches: Shaped[Array, "B T P I"], frame_mask: Bool[Array, "B T"],
                        rng: Optional[jax.Array] = None, *, deterministic: bool = True) -> VisionOutput:
   """The ViT half of the STTS forward (module docstring): features for the adapter plus the keep mask."""
@@ -122,30 +161,28 @@ def vit_features_video(model, patches: Shaped[Array, "B T P I"], frame_mask: Boo
   last = max(taps) + 1
   hidden = model.vit.embed(normalize_patches(patches).reshape(b * t, p, i))
   d = hidden.shape[-1]
+  hidden = hidden.reshape(b, t, p, d)
   if not st.prunes:
-    _, outs = model.vit.run_blocks(hidden, 0, last, taps=taps)
-    features = adapter_lib.concat_taps(outs, taps).reshape(b, t, p, -1)
+    _, outs = run_vit_rows(model, hidden, 0, last, taps=taps)
+    features = adapter_lib.concat_taps(outs, taps)
     keep = jnp.broadcast_to(frame_mask[:, :, None], (b, t, w))
     zero = jnp.zeros((), jnp.float32)
     return VisionOutput(features, keep, jnp.zeros((b, t, w), jnp.float32), zero, jnp.asarray(False))
 
   soft = st.prune_at + 1
-  hidden, outs = model.vit.run_blocks(hidden, 0, soft, taps=taps)
-  hidden_btpd = hidden.reshape(b, t, p, d)
+  hidden_btpd, outs = run_vit_rows(model, hidden, 0, soft, taps=taps)
   scores = _scores(model, st.method, hidden_btpd, rng, grid_hw, window, deterministic)
   keep = pruning.budget_keep_mask_batched(scores, frame_mask, st.ratio)
   if st.method == "stts":
     aux = aux_lib.temporal_aux_loss_batched(scores, hidden_btpd, frame_mask, grid_hw, window)
     key_bias = pruning.scores_to_patch_bias_batched(scores, frame_mask, grid_hw, window, st.bias_rescale_scope)
-    key_bias = key_bias.reshape(b * t, p)
   else:
     aux, key_bias = jnp.zeros((), jnp.float32), None
-  hidden, soft_outs = model.vit.run_blocks(hidden, soft, soft + 1, taps=taps, key_bias=key_bias)
+  hidden_btpd, soft_outs = run_vit_rows(model, hidden_btpd, soft, soft + 1, taps=taps, key_bias_bnp=key_bias)
   outs.update(soft_outs)
 
   rows = budget.num_rows(t, w, st.ratio, st.num_rows)
-  post, fits = vit_after_prune(model, hidden.reshape(b, t, p, d), keep, num_rows=rows)
-  outs = {k: v.reshape(b, t, p, d) for k, v in outs.items()}
+  post, fits = vit_after_prune(model, hidden_btpd, keep, num_rows=rows)
   outs.update(post)
   features = adapter_lib.concat_taps(outs, taps)
   return VisionOutput(features, keep, scores.astype(jnp.float32), aux, fits)
@@ -168,33 +205,17 @@ def vit_after_prune(model, hidden_btpd: Float[Array, "B T P D"], keep_mask: Bool
 
   def packed_path(hidden_btpd):
     rows_brpd = packing.pack(hidden_btpd, plan)
-    _, o = model.vit.run_blocks(rows_brpd.reshape(b * num_rows, p, d), start, last, taps=post_taps,
-                                segment_ids=plan.segment_ids_brp.reshape(b * num_rows, p))
-    return {k: packing.unpack(v.reshape(b, num_rows, p, d), plan) for k, v in o.items()}
+    _, o = run_vit_rows(model, rows_brpd, start, last, taps=post_taps, segment_ids_bnp=plan.segment_ids_brp)
+    return {k: packing.unpack(v, plan) for k, v in o.items()}
 
   def dense_path(hidden_btpd):
-    # Frames in chunks of `num_rows` per video (each frame is its own row, so chunks are independent),
-    # each chunk rematerialised: the fallback's backward pass holds one chunk's activations, no more
-    # than the packed path's `num_rows` rows, instead of all T frames' (it would set the step's peak).
-    chunk = min(num_rows, t)
-    n = -(-t // chunk)
-    seg_btp = packing.dense_segment_ids(plan)
-    pad = n * chunk - t   # padding frames: segment -1 (no key, zero output), dropped below
-    h = jnp.pad(hidden_btpd, ((0, 0), (0, pad), (0, 0), (0, 0)))
-    seg = jnp.pad(seg_btp, ((0, 0), (0, pad), (0, 0)), constant_values=-1)
-    to_chunks = lambda x: jnp.moveaxis(x.reshape(b, n, chunk, *x.shape[2:]), 1, 0)   # noqa: E731
-
-    @jax.checkpoint
-    def one(xs):
-      h_bcpd, seg_bcp = xs
-      _, o = model.vit.run_blocks(h_bcpd.reshape(b * chunk, p, d), start, last, taps=post_taps,
-                                  segment_ids=seg_bcp.reshape(b * chunk, p))
-      return {k: v.reshape(b, chunk, p, d) for k, v in o.items()}
-
-    o = jax.lax.map(one, (to_chunks(h), to_chunks(seg)))   # {tap: [n, B, chunk, P, D]}
+    # Frames in chunks of at most `num_rows` per video (each frame its own row), each chunk
+    # rematerialised: the fallback's backward pass holds no more rows than the packed path's.
+    chunk = min(num_rows, t, model.config.vit_chunk or t)
+    _, o = run_vit_rows(model, hidden_btpd, start, last, taps=post_taps,
+                        segment_ids_bnp=packing.dense_segment_ids(plan), chunk=chunk)
     keep_btp1 = plan.keep_btp[..., None]
-    return {k: jnp.where(keep_btp1, jnp.moveaxis(v, 0, 1).reshape(b, n * chunk, p, d)[:, :t],
-                         jnp.zeros((), v.dtype)) for k, v in o.items()}
+    return {k: jnp.where(keep_btp1, v, jnp.zeros((), v.dtype)) for k, v in o.items()}
 
   fits = plan.fits
   # The rare fallback is rematerialised: under autodiff `lax.cond` carries the residuals of both

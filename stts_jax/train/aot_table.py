@@ -23,10 +23,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
 GIB = 1024 ** 3
-BEFORE = "attention=xla,loss=full"
+BEFORE = "attention=xla,loss=full,vit_chunk=0"
 # block 128: on CPU the ViT's attention runs blockwise in place of the fused kernel it gets on GPU/TPU;
 # with 64 frames per device a 512 x 512 block is already [64, 16, 512, 512] float32 = 1 GiB.
-AFTER = "attention=auto,loss=answer,block=128"
+AFTER = "attention=auto,loss=answer,block=128,vit_chunk=16"
 MESH_8 = "fsdp=8,batch=64,accum=8"
 MESH_64 = "fsdp=64,batch=64,accum=1"
 

@@ -238,3 +238,29 @@ def test_lm_loss_gradient_reaches_the_scorer_and_matches_finite_differences():
 
   fd = (at(1.0) - at(-1.0)) / (2 * eps)
   np.testing.assert_allclose(fd, float(np.linalg.norm(g)), rtol=0.05)   # d loss / d(step along g/|g|)
+
+
+def test_vit_chunk_gives_the_same_logits_and_gradients():
+  """`vit_chunk` runs each example's frames / packed rows in rematerialised chunks (less memory, one
+  more ViT forward): logits and the loss gradient (scorer and ViT included) are unchanged."""
+  model = _model()
+  t = 5
+  batch = {k: jnp.asarray(v) for k, v in make_batch(model.config, [5, 3], t, _seq_len(t)).items()}
+  chunked = nnx.clone(model)
+  chunked.config = dataclasses.replace(model.config, vit_chunk=2).validate()   # 5 frames -> 3 chunks, 1 padded
+
+  def loss(m):
+    out = vf.forward_video(m, batch)
+    return jnp.sum(jnp.where(out.loss_mask[..., None], jax.nn.log_softmax(out.logits), 0.0)) + out.aux_loss, out.logits
+
+  (l0, lg0), g0 = nnx.jit(nnx.value_and_grad(loss, has_aux=True))(model)
+  (l1, lg1), g1 = nnx.jit(nnx.value_and_grad(loss, has_aux=True))(chunked)
+  np.testing.assert_allclose(np.asarray(lg1), np.asarray(lg0), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(float(l1), float(l0), rtol=1e-6)
+  flat0, flat1 = jax.tree.leaves(nnx.state(g0)), jax.tree.leaves(nnx.state(g1))
+  assert len(flat0) == len(flat1)
+  for a, b in zip(flat0, flat1):   # float32 summation order differs between chunks: relative to the tensor
+    a, b = np.asarray(a), np.asarray(b)
+    assert np.max(np.abs(b - a)) <= 1e-5 * max(1.0, float(np.max(np.abs(a))))
+  scorer_grad = jax.tree.leaves(nnx.state(g0.scorer))
+  assert max(float(jnp.max(jnp.abs(x))) for x in scorer_grad) > 0
