@@ -207,6 +207,10 @@ class Supervisor:
       if missing:
         _say(f"process {self.process_index}: no acknowledgement from process(es) {missing} within "
              f"{self.ack_timeout_s:.0f} s: dead or hung")
+      if self.process_index == 0:
+        # The service lives in this process: a peer that acknowledged is on its way out, and its JAX
+        # client aborts (SIGABRT) if the service disappears before its own exit completes.
+        time.sleep(self.exit_grace_s)
     os._exit(code)
 
   def _watch_peers(self) -> None:
