@@ -84,8 +84,7 @@ def vision_stage(model: vlm.Molmo2, patches: Shaped[Array, "B T P I"], frame_mas
                  rng: Optional[jax.Array] = None) -> VisionFeatures:
   """ViT with pruning and the adapter on the kept windows (`video_forward` pieces)."""
   vision = vf.vit_features_video(model, patches, frame_mask, rng, deterministic=True)
-  num_slots = vf.num_llm_slots(model.config, frame_mask.shape[1])
-  feats_bke, _ = vf.pool_windows(model, vision, num_slots)
+  feats_bke = vf.llm_window_features(model, vision)
   return VisionFeatures(feats_bke=feats_bke, keep_mask_btw=vision.keep_mask_btw,
                         scores_btw=vision.scores_btw.astype(jnp.float32), packed=vision.packed)
 

@@ -255,6 +255,28 @@ def pool_windows(model, vision: VisionOutput, num_slots: int) -> tuple[Float[Arr
   return feats.reshape(b, num_slots, -1), valid_bk
 
 
+def llm_window_features(model, vision: VisionOutput) -> Float[Array, "B K E"]:
+  """Pooled window features in the order of the LLM sequence's `<im_patch>` tokens (feature j goes to
+  the j-th one, `merge_per_sample`).
+
+  LLM-side pruning on: the sequence keeps only the kept windows' tokens, so the features are the kept
+  windows compacted in (t, w) order (K = num_kept(T)). `stts.llm_prune=False`: every window keeps its
+  token (K = T*W), so kept window (t, w) must land on token t*W + w and a dropped window's token gets a
+  zero feature; compacted features would shift later windows onto earlier, dropped windows' tokens.
+  """
+  num_slots = num_llm_slots(model.config, vision.keep_mask_btw.shape[1])
+  feats, _ = pool_windows(model, vision, num_slots)
+  st = model.config.stts
+  if st.prunes and not st.llm_prune:
+    slots_bk, valid_bk = kept_window_slots(vision.keep_mask_btw, num_slots)
+    b, k, _ = feats.shape
+    target_bk = jnp.where(valid_bk, slots_bk, k)   # padding slots (zero features) go to a spare column
+    placed = jnp.zeros((b, k + 1, feats.shape[-1]), feats.dtype)
+    placed = placed.at[jnp.arange(b)[:, None], target_bk].set(feats)
+    feats = placed[:, :k]
+  return feats
+
+
 def merge_per_sample(embeds_bse: Float[Array, "B S E"], input_ids: Int[Array, "B S"],
                      token_mask: Bool[Array, "B S"], feats_bke: Float[Array, "B K E"],
                      image_patch_id: int) -> Float[Array, "B S E"]:
@@ -320,8 +342,7 @@ def llm_forward(model, batch: dict[str, Any], vision: VisionOutput, *, logits: b
   logits=False: no LM head; the output carries the final hidden states [B, S, E] and the head kernel
   [E, V] instead, for a loss that needs logits at a few positions only (train/loss.py).
   """
-  num_slots = num_llm_slots(model.config, vision.keep_mask_btw.shape[1])
-  feats, _ = pool_windows(model, vision, num_slots)
+  feats = llm_window_features(model, vision)
   dec = decoder_inputs(model, batch["input_ids"], batch["token_mask"], vision.keep_mask_btw, feats,
                        batch["target_ids"], batch["loss_mask"])
   hidden, _ = model.llm(dec.embeds, dec.positions, dec.token_mask, dec.vision_mask)

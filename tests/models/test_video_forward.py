@@ -267,3 +267,22 @@ def test_vit_chunk_gives_the_same_logits_and_gradients():
     assert np.max(np.abs(b - a)) <= 1e-4 * max(1.0, float(np.max(np.abs(a))))
   scorer_grad = jax.tree.leaves(nnx.state(g0.scorer))
   assert max(float(jnp.max(jnp.abs(x))) for x in scorer_grad) > 0
+
+
+def test_llm_prune_off_puts_each_kept_window_feature_on_its_own_token():
+  """stts.llm_prune=False keeps every window's `<im_patch>` token: kept window (t, w) must add its own
+  pooled feature to token t*W + w, dropped windows' tokens get none (compacted features would shift
+  later windows onto earlier, dropped windows' tokens)."""
+  model = _model(llm_prune=False)
+  t = 4
+  batch = make_batch(model.config, [4, 3], t, _seq_len(t))
+  vision = nnx.jit(lambda m, p, f: vf.vit_features_video(m, p, f))(model, jnp.asarray(batch["patches"]),
+                                                                     jnp.asarray(batch["frame_mask"]))
+  keep = np.asarray(vision.keep_mask_btw)
+  assert keep[batch["frame_mask"]].mean() < 0.9                       # something was dropped
+  got = np.asarray(vf.llm_window_features(model, vision))             # [B, T*W, E]
+  # Reference: pool every real window in place (all kept: compacted order == window order).
+  every = dataclasses.replace(vision, keep_mask_btw=jnp.asarray(np.broadcast_to(batch["frame_mask"][:, :, None], keep.shape)))
+  all_feats = np.asarray(vf.pool_windows(model, every, t * W)[0])
+  want = np.where(keep.reshape(2, t * W)[..., None], all_feats, 0.0)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
