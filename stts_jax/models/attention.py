@@ -31,6 +31,7 @@ Implementations (`impl`):
   The choice for each (call site, shape) is logged once.
 """
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -52,6 +53,7 @@ DEFAULT_BLOCK = 512
 
 _log = logging.getLogger(__name__)
 _LOGGED: set = set()
+_RECORDERS: list = []   # active `record_choices` lists
 
 
 @struct.dataclass
@@ -193,11 +195,28 @@ def choose(impl: str, mask: AttentionMask, q_shape, k_shape, backend: Optional[s
   else:
     resolved = impl
   key = (impl, resolved, mask.kind, tuple(q_shape), tuple(k_shape), backend)
+  entry = {"site": mask.kind, "impl": resolved, "asked": impl, "q": list(q_shape), "k": list(k_shape),
+           "backend": backend}
+  for recorder in _RECORDERS:
+    if entry not in recorder:
+      recorder.append(entry)
   if key not in _LOGGED:
     _LOGGED.add(key)
     _log.info("attention %s: %s (q %s, k %s, backend %s, asked %s)", mask.kind, resolved, tuple(q_shape),
               tuple(k_shape), backend, impl)
   return resolved
+
+
+@contextlib.contextmanager
+def record_choices():
+  """Collects every (call site, shape) resolution made inside the block (e.g. while a step is lowered),
+  as dicts {site, impl, asked, q, k, backend}, each once; independent of what was logged before."""
+  recorder: list = []
+  _RECORDERS.append(recorder)
+  try:
+    yield recorder
+  finally:
+    _RECORDERS.remove(recorder)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -563,7 +582,7 @@ def splash_attention(q, k, v, mask: AttentionMask, *, scale: float, key_bias=Non
     raise ValueError(f"splash cannot express the {mask.kind} mask")
   b, s, n, h = q.shape
   qx, kx, vx, seg = _fused_prepare(q * jnp.asarray(scale, q.dtype), k, v, mask,
-                                   None if key_bias is None else key_bias, 1.0, 128, block)
+                                   key_bias, 1.0, 128, block)
   kernel = _splash_kernel(n, qx.shape[1], block, _interpret())
 
   def one(qb, kb, vb, sb):   # [S, N, H] -> kernel layout [N, S, H]
@@ -576,5 +595,5 @@ def splash_attention(q, k, v, mask: AttentionMask, *, scale: float, key_bias=Non
 
 
 __all__ = ["AttentionMask", "IMPLEMENTATIONS", "MASK_KINDS", "attention", "blockwise_attention", "choose",
-           "decode_mask", "dense_attention", "fused_supports", "llm_mask", "pallas_gpu_attention", "splash_attention",
+           "decode_mask", "dense_attention", "fused_supports", "record_choices", "llm_mask", "pallas_gpu_attention", "splash_attention",
            "vit_frames_mask", "vit_rows_mask", "xla_attention"]

@@ -15,16 +15,13 @@ A `lax.cond` counts as its most expensive branch: the packed-ViT path of STTS is
 dense fallback (unpruned ViT cost after the soft block), so the ViT share is an upper bound.
 `compiled_flops_per_device` is the scanned compile's own (undercounted) number, kept for reference.
 
-Attention: the implementation each attention call site resolved to (`models/attention.py` logs each
-(call site, shape) choice once per process at INFO) is captured while the step is lowered. A choice
-already logged earlier in the same process is not logged again, so run one AOT compile per process
-(as `scripts/aot_table.py` does) when the report must list every call site.
+Attention: the implementation each attention call site resolved to is recorded while the step is
+lowered (`models.attention.record_choices`).
 
 `report_json(report, ...)` is the machine-readable form behind `scripts/train.py --aot_json`.
 """
 
 import dataclasses
-import logging
 import os
 import platform
 import subprocess
@@ -39,6 +36,7 @@ import numpy as np
 from flax import nnx
 
 from stts_jax import config as config_lib
+from stts_jax.models import attention as attention_lib
 from stts_jax.train import loop, sharding
 from stts_jax.train import step as step_lib
 from stts_jax.train.config import TrainConfig
@@ -90,37 +88,6 @@ class AotReport:
     ])
 
 
-class _AttentionChoices(logging.Handler):
-  """Collects the attention module's one-per-(call site, shape) INFO records while a step is lowered."""
-
-  def __init__(self):
-    super().__init__(logging.INFO)
-    self.choices: list[dict[str, Any]] = []
-
-  def emit(self, record: logging.LogRecord) -> None:
-    args = record.args if isinstance(record.args, tuple) else ()
-    if len(args) == 6:   # (kind, resolved, q shape, k shape, backend, asked): attention.choose's format
-      kind, resolved, q, k, backend, asked = args
-      self.choices.append({"site": kind, "impl": resolved, "asked": asked, "q": list(q), "k": list(k),
-                           "backend": backend})
-    else:
-      self.choices.append({"message": record.getMessage()})
-
-  def __enter__(self):
-    logger = logging.getLogger("stts_jax.models.attention")
-    self._level = logger.level
-    logger.addHandler(self)
-    if logger.getEffectiveLevel() > logging.INFO:
-      logger.setLevel(logging.INFO)
-    return self
-
-  def __exit__(self, *exc):
-    logger = logging.getLogger("stts_jax.models.attention")
-    logger.removeHandler(self)
-    logger.setLevel(self._level)
-    return False
-
-
 def _size(num_bytes: int) -> str:
   for unit, scale in (("GiB", 1024 ** 3), ("MiB", 1024 ** 2), ("KiB", 1024)):
     if num_bytes >= scale:
@@ -165,7 +132,7 @@ def compile_train_step(model_cfg: config_lib.ModelConfig, cfg: TrainConfig, mesh
   """
   model_fn = model_fn or _default_model_fn
   t0 = time.perf_counter()
-  with _AttentionChoices() as choices:
+  with attention_lib.record_choices() as choices:
     lowered, num_params = _lower(lambda: model_fn(model_cfg), cfg, mesh, rules, batch, forward)
   compiled = lowered.compile()
   seconds = time.perf_counter() - t0
@@ -191,7 +158,7 @@ def compile_train_step(model_cfg: config_lib.ModelConfig, cfg: TrainConfig, mesh
       argument_bytes=int(mem.argument_size_in_bytes), output_bytes=int(mem.output_size_in_bytes),
       temp_bytes=int(mem.temp_size_in_bytes), alias_bytes=int(mem.alias_size_in_bytes),
       compile_seconds=seconds, batch_size=int(next(iter(batch.values())).shape[0]), grad_accum=cfg.grad_accum,
-      batch_devices=_batch_devices(mesh, rules), attention=choices.choices)
+      batch_devices=_batch_devices(mesh, rules), attention=choices)
 
 
 def _batch_devices(mesh: jax.sharding.Mesh, rules: Sequence[tuple[str, Any]]) -> int:

@@ -59,13 +59,13 @@ def test_aot_json_report(tmp_path):
 
 
 def test_attention_choices_are_captured_per_call_site():
-  """The attention module's one-time INFO record of each (call site, shape) lands in the report."""
+  """Each attention call site's resolution (call site, shape) made while recording lands in the report."""
   import jax.numpy as jnp
 
   from stts_jax.models import attention as attention_lib
   mask = attention_lib.vit_rows_mask(jnp.zeros((1, 1237), jnp.int32))   # a shape no other test uses
-  with aot._AttentionChoices() as choices:
+  with attention_lib.record_choices() as choices:
     resolved = attention_lib.choose("blockwise", mask, (1, 1237, 3, 8), (1, 1237, 3, 8), backend="cpu")
   assert resolved == "blockwise"
-  assert choices.choices == [{"site": "vit_rows", "impl": "blockwise", "asked": "blockwise", "q": [1, 1237, 3, 8],
+  assert choices == [{"site": "vit_rows", "impl": "blockwise", "asked": "blockwise", "q": [1, 1237, 3, 8],
                               "k": [1, 1237, 3, 8], "backend": "cpu"}]
