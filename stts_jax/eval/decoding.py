@@ -10,8 +10,10 @@ what it would compute alone and unpadded. Different prompt lengths and different
 in one batch therefore need no re-alignment.
 
 Sampling: `temperature == 0` is greedy (argmax); otherwise categorical over `logits / temperature`
-with the key `fold_in(rng, t)` at step t. A row stops after emitting one of `stop_ids`; later
-slots hold `pad_id`. The loop (`lax.while_loop`) ends after N tokens or when every row stopped.
+with the key `fold_in(rng, t)` at step t, restricted to the nucleus when `top_p < 1` (the smallest
+set of most likely tokens whose probability reaches `top_p`; the most likely token always stays).
+A row stops after emitting one of `stop_ids`; later slots hold `pad_id`. The loop
+(`lax.while_loop`) ends after N tokens or when every row stopped.
 """
 
 from collections.abc import Sequence
@@ -79,16 +81,25 @@ def prefill(llm: llm_lib.Decoder, inputs: LLMInputs, max_new_tokens: int) -> Pre
                  prompt_len_b=jnp.sum(inputs.token_mask_bs, axis=1, dtype=jnp.int32), prefill_len=s)
 
 
-def sample(logits_bv: Float[Array, "B V"], rng: jax.Array, temperature: float) -> Int[Array, "B"]:
-  """Greedy (temperature 0) or temperature sampling."""
+def sample(logits_bv: Float[Array, "B V"], rng: jax.Array, temperature: float,
+           top_p: float = 1.0) -> Int[Array, "B"]:
+  """Greedy (temperature 0) or temperature sampling, optionally from the top-p nucleus."""
   if temperature == 0.0:
     return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
-  return jax.random.categorical(rng, logits_bv.astype(jnp.float32) / temperature, axis=-1).astype(jnp.int32)
+  scaled_bv = logits_bv.astype(jnp.float32) / temperature
+  if top_p < 1.0:
+    sorted_bv = jnp.sort(scaled_bv, axis=-1)[:, ::-1]
+    probs_bv = jax.nn.softmax(sorted_bv, axis=-1)
+    before_bv = jnp.cumsum(probs_bv, axis=-1) - probs_bv        # mass of strictly more likely tokens
+    kept_b = jnp.sum(before_bv < top_p, axis=-1)                # >= 1: the top token always stays
+    cutoff_b1 = jnp.take_along_axis(sorted_bv, (kept_b - 1)[:, None], axis=-1)
+    scaled_bv = jnp.where(scaled_bv >= cutoff_b1, scaled_bv, -jnp.inf)
+  return jax.random.categorical(rng, scaled_bv, axis=-1).astype(jnp.int32)
 
 
 def decode(llm: llm_lib.Decoder, state: Prefill, *, max_new_tokens: int, stop_ids: Sequence[int], pad_id: int,
            temperature: float = 0.0, rng: Optional[jax.Array] = None, active_b: Optional[Bool[Array, "B"]] = None,
-           return_logits: bool = False) -> Generation:
+           return_logits: bool = False, top_p: float = 1.0) -> Generation:
   """Generates up to `max_new_tokens` tokens per row from `state` (see the module docstring).
 
   active_b: rows to generate for (e.g. the batch's `valid`); inactive rows emit only `pad_id`.
@@ -99,13 +110,15 @@ def decode(llm: llm_lib.Decoder, state: Prefill, *, max_new_tokens: int, stop_id
     raise ValueError(f"decode: cache of {state.cache.max_len} slots cannot hold {state.prefill_len} + {n} tokens")
   if temperature < 0:
     raise ValueError(f"decode: temperature must be >= 0, got {temperature}")
+  if not 0.0 < top_p <= 1.0:
+    raise ValueError(f"decode: top_p must be in (0, 1], got {top_p}")
   rng = jax.random.key(0) if rng is None else rng
   stop = jnp.asarray(tuple(stop_ids) or (-1,), jnp.int32)
   active_b = jnp.ones((b,), bool) if active_b is None else active_b
 
   def emit(t, logits_bv, carry):
     tokens_bn, logits_bnv, done_b, num_b = carry
-    tok_b = sample(logits_bv, jax.random.fold_in(rng, t), temperature)
+    tok_b = sample(logits_bv, jax.random.fold_in(rng, t), temperature, top_p)
     tok_b = jnp.where(done_b, pad_id, tok_b)
     is_stop_b = jnp.isin(tok_b, stop) & ~done_b
     tokens_bn = jax.lax.dynamic_update_slice_in_dim(tokens_bn, tok_b[:, None], t, axis=1)

@@ -68,18 +68,18 @@ def _prefill_pure(graphdef, state, input_ids, token_mask, vision, option_ids, *,
 
 
 def _decode_pure(graphdef, state, prefill, valid, rng, *, max_new_tokens: int, stop_ids: tuple[int, ...],
-                 pad_id: int, temperature: float, mesh=None, rules=()):
+                 pad_id: int, temperature: float, top_p: float = 1.0, mesh=None, rules=()):
   with _rules_context(mesh, rules):
     model = nnx.merge(graphdef, state)
     return decoding.decode(model.llm, prefill, max_new_tokens=max_new_tokens, stop_ids=stop_ids, pad_id=pad_id,
-                           temperature=temperature, rng=rng, active_b=valid)
+                           temperature=temperature, rng=rng, active_b=valid, top_p=top_p)
 
 
 _STATIC = ("graphdef", "mesh", "rules")
 _vision_jit = jax.jit(_vision_pure, static_argnames=_STATIC)
 _prefill_jit = jax.jit(_prefill_pure, static_argnames=_STATIC + ("max_new_tokens",))
 _decode_jit = jax.jit(_decode_pure, static_argnames=_STATIC + ("max_new_tokens", "stop_ids", "pad_id",
-                                                               "temperature"))
+                                                               "temperature", "top_p"))
 
 
 def compile_counts() -> dict[str, int]:

@@ -19,24 +19,23 @@ def video_processing_module():
 
 def video_processor(**kwargs):
   vp = video_processing_module()
-  proc = vp.Molmo2VideoProcessor(do_rescale=True, do_normalize=True, **kwargs)
 
-  def resize(image, size, resample=None, antialias=False, **kw):
-    import torch.nn.functional as F
-    assert not antialias
-    return F.interpolate(image, size=(size.height, size.width), mode="bilinear", align_corners=False,
-                         antialias=False)
+  class _VideoProcessor(vp.Molmo2VideoProcessor):
+    # Methods, not instance attributes: `save_pretrained` serialises instance attributes.
+    def resize(self, image, size, resample=None, antialias=False, **kw):
+      import torch.nn.functional as F
+      assert not antialias
+      return F.interpolate(image, size=(size.height, size.width), mode="bilinear", align_corners=False,
+                           antialias=False)
 
-  def normalize(image, mean, std, inplace=False, **kw):
-    # torchvision.transforms.v2.functional.normalize: (x - mean) / std per channel.
-    import torch
-    mean = torch.as_tensor(mean, dtype=image.dtype).view(-1, 1, 1)
-    std = torch.as_tensor(std, dtype=image.dtype).view(-1, 1, 1)
-    return (image - mean) / std
+    def normalize(self, image, mean, std, inplace=False, **kw):
+      # torchvision.transforms.v2.functional.normalize: (x - mean) / std per channel.
+      import torch
+      mean = torch.as_tensor(mean, dtype=image.dtype).view(-1, 1, 1)
+      std = torch.as_tensor(std, dtype=image.dtype).view(-1, 1, 1)
+      return (image - mean) / std
 
-  proc.resize = resize
-  proc.normalize = normalize
-  return proc
+  return _VideoProcessor(do_rescale=True, do_normalize=True, **kwargs)
 
 
 def processor(tokenizer_json_path: str, **kwargs):
