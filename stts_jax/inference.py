@@ -22,7 +22,8 @@ Static shapes: a video of t sampled frames runs in the smallest frame bucket T >
 frames masked; STTS budgets follow the real t, `models.budget`), and its prompt in a sequence
 bucket S (a multiple of `seq_multiple` that also has room for the bucket's padding frames). Each
 stage is compiled once per (method, ratio, T, S, max_new_tokens, sampling) and reused by every
-video and question that lands there (`compile_counts()`); compilation time is reported apart.
+video and question that lands there (`eval.predictor.compile_counts()`); compilation time is
+reported apart (`timings_s["compile"]`, from `jax.monitoring`'s compile events).
 The vision stage depends only on the video, so several questions about one video reuse its
 features.
 """
@@ -34,7 +35,7 @@ import os
 import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -414,16 +415,16 @@ class Pipeline:
     self.stop_ids = gen_lib.stop_ids_for(model, tuple(stop_ids))
     self.mesh, self.rules = mesh, tuple(rules)
     self._variants: dict[tuple[str, float], tuple[Any, Any]] = {}
-    self._compiled: dict[tuple, Any] = {}
+    self._seen: set[tuple] = set()
     self._videos: OrderedDict = OrderedDict()
     self._vision: OrderedDict = OrderedDict()
     self._max_cached = max_cached_videos
 
   # -- construction -----------------------------------------------------------------------------
   @classmethod
-  def from_checkpoint(cls, path: str, *, method: Optional[str] = None, ratio: Optional[float] = None,
+  def from_checkpoint(cls, path: str, *, method: Optional[str] = None, ratio: Union[int, float, None] = None,
                       dtype: str = "float32",
-                      max_frames: Optional[int] = None, max_fps: Optional[float] = None,
+                      max_frames: Optional[int] = None, max_fps: Union[int, float, None] = None,
                       attention: Optional[str] = None, step: Optional[int] = None, use_mesh: bool = True,
                       prune_at: Optional[int] = None, **kwargs) -> "Pipeline":
     """Loads an HF Molmo2 directory or an Orbax run (module docstring). `method`, `ratio`, `prune_at`
@@ -497,23 +498,23 @@ class Pipeline:
     return self._variants[key]
 
   def _run(self, stage: str, fn, key: tuple, timings: dict[str, float], **kwargs):
-    """Runs jitted `fn` through a compiled executable cached under `key` (compile time kept apart)."""
-    static = {k: kwargs.pop(k) for k in list(kwargs) if k in _STATIC_ARGS}
-    compiled = self._compiled.get((stage,) + key)
-    if compiled is None:
-      t0 = time.perf_counter()
-      compiled = fn.lower(**kwargs, **static).compile()
-      timings["compile"] = timings.get("compile", 0.0) + time.perf_counter() - t0
-      self._compiled[(stage,) + key] = compiled
+    """Calls jitted `fn`; tracing, lowering and compiling (first call of a shape `key`) are timed
+    apart from the stage (`jax.monitoring` compile events)."""
+    before = _COMPILE_S[0]
     t0 = time.perf_counter()
-    out = jax.block_until_ready(compiled(**kwargs))
-    timings[stage] = time.perf_counter() - t0
+    out = jax.block_until_ready(fn(**kwargs))
+    wall = time.perf_counter() - t0
+    compile_s = _COMPILE_S[0] - before
+    self._seen.add((stage,) + key)
+    if compile_s:
+      timings["compile"] = timings.get("compile", 0.0) + compile_s
+    timings[stage] = max(wall - compile_s, 0.0)
     return out
 
-  def compile_counts(self) -> dict[str, int]:
-    """Compiled executables per stage held by this pipeline."""
+  def shapes_seen(self) -> dict[str, int]:
+    """Distinct static shapes (method, ratio, buckets, ...) each stage has run with."""
     out = {s: 0 for s in predictor.STAGES}
-    for key in self._compiled:
+    for key in self._seen:
       out[key[0]] += 1
     return out
 
@@ -556,8 +557,8 @@ class Pipeline:
 
   # -- asking -----------------------------------------------------------------------------------
   def ask(self, video: Any, question: str, *, options: Optional[Sequence[str]] = None,
-          method: Optional[str] = None, ratio: Optional[float] = None, max_new_tokens: int = 64,
-          temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> Answer:
+          method: Optional[str] = None, ratio: Union[int, float, None] = None, max_new_tokens: int = 64,
+          temperature: Union[int, float] = 0.0, top_p: Union[int, float] = 1.0, seed: int = 0) -> Answer:
     """Answers `question` about `video` (a `Video` or a path). `options`: multiple choice, formatted
     with the checkpoint's template. `method` / `ratio` default to the checkpoint's load settings."""
     if not isinstance(video, Video):
@@ -624,7 +625,17 @@ class Pipeline:
     return budget.num_kept(num_frames, self.windows, ratio)
 
 
-_STATIC_ARGS = ("graphdef", "mesh", "rules", "max_new_tokens", "stop_ids", "pad_id", "temperature", "top_p")
+_COMPILE_S = [0.0]    # seconds spent tracing, lowering and compiling in this process (all threads)
+_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                   "/jax/core/compile/backend_compile_duration")
+
+
+def _on_duration(event: str, duration: float, **kwargs) -> None:
+  if event in _COMPILE_EVENTS:
+    _COMPILE_S[0] += duration
+
+
+jax.monitoring.register_event_duration_secs_listener(_on_duration)
 
 
 class _NullContext:

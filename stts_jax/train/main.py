@@ -74,6 +74,12 @@ def train_and_evaluate(config: Any, workdir: str, *, data_iter: Any = None,
     data_cfg.check_model(model_cfg)
     data_iter = pipeline.train_iterator(data_cfg, model_cfg.tokens, process_index=jax.process_index(),
                                         process_count=jax.process_count())
+  data_cfg = cfgs.get("data")
+  if data_cfg is not None and jax.process_index() == 0 and os.path.isfile(data_cfg.tokenizer_path):
+    # What `stts_jax.inference.Pipeline` needs to ask the run's checkpoints about new videos.
+    from stts_jax import inference
+    from stts_jax.data import tokenizer as tokenizer_lib
+    inference.save_run_files(workdir, data_cfg, tokenizer_lib.load_tokenizer(data_cfg.tokenizer_path))
   raw = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
   return loop.run(model_fn or model_builder(model_cfg, train_cfg.seed), data_iter, train_cfg, mesh, rules,
                   workdir, config_json=raw, forward=forward, eval_fn=eval_fn, on_step=on_step)
