@@ -6,6 +6,8 @@
       --ratios 0.5 --out /tmp/stts_bench_4b          # shapes only, no weights (~1 min per frame count)
   python scripts/benchmark.py --attention_layer --out docs/results   # one LLM attention layer, blockwise vs xla
   python scripts/benchmark.py --config configs/bench_cpu.py --attention_auto --out /tmp/auto   # auto per cell
+  python scripts/benchmark.py --generation --out docs/results/generation_cpu   # TTFT + decode tok/s, tiny/demo
+      [--frames 8,32,128 --repeats 20 --max_new_tokens 32 --note "shared machine"]  (unpruned vs STTS 0.5)
 Writes CSV + JSON + PNGs to --out and prints the checks (speedup / FLOP-ratio efficiency, overhead
 share, XLA vs analytic FLOPs, one compilation per part). Measure on a quiet machine.
 """
@@ -30,8 +32,14 @@ flags.DEFINE_bool("abstract", False, "lower the config's model from shapes only 
 flags.DEFINE_bool("memory", False, "abstract mode: also compile the full step for memory_analysis()")
 flags.DEFINE_bool("attention_layer", False, "time one attention layer (Molmo2 LLM mask), blockwise vs xla")
 flags.DEFINE_list("lengths", ["1024", "2048", "4096", "8192"], "attention_layer: sequence lengths")
-flags.DEFINE_integer("repeats", 5, "attention_layer: timed calls per implementation and part")
+flags.DEFINE_integer("repeats", 5, "attention_layer: timed calls per implementation and part; "
+                     "generation: at least this many timed rounds (default there: 20; more until 4 s per cell)")
 flags.DEFINE_bool("attention_auto", False, "resolve model.attention=auto at every grid cell of --config (traced)")
+flags.DEFINE_bool("generation", False, "time to first token and decode tokens/s of the tiny and demo models, "
+                  "unpruned vs STTS 0.5 (stts_jax/bench/generation.py)")
+flags.DEFINE_integer("max_new_tokens", 32, "generation: tokens generated per call (no stop tokens)")
+flags.DEFINE_list("models", ["tiny", "demo"], "generation: models (tiny, demo)")
+flags.DEFINE_string("note", "", "generation: free text stored in the JSON (e.g. that the machine was shared)")
 FLAGS = flags.FLAGS
 
 
@@ -46,8 +54,16 @@ def main(argv):
     out = attention_layer.run(FLAGS.out, lengths=[int(x) for x in FLAGS.lengths], repeats=FLAGS.repeats)
     print(json.dumps(out["checks"], indent=1), flush=True)
     sys.exit(0 if all(c["ok"] for c in out["checks"].values()) else 1)
+  if FLAGS.generation:
+    from stts_jax.bench import generation
+    out = generation.run(FLAGS.out, models=FLAGS.models,
+                         frames=[int(x) for x in FLAGS.frames] if FLAGS.frames else (8, 32, 128),
+                         max_new_tokens=FLAGS.max_new_tokens, rounds=FLAGS.repeats if FLAGS["repeats"].present else 20,
+                         note=FLAGS.note)
+    print(json.dumps(out["checks"], indent=1), flush=True)
+    sys.exit(0 if all(c["ok"] is not False for c in out["checks"].values()) else 1)
   if FLAGS.config is None:
-    raise app.UsageError("--config is required (except with --attention_layer)")
+    raise app.UsageError("--config is required (except with --attention_layer or --generation)")
   frames = [int(x) for x in FLAGS.frames] if FLAGS.frames else None
   ratios = [float(x) for x in FLAGS.ratios] if FLAGS.ratios else None
   if FLAGS.attention_auto:
