@@ -38,6 +38,7 @@ flags.DEFINE_integer("prune_at", None, "ViT block after which windows are scored
 flags.DEFINE_string("attention", None, "attention implementation (auto | xla | blockwise | pallas_gpu | splash)")
 flags.DEFINE_integer("step", None, "Orbax run: checkpoint step (default: the latest)")
 flags.DEFINE_bool("json", False, "print one JSON object per question as the last lines of stdout")
+flags.DEFINE_string("out", None, "also write the answers with the command, commit and machine to this JSON file")
 flags.DEFINE_bool("verbose", False, "show tracebacks and INFO logs")
 FLAGS = flags.FLAGS
 
@@ -70,6 +71,15 @@ def run() -> list[dict]:
     if not FLAGS.json:
       print(f"Q: {question}\nA: {answer.text}\n   [{summary_line(answer)}]", flush=True)
     out.append(answer.to_json())
+  if FLAGS.out:
+    from stts_jax.train import aot
+    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
+    with open(FLAGS.out, "w") as f:
+      json.dump({"command": " ".join(sys.argv), "commit": aot.git_commit(), "machine": aot.machine(),
+                 "checkpoint": FLAGS.checkpoint, "source": pipe.source, "video": FLAGS.video,
+                 "sampled": {"num_frames": video.num_frames, "indices": video.indices.tolist(),
+                             "fps": video.info.fps, "total_frames": video.info.total_frames},
+                 "settings": pipe.settings.to_json(), "answers": out}, f, indent=1)
   if FLAGS.json:
     for rec in out:
       print(json.dumps(rec), flush=True)

@@ -485,15 +485,20 @@ class Pipeline:
     return video
 
   # -- stages -----------------------------------------------------------------------------------
-  def _variant(self, method: str, ratio: float):
-    key = (method, float(ratio))
+  def _variant(self, method: str, ratio: float, frame_bucket: int):
+    """(graphdef, state) of the model under (method, ratio) for videos in `frame_bucket`: packed ViT
+    rows sized for the bucket (`budget.typical_num_rows`; a video needing more takes the exact
+    dense fallback), parameters shared with `self.model`."""
+    key = (method, float(ratio), frame_bucket)
     if key not in self._variants:
-      cfg = self.model.config
-      if (method, ratio) == (cfg.stts.method, cfg.stts.ratio):
-        model = self.model
-      else:
-        model = _variant_of(self.model, _stts_overrides(method, ratio, None), "ask")
-        _check_scorer(model, (), "ask")
+      overrides = _stts_overrides(method, ratio, None)
+      prunes = method != "none" and ratio > 0
+      rows = budget.typical_num_rows(frame_bucket, self.windows, ratio) if prunes else None
+      try:
+        model = gen_lib.model_variant(self.model, **overrides, num_rows=rows)
+      except ValueError as e:
+        raise AskError(f"ask: {e}") from e
+      _check_scorer(model, (), "ask")
       self._variants[key] = nnx.split(model)
     return self._variants[key]
 
@@ -525,9 +530,9 @@ class Pipeline:
     return sharding.shard_batch(arrays, self.mesh, self.rules)
 
   def _vision_features(self, video: Video, method: str, ratio: float, seed: int, timings: dict[str, float]):
-    graphdef, state = self._variant(method, ratio)
     t = video.num_frames
     tb = _bucket(t, self.frame_buckets)
+    graphdef, state = self._variant(method, ratio, tb)
     cache_key = (id(video), method, float(ratio), seed)
     hit = self._vision.get(cache_key)
     if hit is not None and hit[0] is video:
@@ -578,7 +583,7 @@ class Pipeline:
     video.questions += 1
     t = video.num_frames
     tb, vision = self._vision_features(video, method, ratio, seed, timings)
-    graphdef, state = self._variant(method, ratio)
+    graphdef, state = self._variant(method, ratio, tb)
     text = prompt_lib.format_question(question, options, self.settings.mc_template)
     ids = self.builder.build(video.timestamps, text, None).input_ids
     n = int(ids.shape[0])
