@@ -416,6 +416,7 @@ class Pipeline:
     self.mesh, self.rules = mesh, tuple(rules)
     self._variants: dict[tuple[str, float], tuple[Any, Any]] = {}
     self._seen: set[tuple] = set()
+    self._warned_positions = False
     self._videos: OrderedDict = OrderedDict()
     self._vision: OrderedDict = OrderedDict()
     self._max_cached = max_cached_videos
@@ -426,10 +427,12 @@ class Pipeline:
                       dtype: str = "float32",
                       max_frames: Optional[int] = None, max_fps: Union[int, float, None] = None,
                       attention: Optional[str] = None, step: Optional[int] = None, use_mesh: bool = True,
-                      prune_at: Optional[int] = None, **kwargs) -> "Pipeline":
+                      prune_at: Optional[int] = None, vit_chunk: Optional[int] = 16, **kwargs) -> "Pipeline":
     """Loads an HF Molmo2 directory or an Orbax run (module docstring). `method`, `ratio`, `prune_at`
     (the ViT block the windows are scored after) default to the checkpoint's STTS settings (an HF
-    checkpoint without any: unpruned); `max_frames` / `max_fps` override its processor settings."""
+    checkpoint without any: unpruned); `max_frames` / `max_fps` override its processor settings.
+    `vit_chunk`: ViT rows of a video run together (`model.vit_chunk`; the same result, and at 384
+    frames half the vision stage's temporaries, docs/real_scale.md); None keeps the checkpoint's."""
     path = os.fspath(path)
     if dtype not in ("float32", "bfloat16"):
       raise AskError(f"--dtype must be float32 or bfloat16, got {dtype!r}")
@@ -451,6 +454,10 @@ class Pipeline:
     if max_fps is not None:
       settings = dataclasses.replace(settings, max_fps=float(max_fps) if max_fps > 0 else None)
     settings = settings.validate("overrides")
+    if vit_chunk is not None and model.config.vit_chunk is None:
+      graphdef, state = nnx.split(model)
+      model = nnx.merge(graphdef, state)
+      model.config = dataclasses.replace(model.config, vit_chunk=int(vit_chunk)).validate()
     mesh, rules = (_local_mesh(model) if use_mesh else (None, ()))
     if mesh is not None:
       from stts_jax.train import sharding
@@ -587,6 +594,10 @@ class Pipeline:
     text = prompt_lib.format_question(question, options, self.settings.mc_template)
     ids = self.builder.build(video.timestamps, text, None).input_ids
     n = int(ids.shape[0])
+    if n + max_new_tokens > cfg.llm.max_position_embeddings and not self._warned_positions:
+      self._warned_positions = True
+      log.warning("prompt of %d tokens + %d new tokens exceeds the model's max_position_embeddings %d "
+                  "(RoPE extrapolates; answers may degrade)", n, max_new_tokens, cfg.llm.max_position_embeddings)
     s = self._seq_bucket(n, t, tb, video)
     input_ids = np.full((1, s), cfg.tokens.pad, np.int32)
     input_ids[0, :n] = ids
