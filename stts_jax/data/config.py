@@ -43,6 +43,11 @@ class DataConfig:
   num_threads: int = 2              # Grain read threads per process/worker
   prefetch_buffer: int = 4
   on_error: str = "skip"            # skip: bad example -> empty slot (valid=False), counted + logged
+                                    # (data errors only: a bug in our processing code always raises)
+  max_skipped_fraction: float = 0.05  # more skipped examples (or unreadable manifest lines) than this
+                                    # fraction of those read stops training (checked every log_every
+                                    # steps, after >= 20 examples) and evaluation (after each cell),
+                                    # listing the files; 1.0 never stops
   seek_gap: int = 96                # decode: seek when the next wanted frame is this far ahead
 
   @property
@@ -73,6 +78,8 @@ class DataConfig:
     for name in ("max_frames", "seq_len", "batch_size", "max_options"):
       if getattr(self, name) < 1:
         raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
+    if not 0.0 <= self.max_skipped_fraction <= 1.0:
+      raise ValueError(f"data.max_skipped_fraction must be in [0, 1], got {self.max_skipped_fraction}")
     if self.max_fps is not None and self.max_fps <= 0:
       raise ValueError(f"data.max_fps must be positive or None, got {self.max_fps}")
     if min(self.num_workers, self.num_threads, self.prefetch_buffer) < 0:

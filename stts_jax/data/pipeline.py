@@ -6,17 +6,26 @@ P = patches per frame, S = seq_len, K = max_options):
   frame_mask bool [B, T] (real frames first), timestamps float32 [B, T],
   input_ids int32 [B, S] (right-padded with tokens.pad), token_mask bool [B, S],
   target_ids int32 [B, S] (next token), loss_mask bool [B, S] (target is an answer token),
-  example_id int64 [B] (row of the split's manifest/source; -1 for padding slots),
+  example_id int64 [B] (row of the split's manifest/source, also for skipped slots; -1 for padding slots),
   answer_index int32 [B] (-1 if open-ended), option_ids int32 [B, K] (option letter token ids,
   -1 padded), prompt_len int32 [B] (tokens before the answer), valid bool [B],
   skipped bool [B] (a bad example replaced by an empty slot).
 Each real frame contributes exactly W = rows*cols `<im_patch>` tokens, frames in order.
 
-Bad input: with `on_error="raise"` the first bad example raises `DataError` naming the example,
-its video and the problem. With `"skip"` (default) it becomes an empty slot (valid=False, all
-masks False, so it adds nothing to the loss), is logged with the same message and counted
-(`batch["skipped"]`, `DataIterator.num_skipped`, saved in the iterator state). Keeping the slot
-instead of filtering keeps batch composition, and hence checkpoint resumption, exact.
+Bad input: only data errors (`DATA_ERRORS`: `VideoError`, `DataError`, `ManifestError`, PyAV's
+`FFmpegError`, `OSError` while reading a file) count as bad input. Problems of one example that the
+processor detects itself (more options than `max_options`, a prompt longer than `seq_len`,
+pre-decoded frames that are not uint8 [F, H, W, 3]) are raised as `DataError`. Anything else
+(a plain `ValueError`, `TypeError`, ... from preprocessing, prompt building or the tokenizer on
+well-formed data) is a bug and propagates. With `on_error="raise"` the first bad example raises
+`DataError` naming the example, its video and the problem. With `"skip"` (default) it becomes an
+empty slot (valid=False, all masks False, so it adds nothing to the loss; `example_id` kept), is
+logged with the same message and counted (`batch["skipped"]`, `DataIterator.num_skipped`, saved in
+the iterator state). Keeping the slot instead of filtering keeps batch composition, and hence
+checkpoint resumption, exact. More than `data.max_skipped_fraction` skipped is an error of its own
+(`TooManySkippedError`, checked by the training loop and the evaluation once at least
+`MIN_EXAMPLES_FOR_SKIP_CHECK` examples were read): a few bad files are skipped, a broken dataset
+stops the run with the list of files.
 """
 
 import json
@@ -24,6 +33,7 @@ import logging
 import os
 from typing import Any, Optional, Union
 
+import av
 import grain
 import numpy as np
 
@@ -38,6 +48,40 @@ from stts_jax.data.config import DataConfig
 
 class DataError(ValueError):
   """An example could not be turned into model inputs (names the example, video and problem)."""
+
+
+class TooManySkippedError(DataError):
+  """More than `data.max_skipped_fraction` of the examples read were skipped (lists them)."""
+
+
+# What `on_error="skip"` skips: problems of the data. Every other exception is a bug and propagates.
+DATA_ERRORS = (video_lib.VideoError, DataError, manifest_lib.ManifestError, av.error.FFmpegError, OSError)
+
+# A fraction over fewer examples says little (one bad file among the first few would trip it).
+MIN_EXAMPLES_FOR_SKIP_CHECK = 20
+# Skipped examples named in a `TooManySkippedError` (and kept in the iterator state).
+MAX_LISTED = 20
+
+
+def bad_example_message(rec: dict, error: BaseException) -> str:
+  """One line naming the example, its video and the problem."""
+  video = rec.get("video")
+  where = rec.get("video_name") or (video if isinstance(video, str) else "<bytes>")
+  return f"example {rec.get('id')!r} (video {where}): {error}"
+
+
+def check_skipped_fraction(num_skipped: int, num_examples: int, max_fraction: float, listed: list[str], *,
+                           what: str, min_examples: int = MIN_EXAMPLES_FOR_SKIP_CHECK) -> None:
+  """Raises `TooManySkippedError` if `num_skipped / num_examples > max_fraction` (once
+  `num_examples >= min_examples`); the message names the first `MAX_LISTED` of `listed`."""
+  if num_examples < max(min_examples, 1) or num_skipped <= max_fraction * num_examples:
+    return
+  shown = listed[:MAX_LISTED]
+  more = num_skipped - len(shown)
+  lines = "".join(f"\n  {x}" for x in shown) + (f"\n  ... and {more} more" if more > 0 else "")
+  raise TooManySkippedError(
+      f"{what}: {num_skipped} of {num_examples} examples skipped ({num_skipped / num_examples:.1%}), more than "
+      f"data.max_skipped_fraction={max_fraction:g}; fix or remove these files (or raise the limit):{lines}")
 
 
 # ----------------------------------------------------------------------------------------
@@ -156,6 +200,9 @@ class ExampleProcessor:
     cfg = self.cfg
     if "frames" in rec:
       all_frames = rec["frames"]
+      if all_frames.ndim != 4 or all_frames.shape[-1] != 3 or all_frames.dtype != np.uint8:
+        raise DataError(f"pre-decoded frames must be uint8 [F, H, W, 3], got {all_frames.dtype} "
+                        f"{list(all_frames.shape)}")
       if all_frames.shape[0] == 0:
         raise video_lib.VideoError(rec.get("video_name", rec["id"]), "video has zero frames")
       idx = video_lib.sample_indices(all_frames.shape[0], rec["fps"], all_frames.shape[0] / rec["fps"],
@@ -190,6 +237,9 @@ class ExampleProcessor:
     question = prompt_lib.format_question(rec["question"], options, cfg.mc_template)
     answer = prompt_lib.LETTERS[rec["answer_index"]] if options else rec["answer"]
     ids = self.builder.build(timestamps, question, answer)
+    if ids.input_ids.shape[0] > cfg.seq_len:
+      raise DataError(f"prompt + answer are {ids.input_ids.shape[0]} tokens ({t} frames, question of "
+                      f"{len(question)} characters), more than data.seq_len {cfg.seq_len}")
     out = self.empty(skipped=False)
     out["patches"][:t] = preprocess.preprocess_frames(frames, cfg.image_size, cfg.patch_size)
     out["frame_mask"][:t] = True
@@ -208,14 +258,18 @@ class ExampleProcessor:
       return self.empty(skipped=False)
     try:
       return self.process(rec)
-    except (video_lib.VideoError, DataError, manifest_lib.ManifestError, ValueError, OSError) as e:
-      video = rec.get("video")
-      where = rec.get("video_name") or (video if isinstance(video, str) else "<bytes>")
-      msg = f"example {rec.get('id')!r} (video {where}): {e}"
-      if self.cfg.on_error == "raise":
-        raise DataError(msg) from e
-      logging.warning("skipping bad example: %s", msg)
-      return self.empty(skipped=True)
+    except DATA_ERRORS as e:
+      return self.skip(rec, e)
+
+  def skip(self, rec: dict, error: BaseException) -> dict[str, np.ndarray]:
+    """A data error: raises `DataError` (on_error="raise") or logs it and returns the skipped slot."""
+    msg = bad_example_message(rec, error)
+    if self.cfg.on_error == "raise":
+      raise DataError(msg) from error
+    logging.warning("skipping bad example: %s", msg)
+    out = self.empty(skipped=True)
+    out["example_id"] = np.int64(rec["index"])
+    return out
 
 
 # ----------------------------------------------------------------------------------------
@@ -279,32 +333,62 @@ def eval_dataset(cfg: DataConfig, source, processor: ExampleProcessor, *, proces
 
 
 class DataIterator:
-  """Iterates batches; counts skipped examples; state = grain state + counters (JSON-able)."""
+  """Iterates batches; counts examples read and skipped; state = grain state + counters (JSON-able)."""
 
-  def __init__(self, dataset: grain.IterDataset, source, manifest_errors: Optional[list[str]] = None):
+  def __init__(self, dataset: grain.IterDataset, source, manifest_errors: Optional[list[str]] = None, *,
+               max_skipped_fraction: float = 1.0):
     self.dataset = dataset
     self.source = source
     self._it = iter(dataset)
+    self.num_seen = 0                        # real examples read (valid or skipped; not padding)
     self.num_skipped = 0
+    self.skipped_examples: list[str] = []    # the first MAX_LISTED skipped, "id (video)"
     self.manifest_errors = list(manifest_errors or [])
+    self.max_skipped_fraction = max_skipped_fraction
 
   def __iter__(self):
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
     batch = next(self._it)
-    n = int(np.sum(batch["skipped"]))
+    skipped = np.asarray(batch["skipped"], bool)
+    self.num_seen += int(np.sum(np.asarray(batch["valid"], bool) | skipped))
+    n = int(np.sum(skipped))
     if n:
       self.num_skipped += n
+      for row in np.asarray(batch["example_id"])[skipped][:MAX_LISTED - len(self.skipped_examples)]:
+        self.skipped_examples.append(self._describe(int(row)))
       logging.warning("data: %d bad example(s) skipped in this batch (%d so far)", n, self.num_skipped)
     return batch
 
+  def _describe(self, row: int) -> str:
+    examples = getattr(self.source, "examples", None)    # manifest/arrays: cheap; tfds would scan the split
+    if examples is not None and 0 <= row < len(examples):
+      return f"{examples[row].id} ({examples[row].video})"
+    return f"example_id {row}"
+
+  def check_skipped(self, num_skipped: Optional[int] = None, num_seen: Optional[int] = None) -> None:
+    """Raises `TooManySkippedError` when more than `max_skipped_fraction` of the examples read so far
+    (or of the manifest's lines) were bad, once `MIN_EXAMPLES_FOR_SKIP_CHECK` were read. Counts default
+    to this iterator's; pass all processes' sums to decide the same on every host (the list shown
+    is this process's)."""
+    num_skipped = self.num_skipped if num_skipped is None else num_skipped
+    num_seen = self.num_seen if num_seen is None else num_seen
+    bad_lines = len(self.manifest_errors)
+    check_skipped_fraction(bad_lines, len(self.source) + bad_lines, self.max_skipped_fraction,
+                           self.manifest_errors, what="data: unreadable manifest lines")
+    check_skipped_fraction(num_skipped, num_seen, self.max_skipped_fraction, self.skipped_examples,
+                           what="data: bad examples (reasons in the 'skipping bad example' log lines)")
+
   def get_state(self) -> dict[str, Any]:
-    return {"grain": self._it.get_state(), "num_skipped": self.num_skipped}
+    return {"grain": self._it.get_state(), "num_skipped": self.num_skipped, "num_seen": self.num_seen,
+            "skipped_examples": list(self.skipped_examples)}
 
   def set_state(self, state: dict[str, Any]) -> None:
     self._it.set_state(state["grain"])
     self.num_skipped = int(state.get("num_skipped", 0))
+    self.num_seen = int(state.get("num_seen", 0))
+    self.skipped_examples = list(state.get("skipped_examples", []))
 
   def example(self, example_id: Union[int, np.integer]) -> manifest_lib.Example:
     """Host-side record of a batch's `example_id` (question, option strings, answer, extra)."""
@@ -329,7 +413,7 @@ def train_iterator(cfg: DataConfig, token_ids: config_lib.TokenIds, *, process_i
   source, errors = open_source(cfg, cfg.train_split)
   ds = train_dataset(cfg, source, make_processor(cfg, token_ids, tok), process_index=process_index,
                      process_count=process_count)
-  return DataIterator(ds, source, errors)
+  return DataIterator(ds, source, errors, max_skipped_fraction=cfg.max_skipped_fraction)
 
 
 def eval_iterator(cfg: DataConfig, token_ids: config_lib.TokenIds, split: str, *, process_index: int = 0,
@@ -337,8 +421,10 @@ def eval_iterator(cfg: DataConfig, token_ids: config_lib.TokenIds, split: str, *
   source, errors = open_source(cfg, split)
   ds = eval_dataset(cfg, source, make_processor(cfg, token_ids, tok), process_index=process_index,
                     process_count=process_count)
-  return DataIterator(ds, source, errors)
+  return DataIterator(ds, source, errors, max_skipped_fraction=cfg.max_skipped_fraction)
 
 
-__all__ = ["DataError", "ManifestSource", "ArraysSource", "TfdsSource", "ExampleProcessor", "open_source",
-           "train_dataset", "eval_dataset", "DataIterator", "make_processor", "train_iterator", "eval_iterator"]
+__all__ = ["DATA_ERRORS", "DataError", "MAX_LISTED", "MIN_EXAMPLES_FOR_SKIP_CHECK", "TooManySkippedError",
+           "bad_example_message", "check_skipped_fraction", "ManifestSource", "ArraysSource", "TfdsSource",
+           "ExampleProcessor", "open_source", "train_dataset", "eval_dataset", "DataIterator", "make_processor",
+           "train_iterator", "eval_iterator"]

@@ -5,11 +5,13 @@ exactly once, in order, sharded over processes, last batch padded with empty slo
 `on_error="skip"` replaces a bad example by an empty slot; here the slot also keeps its
 `example_id` and the error text (field `error`, utf-8 bytes in uint8 `[B, ERROR_BYTES]`), so the
 evaluators can list it and leave it out of the denominator. Bad manifest lines (no example at all)
-are in `manifest_errors`. With `on_error="raise"` the first bad example raises `DataError`.
+are in `manifest_errors`. With `on_error="raise"` the first bad example raises `DataError`. Only data
+errors (`pipeline.DATA_ERRORS`) are skipped; any other exception is a bug and propagates.
+`check_skipped` (called by the runner after each cell) raises `TooManySkippedError` when more than
+`data.max_skipped_fraction` of the split was skipped.
 """
 
 import dataclasses
-import logging
 from collections.abc import Iterator
 from typing import Any, Optional
 
@@ -17,14 +19,11 @@ import jax
 import numpy as np
 
 from stts_jax import config as config_lib
-from stts_jax.data import manifest as manifest_lib
 from stts_jax.data import pipeline
 from stts_jax.data import tokenizer as tokenizer_lib
-from stts_jax.data import video as video_lib
 from stts_jax.data.config import DataConfig
 
 ERROR_BYTES = 512
-_ERRORS = (video_lib.VideoError, pipeline.DataError, manifest_lib.ManifestError, ValueError, OSError)
 
 
 def encode_error(text: str) -> np.ndarray:
@@ -52,16 +51,9 @@ class ReportingProcessor(pipeline.ExampleProcessor):
       out = self.process(rec)
       out["error"] = np.zeros(ERROR_BYTES, np.uint8)
       return out
-    except _ERRORS as e:
-      video = rec.get("video")
-      where = rec.get("video_name") or (video if isinstance(video, str) else "<bytes>")
-      msg = f"example {rec.get('id')!r} (video {where}): {e}"
-      if self.cfg.on_error == "raise":
-        raise pipeline.DataError(msg) from e
-      logging.warning("eval: skipping bad example: %s", msg)
-      out = self.empty(skipped=True)
-      out["example_id"] = np.int64(rec["index"])
-      out["error"] = encode_error(msg)
+    except pipeline.DATA_ERRORS as e:
+      out = self.skip(rec, e)
+      out["error"] = encode_error(pipeline.bad_example_message(rec, e))
       return out
 
 
@@ -109,6 +101,8 @@ class EvalData:
     self.processor = ReportingProcessor(cfg, tok, token_ids)
     self.tokenizer = tok
     self._by_index: Optional[dict[int, ExampleInfo]] = None
+    # (examples read, skipped "id (video): why" texts) of this process's last complete pass
+    self.last_pass: Optional[tuple[int, list[str]]] = None
 
   def __len__(self) -> int:
     return len(self.source)
@@ -125,7 +119,39 @@ class EvalData:
   def batches(self) -> Iterator[dict[str, np.ndarray]]:
     ds = pipeline.eval_dataset(self.cfg, self.source, self.processor,
                                process_index=self.process_index, process_count=self.process_count)
-    return iter(ds)
+    return self._counted(iter(ds))
+
+  def _counted(self, it) -> Iterator[dict[str, np.ndarray]]:
+    """Yields `it`'s batches; a complete pass sets `last_pass`. Closing it closes `it`."""
+    seen, skipped = 0, []
+    try:
+      for batch in it:
+        rows = np.asarray(batch["skipped"], bool)
+        seen += int(np.sum(np.asarray(batch["valid"], bool) | rows))
+        skipped += [decode_error(e) for e in np.asarray(batch["error"])[rows]]
+        yield batch
+      self.last_pass = (seen, skipped)
+    finally:
+      close = getattr(it, "close", None)
+      if close is not None:
+        close()
+
+  def check_skipped(self, what: str) -> None:
+    """After a complete pass: raises `pipeline.TooManySkippedError` when more than
+    `data.max_skipped_fraction` of the split (bad manifest lines + examples the pipeline skipped,
+    all processes) was skipped, listing them (this process's), once the split has at least
+    `pipeline.MIN_EXAMPLES_FOR_SKIP_CHECK` examples."""
+    if self.last_pass is None:
+      raise RuntimeError(f"{self.split}: check_skipped before a complete pass over batches()")
+    seen, skipped = self.last_pass
+    counts = np.asarray([seen, len(skipped)], np.int64)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      counts = np.asarray(multihost_utils.process_allgather(counts)).reshape(-1, 2).sum(0)
+    bad_lines = len(self.manifest_errors)
+    pipeline.check_skipped_fraction(int(counts[1]) + bad_lines, int(counts[0]) + bad_lines,
+                                    self.cfg.max_skipped_fraction, self.manifest_errors + skipped,
+                                    what=f"{what}: split {self.split!r}")
 
   def info(self, example_id: int) -> ExampleInfo:
     """Id, answer text and options of the example a batch calls `example_id`.

@@ -2,7 +2,9 @@
 
 `evaluate(model, data_cfg, eval_cfg)` runs every cell of `eval_cfg.cells(...)` with the same
 parameters (`generate.model_variant`), the same examples and one `Predictor`:
-  * accuracy from the configured evaluators (skipped examples listed, never in the denominator),
+  * accuracy from the configured evaluators (skipped examples listed, never in the denominator;
+    more than `data.max_skipped_fraction` skipped stops the evaluation after the cell with
+    `pipeline.TooManySkippedError` listing them),
   * kept LLM vision tokens per video and pruned prompt length,
   * median seconds per batch of the vision (ViT + pruning + adapter), prefill and decode stages,
     timed after `warmup` untimed passes over the first batch (so compilation is excluded),
@@ -89,6 +91,7 @@ def run_cell(model: vlm.Molmo2, data: data_lib.EvalData, eval_cfg: EvalConfig, p
     cell.records[name] = ev.details["records"]
   if bar is not None:
     bar.close()
+  data.check_skipped(f"eval {cell.key}")
   after = predictor_lib.compile_counts()
   cell.compilations = {k: after[k] - before[k] for k in after}
   cell.seconds = {k: statistics.median(v) for k, v in predictor.times.items() if v}

@@ -208,6 +208,18 @@ class _Preemption:
     return bool(np.any(flags))
 
 
+def _data_counts(data_iter: Any) -> Optional[tuple[int, int]]:
+  """(skipped, read) data examples so far, summed over processes; None if `data_iter` does not
+  count them (it has no `check_skipped`). A host sync with several processes (log steps only)."""
+  if getattr(data_iter, "check_skipped", None) is None:
+    return None
+  counts = np.asarray([data_iter.num_skipped, data_iter.num_seen], np.int64)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    counts = np.asarray(multihost_utils.process_allgather(counts)).reshape(-1, 2).sum(0)
+  return int(counts[0]), int(counts[1])
+
+
 def _scalars(metrics: Mapping[str, jax.Array]) -> dict[str, float]:
   return {k: float(v) for k, v in jax.device_get(dict(metrics)).items()}
 
@@ -219,7 +231,8 @@ def run(model_fn: Callable[[], nnx.Module], data_iter: Iterator[Mapping[str, np.
         on_step: Optional[Callable[[int], None]] = None) -> TrainResult:
   """Trains to `cfg.num_steps`, resuming from the latest checkpoint in `workdir/checkpoints`.
 
-  data_iter: yields host batches (this process's rows) and has get_state()/set_state().
+  data_iter: yields host batches (this process's rows) and has get_state()/set_state(); if it
+    counts bad examples (`pipeline.DataIterator`), every log step checks their fraction.
   eval_fn(model, step) -> metrics, called every `eval_every` steps and at the end (if set).
   on_step(step) is called after each step is dispatched (e.g. `distributed.Supervisor.tick`).
   """
@@ -288,8 +301,15 @@ def run(model_fn: Callable[[], nnx.Module], data_iter: Iterator[Mapping[str, np.
           elapsed = time.perf_counter() - window_start
           scalars["step_time"] = elapsed / window_steps
           scalars["tokens_per_s"] = window_tokens / max(elapsed, 1e-9)
+          data_counts = _data_counts(data_iter)
+          if data_counts is not None:
+            scalars["data_skipped"] = float(data_counts[0])
           writer.write(done, scalars)
           history.append(scalars)
+          if data_counts is not None:
+            # More than data.max_skipped_fraction bad examples: stop with the list of files
+            # (the same sums on every process, so all of them stop).
+            data_iter.check_skipped(num_skipped=data_counts[0], num_seen=data_counts[1])
           if progress is not None:
             progress.set_postfix(loss=f"{scalars['loss']:.4f}", skipped=int(scalars["skipped_total"]))
           window_start, window_steps, window_tokens = time.perf_counter(), 0, 0.0

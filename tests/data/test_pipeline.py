@@ -1,11 +1,12 @@
 import json
 import logging
 import os
+import re
 
 import numpy as np
 import pytest
 
-from stts_jax.data import default_dataset, pipeline, prompt
+from stts_jax.data import default_dataset, pipeline, preprocess, prompt
 from stts_jax.data.config import DataConfig
 from tests.data import videos
 
@@ -210,3 +211,81 @@ def test_worker_processes_match_in_process(dataset_dir):
   it.set_state(state)
   assert_same_batches(take(it, 2), want[2:])
   it.close()
+
+
+# ---- data errors vs code errors, and the skipped-fraction limit ---------------------------------------
+
+
+@pytest.mark.parametrize("module, name", [(preprocess, "preprocess_frames"), (prompt, "format_question")])
+def test_a_bug_in_our_own_transform_crashes_even_with_skip(dataset_dir, monkeypatch, module, name):
+  def bug(*args, **kwargs):
+    raise ValueError("bug in our own code")
+  monkeypatch.setattr(module, name, bug)
+  cfg = cfg_for(dataset_dir, num_epochs=1, on_error="skip")
+  with pytest.raises(ValueError, match="bug in our own code") as err:
+    next(pipeline.train_iterator(cfg, IDS))
+  assert not isinstance(err.value, pipeline.DataError)       # propagated as is, not turned into bad data
+
+
+def _record(**kw):
+  rec = {"index": 3, "id": "r3", "video_name": "clip3.npy", "frames": np.zeros((4, 30, 40, 3), np.uint8),
+         "fps": 2.0, "question": QUESTION, "options": OPTIONS, "answer": OPTIONS[1], "answer_index": 1}
+  rec.update(kw)
+  return rec
+
+
+@pytest.mark.parametrize("bad, why", [
+    (dict(question="far " * 300), r"prompt \+ answer are \d+ tokens .*more than data\.seq_len 256"),
+    (dict(options=OPTIONS + ["middle"]), r"5 options exceed data\.max_options 4"),
+    (dict(frames=np.zeros((4, 30, 40), np.uint8)), r"pre-decoded frames must be uint8 \[F, H, W, 3\]"),
+    (dict(frames=np.zeros((4, 30, 40, 3), np.float32)), r"pre-decoded frames must be uint8"),
+])
+def test_problems_of_one_example_are_data_errors(dataset_dir, caplog, bad, why):
+  proc = pipeline.make_processor(cfg_for(dataset_dir), IDS)
+  assert proc(_record())["valid"]
+  with caplog.at_level(logging.WARNING):
+    out = proc(_record(**bad))
+  assert out["skipped"] and not out["valid"] and out["example_id"] == 3 and not out["loss_mask"].any()
+  assert re.search(r"example 'r3' \(video clip3\.npy\): " + why, caplog.text)
+  strict = pipeline.make_processor(cfg_for(dataset_dir, on_error="raise"), IDS)
+  with pytest.raises(pipeline.DataError, match=why):
+    strict(_record(**bad))
+
+
+def test_skipped_fraction_limit_lists_the_files(dataset_dir, tmp_path):
+  root = bad_dataset(str(tmp_path / "bad"), dataset_dir)         # 8 examples, 2 bad videos (25%)
+  tok = os.path.join(dataset_dir, "tokenizer.json")
+  it = pipeline.train_iterator(cfg_for(root, tokenizer=tok, max_skipped_fraction=0.3), IDS)
+  take(it, 5)
+  it.check_skipped()                                              # below the limit: counted only
+  assert it.num_seen == 20 and 4 <= it.num_skipped <= 6
+  assert set(it.skipped_examples) == {f"missing ({root}/nope.mp4)", f"corrupt ({root}/corrupt.mp4)"}
+  state = json.loads(json.dumps(it.get_state()))
+  assert state["num_seen"] == 20 and state["skipped_examples"] == it.skipped_examples
+
+  it = pipeline.train_iterator(cfg_for(root, tokenizer=tok, max_skipped_fraction=0.05), IDS)
+  take(it, 4)
+  it.check_skipped()                      # 16 < MIN_EXAMPLES_FOR_SKIP_CHECK examples: no verdict yet
+  take(it, 1)
+  with pytest.raises(pipeline.TooManySkippedError,
+                     match=r"(?s)of 20 examples skipped .*max_skipped_fraction=0\.05.*nope\.mp4.*corrupt\.mp4"):
+    it.check_skipped()
+  it.check_skipped(num_skipped=1, num_seen=40)                   # other processes' sums decide
+  with pytest.raises(pipeline.TooManySkippedError):
+    pipeline.check_skipped_fraction(2, 20, 0.05, ["a", "b"], what="x")
+  pipeline.check_skipped_fraction(1, 20, 0.05, ["a"], what="x")  # exactly 5%: allowed
+
+
+@pytest.mark.slow          # compiles the toy model's init and step (~10 s on a shared CPU)
+def test_training_stops_when_too_many_videos_are_bad(dataset_dir, tmp_path):
+  from stts_jax.train import loop, sharding
+  from tests.train import helpers, toy_model
+  root = bad_dataset(str(tmp_path / "bad"), dataset_dir)         # 25% of the videos are bad
+  cfg = cfg_for(root, tokenizer=os.path.join(dataset_dir, "tokenizer.json"), max_skipped_fraction=0.05)
+  it = pipeline.train_iterator(cfg, IDS)
+  with pytest.raises(pipeline.TooManySkippedError, match=r"(?s)of 20 examples skipped.*nope\.mp4.*corrupt\.mp4"):
+    loop.run(helpers.toy_model_fn(), it, helpers.train_cfg(num_steps=8, checkpoint_every=0), helpers.mesh_1(),
+             sharding.make_rules(), str(tmp_path / "wd"), forward=toy_model.toy_forward)
+  logged = [json.loads(x) for x in open(tmp_path / "wd" / "metrics.jsonl")]
+  assert [r["step"] for r in logged] == [1, 2, 3, 4, 5]           # stopped at the first check (20 examples)
+  assert logged[-1]["data_skipped"] == it.num_skipped > 1
