@@ -76,29 +76,58 @@ def to_dict(obj) -> dict:
 # --------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class ViTConfig:
-  """SigLIP-style ViT of Molmo2. Defaults: the released Molmo2-4B vision tower."""
+  """SigLIP-style ViT of Molmo2. Defaults: the released Molmo2-4B vision tower.
+
+  As transformers' `Molmo2VisionConfig`: attention may have fewer kv heads than heads (grouped as
+  transformers' `repeat_kv`), and `num_heads * head_dim` need not equal `hidden_size` (o_proj maps
+  back). The image may be non-square (`image_width`); the ViT itself only sees P = rows * cols
+  patches, the geometry lives in the pooling indices.
+  """
   hidden_size: int = 1152
   intermediate_size: int = 4304
   num_layers: int = 27          # layers that exist in the checkpoint; only up to max(adapter taps) run
   num_heads: int = 16
   head_dim: int = 72
   patch_size: int = 14
-  image_size: int = 378
+  image_size: int = 378         # image height in pixels (and width, unless image_width is set)
   layer_norm_eps: float = 1e-6
   # Init only (checkpoints bring their own): std of the learned position embeddings. A from-scratch
   # model needs them comparable to the patch embeddings (~0.6 rms) to answer "where" questions
   # quickly; 0.02 (the usual ViT init) leaves position at ~3% of the signal.
   position_init_std: float = 0.02
+  num_kv_heads: Optional[int] = None   # K; None: = num_heads
+  image_width: Optional[int] = None    # None: square (= image_size)
+
+  @property
+  def kv_heads(self) -> int:
+    """K: key/value heads (num_heads unless num_kv_heads is set)."""
+    return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+
+  @property
+  def image_hw(self) -> tuple[int, int]:
+    """(height, width) in pixels."""
+    return self.image_size, self.image_size if self.image_width is None else self.image_width
+
+  @property
+  def grid_hw(self) -> tuple[int, int]:
+    """Patch grid (rows, cols): (27, 27) for 378 px / 14."""
+    h, w = self.image_hw
+    return h // self.patch_size, w // self.patch_size
 
   @property
   def grid(self) -> int:
-    """Patches per side (27 for 378 px / 14)."""
-    return self.image_size // self.patch_size
+    """Patches per side of a square grid (27 for 378 px / 14); a non-square grid is an error (use grid_hw)."""
+    rows, cols = self.grid_hw
+    if rows != cols:
+      raise ValueError(f"vit: the patch grid is {rows}x{cols} (image {self.image_hw[0]}x{self.image_hw[1]} px), not "
+                       "square; this path needs a square grid (vit.image_width unset)")
+    return rows
 
   @property
   def num_patches(self) -> int:
     """P: patches per frame/crop (729)."""
-    return self.grid * self.grid
+    rows, cols = self.grid_hw
+    return rows * cols
 
   @property
   def patch_dim(self) -> int:
@@ -106,10 +135,11 @@ class ViTConfig:
     return self.patch_size * self.patch_size * 3
 
   def validate(self):
-    if self.image_size % self.patch_size:
-      raise ValueError(f"vit.image_size {self.image_size} not divisible by patch_size {self.patch_size}")
-    if self.num_heads * self.head_dim != self.hidden_size:
-      raise ValueError("vit.num_heads * vit.head_dim must equal vit.hidden_size")
+    for name, size in (("image_size", self.image_size), ("image_width", self.image_hw[1])):
+      if size <= 0 or size % self.patch_size:
+        raise ValueError(f"vit.{name} {size} not a positive multiple of patch_size {self.patch_size}")
+    if self.kv_heads < 1 or self.num_heads % self.kv_heads:
+      raise ValueError(f"vit.num_heads {self.num_heads} must be a multiple of vit.num_kv_heads {self.kv_heads}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +151,18 @@ class AdapterConfig:
   intermediate_size: int = 9728             # projector hidden
   video_pool: tuple[int, int] = (3, 3)
   image_pool: tuple[int, int] = (2, 2)
+  num_kv_heads: Optional[int] = None        # pooling attention kv heads; None: = num_heads
+
+  @property
+  def kv_heads(self) -> int:
+    return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+
+  def validate(self):
+    if not self.vit_layers:
+      raise ValueError("adapter.vit_layers must name at least one ViT block")
+    if self.kv_heads < 1 or self.num_heads % self.kv_heads:
+      raise ValueError(
+          f"adapter.num_heads {self.num_heads} must be a multiple of adapter.num_kv_heads {self.kv_heads}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,15 +301,12 @@ class ModelConfig:
     self.vit.validate()
     self.llm.validate()
     self.stts.validate()
-    if not self.adapter.vit_layers:
-      raise ValueError("adapter.vit_layers must name at least one ViT block")
+    self.adapter.validate()
     for layer in self.adapter.vit_layers:
       if not 0 <= layer < self.vit.num_layers:
         raise ValueError(f"adapter.vit_layers entry {layer} outside [0, {self.vit.num_layers})")
-    if self.adapter.num_heads * self.adapter.head_dim != self.vit.hidden_size:
-      raise ValueError("adapter.num_heads * adapter.head_dim must equal vit.hidden_size")
-    if self.vit.grid % self.stts.window[0] or self.vit.grid % self.stts.window[1]:
-      raise ValueError(f"vit grid {self.vit.grid} not divisible by stts.window {self.stts.window}")
+    if self.stts.method != "none":
+      self._check_stts_grid()
     if tuple(self.stts.window) != tuple(self.adapter.video_pool):
       raise ValueError("stts.window must equal adapter.video_pool (a window becomes one LLM token)")
     if self.stts.method != "none" and self.stts.prune_at + 1 >= min(self.adapter.vit_layers):
@@ -287,9 +326,23 @@ class ModelConfig:
       raise ValueError(f"attention_block must be a positive multiple of 8, got {self.attention_block}")
     return self
 
+  def _check_stts_grid(self):
+    """STTS scores, prunes and packs whole windows of a square patch grid: the grid must be square and
+    tile exactly into `stts.window` windows. Unpruned models (method "none") accept any grid, as
+    transformers does (the pooling indices pad partial windows with -1)."""
+    rows, cols = self.vit.grid_hw
+    wh, ww = self.stts.window
+    if rows != cols or rows % wh or cols % ww:
+      raise ValueError(
+          f"STTS (stts.method={self.stts.method!r}) and the windowed video path work on whole {wh}x{ww} windows "
+          f"of a square patch grid, but the vit patch grid is {rows}x{cols} (image {self.vit.image_hw[0]}x"
+          f"{self.vit.image_hw[1]} px, patch {self.vit.patch_size}), which does not tile into stts.window "
+          f"{tuple(self.stts.window)}; such a model runs unpruned only (stts.method='none', Molmo2.__call__)")
+
   @property
   def windows_per_frame(self) -> int:
-    """W: LLM tokens per video frame (81)."""
+    """W: LLM tokens per video frame (81); needs a square grid that tiles into stts.window."""
+    self._check_stts_grid()
     return (self.vit.grid // self.stts.window[0]) * (self.vit.grid // self.stts.window[1])
 
 

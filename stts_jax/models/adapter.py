@@ -1,12 +1,13 @@
 """Molmo2 vision->language adapter: attention pooling over patch windows + SwiGLU projector.
 
 Parameter layout (HF `multi_modal_projector.*`; kernels are torch weights transposed):
-  image_pooling_2d.{q,k,v}_proj.kernel [C, N*H] ("adapter_in", "vit_heads"), bias [N*H] ("vit_heads",)
+  image_pooling_2d.q_proj.kernel       [C, N*H] ("adapter_in", "vit_heads"), bias [N*H] ("vit_heads",)
+  image_pooling_2d.{k,v}_proj.kernel   [C, K*H] ("adapter_in", "vit_heads"), bias [K*H] ("vit_heads",)
   image_pooling_2d.o_proj.kernel       [N*H, D] ("vit_heads", "vit_embed"), bias [D] ("vit_embed",)
   image_projector.{gate,up}_proj.kernel [D, F] ("vit_embed", "mlp")      (no biases)
   image_projector.down_proj.kernel      [F, E] ("mlp", "embed")
 C = len(vit_layers) * D (the concatenated ViT taps), D = ViT width, F = projector hidden,
-E = LLM width.
+E = LLM width; N heads of width H and K kv heads (`vit.VisionAttention`; N*H need not be D).
 """
 
 from collections.abc import Sequence
@@ -19,6 +20,7 @@ from jaxtyping import Array, Float, Int
 
 from stts_jax.config import AdapterConfig
 from stts_jax.models import layers
+from stts_jax.models import vit as vit_lib
 
 
 def concat_taps(taps: dict[int, Array], vit_layers: Sequence[int]) -> Float[Array, "*batch C"]:
@@ -34,15 +36,13 @@ class Adapter(nnx.Module):
 
   def __init__(self, cfg: AdapterConfig, *, vit_hidden: int, text_hidden: int, dtype=jnp.float32,
                param_dtype=jnp.float32, rngs: nnx.Rngs):
-    if cfg.num_heads * cfg.head_dim != vit_hidden:
-      raise ValueError(f"Adapter: num_heads*head_dim = {cfg.num_heads * cfg.head_dim} != vit_hidden {vit_hidden}")
     self.cfg = cfg
     self.dtype = dtype
     self.in_features = len(cfg.vit_layers) * vit_hidden
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.image_pooling_2d = layers.Attention(
-        self.in_features, cfg.num_heads, cfg.head_dim, vit_hidden, in_name="adapter_in",
-        heads_name="vit_heads", out_name="vit_embed", use_bias=True, **kw)
+    self.image_pooling_2d = vit_lib.VisionAttention(
+        self.in_features, cfg.num_heads, cfg.head_dim, vit_hidden, num_kv_heads=cfg.kv_heads,
+        in_name="adapter_in", heads_name="vit_heads", out_name="vit_embed", use_bias=True, **kw)
     self.image_projector = layers.SwiGLU(
         vit_hidden, cfg.intermediate_size, text_hidden, in_name="vit_embed", hidden_name="mlp",
         out_name="embed", **kw)

@@ -7,17 +7,19 @@ Parameter layout (names match the HF checkpoint modules; kernels are torch weigh
   positional_embedding       [P, D]  ("vit_pos", "vit_embed"); added to the embedded patches
   blocks.*  one pre-LN encoder block, stacked on a leading `L` axis ("layers") when scan_layers:
     layer_norm1.{scale,bias}             [D]      ("norm",)
-    self_attn.{q,k,v}_proj.kernel        [D, N*H] ("vit_embed", "vit_heads"); bias [N*H] ("vit_heads",)
+    self_attn.q_proj.kernel              [D, N*H] ("vit_embed", "vit_heads"); bias [N*H] ("vit_heads",)
+    self_attn.{k,v}_proj.kernel          [D, K*H] ("vit_embed", "vit_heads"); bias [K*H] ("vit_heads",)
     self_attn.o_proj.kernel              [N*H, D] ("vit_heads", "vit_embed"); bias [D] ("vit_embed",)
     layer_norm2.{scale,bias}             [D]      ("norm",)
     mlp.fc1.kernel [D, F] ("vit_embed", "vit_mlp"), bias [F] ("vit_mlp",)
     mlp.fc2.kernel [F, D] ("vit_mlp", "vit_embed"), bias [D] ("vit_embed",)
+  K kv heads (default N) serve N/K query heads each (transformers' `repeat_kv`); N*H need not be D.
   No final norm. Block l maps the output of block l-1 (or the embeddings for l = 0) to its output;
   HF `hidden_states[l + 1]` is the output of block l.
 """
 
 from collections.abc import Sequence
-from typing import Optional
+from typing import Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +47,59 @@ class ViTMLP(nnx.Module):
     return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
 
 
+class VisionAttention(nnx.Module):
+  """transformers' `Molmo2VisionAttention` (ViT self-attention and the adapter's pooling attention).
+
+  q_proj `[C, N*H]`, k_proj/v_proj `[C, K*H]` named `(in_name, heads_name)`, o_proj `[N*H, out]` named
+  `(heads_name, out_name)`; biases if `use_bias`. Query head n reads kv head n // (N/K) (`repeat_kv`),
+  scale `head_dim ** -0.5`, no positional encoding. `impl`/`block` select the attention
+  implementation for `AttentionMask` call sites (the ViT); dense masks (the adapter's few keys) always
+  use the einsum reference.
+  """
+
+  def __init__(self, in_features: int, num_heads: int, head_dim: int, out_features: int, *,
+               num_kv_heads: Optional[int] = None, in_name: Optional[str], heads_name: Optional[str],
+               out_name: Optional[str], use_bias: bool = True, dtype=jnp.float32, param_dtype=jnp.float32,
+               impl: str = "xla", block: int = attention_lib.DEFAULT_BLOCK, rngs: nnx.Rngs):
+    num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+    if num_kv_heads < 1 or num_heads % num_kv_heads:
+      raise ValueError(f"VisionAttention: {num_heads} heads not a multiple of {num_kv_heads} kv heads")
+    self.num_heads = num_heads
+    self.num_kv_heads = num_kv_heads
+    self.head_dim = head_dim
+    self.impl = impl
+    self.block = block
+    kw = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    names = (in_name, heads_name)
+    self.q_proj = layers.Linear(in_features, num_heads * head_dim, names=names, **kw)
+    self.k_proj = layers.Linear(in_features, num_kv_heads * head_dim, names=names, **kw)
+    self.v_proj = layers.Linear(in_features, num_kv_heads * head_dim, names=names, **kw)
+    self.o_proj = layers.Linear(num_heads * head_dim, out_features, names=(heads_name, out_name), **kw)
+
+  def __call__(self, x_bsc: Float[Array, "*batch Sq C"],
+               kv_bsc: Optional[Float[Array, "*batch Sk C"]] = None, *,
+               bias: Optional[Float[Array, "..."]] = None,
+               mask: Union[Bool[Array, "..."], attention_lib.AttentionMask, None] = None
+               ) -> Float[Array, "*batch Sq out"]:
+    """Self-attention over `x` (or cross-attention to `kv`).
+
+    With `mask` an `AttentionMask` (the ViT): `x` is `[B, S, C]`, `bias` a per-key bias `[B, S]`, and
+    the configured implementation runs. Otherwise bias/mask are dense, broadcastable to
+    `[*batch, N, Sq, Sk]` (`layers.dot_product_attention`).
+    """
+    kv_bsc = x_bsc if kv_bsc is None else kv_bsc
+    q = self.q_proj(x_bsc).reshape(*x_bsc.shape[:-1], self.num_heads, self.head_dim)
+    k = self.k_proj(kv_bsc).reshape(*kv_bsc.shape[:-1], self.num_kv_heads, self.head_dim)
+    v = self.v_proj(kv_bsc).reshape(*kv_bsc.shape[:-1], self.num_kv_heads, self.head_dim)
+    scale = self.head_dim ** -0.5
+    if isinstance(mask, attention_lib.AttentionMask):
+      out = attention_lib.attention(q, k, v, mask, scale=scale, key_bias=bias, impl=self.impl,
+                                    block_q=self.block, block_k=self.block)
+    else:
+      out = layers.dot_product_attention(q, k, v, scale=scale, bias=bias, mask=mask)
+    return self.o_proj(out.reshape(*out.shape[:-2], -1))
+
+
 class ViTBlock(nnx.Module):
   """Pre-LN encoder block: `h += o(attn(LN1 h))`, then `h += fc2(gelu(fc1(LN2 h)))`."""
 
@@ -52,9 +107,10 @@ class ViTBlock(nnx.Module):
                attention_block: int = attention_lib.DEFAULT_BLOCK, rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.layer_norm1 = layers.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, **kw)
-    self.self_attn = layers.Attention(
-        cfg.hidden_size, cfg.num_heads, cfg.head_dim, cfg.hidden_size, in_name="vit_embed",
-        heads_name="vit_heads", out_name="vit_embed", use_bias=True, impl=attention, block=attention_block, **kw)
+    self.self_attn = VisionAttention(
+        cfg.hidden_size, cfg.num_heads, cfg.head_dim, cfg.hidden_size, num_kv_heads=cfg.kv_heads,
+        in_name="vit_embed", heads_name="vit_heads", out_name="vit_embed", use_bias=True, impl=attention,
+        block=attention_block, **kw)
     self.layer_norm2 = layers.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, **kw)
     self.mlp = ViTMLP(cfg, **kw)
 

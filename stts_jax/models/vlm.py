@@ -89,15 +89,16 @@ class Molmo2(nnx.Module):
   def __call__(self, input_ids: Int[Array, "B S"], attention_mask: Shaped[Array, "B S"], *,
                pixel_values_videos: Optional[Float[Array, "N P I"]] = None,
                video_token_pooling: Optional[Int[Array, "Q K"]] = None,
-               pixel_values: Optional[Float[Array, "M C P I"]] = None,
+               pixel_values: Optional[Float[Array, "*crops P I"]] = None,
                image_token_pooling: Optional[Int[Array, "Q K"]] = None,
                position_ids: Optional[Int[Array, "B S"]] = None,
                vision_mask: Optional[Bool[Array, "B S"]] = None) -> Float[Array, "B S V"]:
     """HF-shaped forward -> logits `[B, S, V]`.
 
     pixel_values_videos `[N, P, I]` (all frames of all videos) with video_token_pooling `[Q, 9]`, or
-    pixel_values `[n_img, crops, P, I]` with image_token_pooling `[Q, 4]` (global patch indices,
-    -1 padding; every row must have a valid slot). position_ids default to `arange(S)`;
+    pixel_values with image_token_pooling `[Q, 4]` (global patch indices, -1 padding; every row must
+    have a valid slot). pixel_values is `[total_crops, P, I]` as the HF processor emits it (every
+    image's crops, images of different crop counts concatenated) or `[n_img, crops, P, I]`. position_ids default to `arange(S)`;
     vision_mask (HF `mm_token_type_ids == 1`) defaults to the ids in `tokens.vision_type_ids`.
     """
     if pixel_values is not None and pixel_values_videos is not None:
@@ -110,8 +111,11 @@ class Molmo2(nnx.Module):
     if pixel_values is not None:
       if image_token_pooling is None:
         raise ValueError("Molmo2: pixel_values needs image_token_pooling")
-      m, c, p, i = pixel_values.shape
-      features = self.vision_features(pixel_values.reshape(m * c, p, i), image_token_pooling)
+      if pixel_values.ndim not in (3, 4):
+        raise ValueError(f"Molmo2: pixel_values must be [crops, P, I] or [images, crops, P, I], got shape "
+                         f"{pixel_values.shape}")
+      crops_npi = pixel_values.reshape(-1, *pixel_values.shape[-2:])
+      features = self.vision_features(crops_npi, image_token_pooling)
       embeds = self.merge_vision(embeds, input_ids, features)
     positions = default_positions(attention_mask) if position_ids is None else position_ids
     vision = self.vision_mask(input_ids) if vision_mask is None else vision_mask
@@ -130,7 +134,7 @@ def with_attention(model: Molmo2, attention: str, block: Optional[int] = None) -
   block = model.config.attention_block if block is None else block
   out.config = dataclasses.replace(model.config, attention=attention, attention_block=block).validate()
   for _, node in nnx.iter_graph(out):
-    # ViT attention (layers.Attention) and LLM attention (llm.Attention) carry `impl`; the adapter's and
+    # ViT attention (vit.VisionAttention) and LLM attention (llm.Attention) carry `impl`; the adapter's and
     # scorer's pooling over a few keys always use the dense einsum and ignore it.
     if isinstance(node, nnx.Module) and hasattr(node, "impl") and hasattr(node, "block"):
       node.impl, node.block = attention, block

@@ -4,7 +4,8 @@ Accepted keys (numpy arrays or anything `np.asarray` takes, e.g. CPU torch tenso
   input_ids [B, S], attention_mask [B, S] (default ones), position_ids [B, S] (default arange(S) as
   HF forward), mm_token_type_ids [B, S] (value 1 = vision block; default: derived from input_ids like
   the HF processor), pixel_values_videos [N, P, 588] + video_token_pooling [Q, 9], pixel_values
-  [n_img, crops, P, 588] + image_token_pooling [Q, 4].
+  + image_token_pooling [Q, 4], where pixel_values is [total_crops, P, 588] as the HF image processor
+  emits it (images of different crop counts concatenated) or [n_img, crops, P, 588].
 Accepted and not needed by the computation: video_grids, image_grids, image_num_crops, labels,
 use_cache, logits_to_keep=0, return_dict. Unknown keys raise, as do inputs_embeds / past_key_values.
 Pooling rows without any valid index are dropped (HF drops their features too) and the number of
