@@ -141,6 +141,35 @@ def test_adapter_matches_transformers(kind):
 
 
 @pytest.mark.parity
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 1, 24), (4, 2, 4)], ids=["mqa_wide", "gqa_narrow"])
+def test_adapter_attention_variations_match_transformers(heads, kv_heads, head_dim):
+  """Pooling attention with fewer kv heads than heads and heads x head_dim != ViT width (96 and 16 vs
+  32), as transformers' adapter config allows; image pooling with -1 padding. fp32, <= 1e-5."""
+  pytest.importorskip("transformers")
+  import dataclasses
+  import torch
+  from transformers.models.molmo2.configuration_molmo2 import Molmo2AdapterConfig
+  from transformers.models.molmo2.modeling_molmo2 import Molmo2Adapter
+  hf_vision = _hf_helpers()
+  cfg = dataclasses.replace(CFG.adapter, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim)
+  hf_cfg = Molmo2AdapterConfig(
+      vision_feature_layer=list(cfg.vit_layers), hidden_size=CFG.vit.hidden_size, num_attention_heads=heads,
+      num_key_value_heads=kv_heads, head_dim=head_dim, intermediate_size=cfg.intermediate_size,
+      text_hidden_size=CFG.llm.hidden_size, attn_implementation="eager")
+  hf = hf_vision.randomize_(Molmo2Adapter(hf_cfg), seed=1, std=0.15)
+  ours = adapter_lib.Adapter(cfg, vit_hidden=CFG.vit.hidden_size, text_hidden=CFG.llm.hidden_size, rngs=nnx.Rngs(5))
+  assert ours.image_pooling_2d.k_proj.kernel.get_value().shape == (64, kv_heads * head_dim)
+  hf_vision.load_adapter_from_torch(ours, hf)
+  idx = image_pool_idx(2)
+  feats = _features(2, seed=3)
+  with torch.no_grad():
+    ref = hf(torch.from_numpy(np.array(feats)), torch.from_numpy(idx).long()).last_hidden_state.numpy()
+  got = ours(feats, jnp.asarray(idx))
+  assert float(np.abs(ref).max()) > 0.3
+  np.testing.assert_allclose(got, ref, atol=TOL, rtol=0)
+
+
+@pytest.mark.parity
 def test_vit_taps_adapter_chain_matches_transformers():
   """HF vision tower -> concat(hidden_states[l+1] for l in vit_layers) -> adapter, vs ours end to end."""
   pytest.importorskip("transformers")

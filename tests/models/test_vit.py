@@ -238,6 +238,57 @@ def test_hidden_states_match_transformers(cfg, scan_layers):
     np.testing.assert_allclose(taps[l], ref, atol=TOL, rtol=0, err_msg=f"block {l}")
 
 
+def test_vision_config_variations():
+  """kv heads < heads, heads x head_dim != hidden, non-square images (transformers allows all three)."""
+  import dataclasses
+  from stts_jax import config as config_lib
+  cfg = config_lib.ViTConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                             head_dim=12, patch_size=14, image_size=56, image_width=84)
+  assert cfg.grid_hw == (4, 6) and cfg.num_patches == 24 and cfg.kv_heads == 2 and cfg.image_hw == (56, 84)
+  with pytest.raises(ValueError, match="4x6.*not square"):
+    cfg.grid
+  vit = nnx.eval_shape(lambda: vit_lib.VisionTransformer(cfg, rngs=nnx.Rngs(0)))
+  shapes = {p: v.get_value().shape for p, v in nnx.to_flat_state(nnx.state(vit, nnx.Param))}
+  assert shapes[("blocks", "self_attn", "q_proj", "kernel")] == (2, 32, 48)
+  assert shapes[("blocks", "self_attn", "k_proj", "kernel")] == (2, 32, 24)
+  assert shapes[("blocks", "self_attn", "o_proj", "kernel")] == (2, 48, 32)
+  assert shapes[("positional_embedding",)] == (24, 32)
+  with pytest.raises(ValueError, match="vit.num_heads 4 must be a multiple of vit.num_kv_heads 3"):
+    dataclasses.replace(cfg, num_kv_heads=3).validate()
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("heads,kv_heads,head_dim,image_hw", [
+    (4, 2, 12, (56, 84)),      # GQA, 48 != 32 wide, non-square 4x6 grid
+    (2, 1, 24, (70, 70)),      # MQA, 48 != 32 wide, 5x5 grid
+], ids=["gqa_nonsquare", "mqa_5x5"])
+def test_vision_variations_match_transformers(heads, kv_heads, head_dim, image_hw):
+  """transformers' Molmo2VisionModel with the variations its config allows, every block <= 1e-5."""
+  pytest.importorskip("transformers")
+  import torch
+  from transformers.models.molmo2.configuration_molmo2 import Molmo2VisionConfig
+  from transformers.models.molmo2.modeling_molmo2 import Molmo2VisionModel
+  from stts_jax import config as config_lib
+  from tests.models import hf_vision
+  cfg = config_lib.ViTConfig(hidden_size=32, intermediate_size=64, num_layers=3, num_heads=heads,
+                             num_kv_heads=kv_heads, head_dim=head_dim, patch_size=14, image_size=image_hw[0],
+                             image_width=image_hw[1])
+  hf_cfg = Molmo2VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=heads,
+                              num_key_value_heads=kv_heads, head_dim=head_dim, image_size=list(image_hw),
+                              patch_size=14, attn_implementation="eager")
+  assert hf_cfg.num_position_embeddings == cfg.num_patches
+  hf = hf_vision.randomize_(Molmo2VisionModel(hf_cfg), seed=0)
+  ours = vit_lib.VisionTransformer(cfg, rngs=nnx.Rngs(0))
+  hf_vision.load_vit_from_torch(ours, hf)
+  torch.manual_seed(2)
+  pixels = torch.rand(3, cfg.num_patches, cfg.patch_dim) * 2 - 1
+  with torch.no_grad():
+    hidden = hf(pixels, output_hidden_states=True).hidden_states
+  taps = forward(ours, jnp.asarray(pixels.numpy()), taps=tuple(range(cfg.num_layers)))
+  for l in range(cfg.num_layers):
+    np.testing.assert_allclose(taps[l], hidden[l + 1].numpy(), atol=TOL, rtol=0, err_msg=f"block {l}")
+
+
 @pytest.mark.multidevice
 def test_sharded_run_matches_unsharded(model, patches):
   """Params placed by the logical-name rules on a 2x2x2 mesh, activations constrained: same numbers."""

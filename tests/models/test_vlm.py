@@ -86,6 +86,9 @@ def test_forward_equals_pieces(model):
   as_image = nnx.jit(lambda m, i, a, x, p: m(i, a, pixel_values=x[None], image_token_pooling=p))(
       model, ids, mask, pixels, pool)
   np.testing.assert_allclose(np.asarray(as_image), np.asarray(logits), atol=1e-6)
+  # ... and [total_crops, P, I], the layout transformers' image processor emits
+  flat = nnx.jit(lambda m, i, a, x, p: m(i, a, pixel_values=x, image_token_pooling=p))(model, ids, mask, pixels, pool)
+  np.testing.assert_allclose(np.asarray(flat), np.asarray(logits), atol=1e-6)
   # the features matter: other pixels, other logits at and after the first patch token
   other = _video_logits(model, ids, mask, -pixels, pool)
   assert np.abs(np.asarray(other) - np.asarray(logits))[0, 3:].max() > 1e-3
@@ -99,3 +102,27 @@ def test_bad_inputs(model):
           image_token_pooling=pool)
   with pytest.raises(ValueError, match="needs video_token_pooling"):
     model(ids, mask, pixel_values_videos=pixels)
+  with pytest.raises(ValueError, match=r"pixel_values must be \[crops, P, I\] or \[images, crops, P, I\]"):
+    model(ids, mask, pixel_values=pixels[None, None], image_token_pooling=pool)
+
+
+def test_grids_stts_cannot_window_need_method_none():
+  """Any patch grid builds unpruned (transformers pads the pooling windows); STTS, which scores and
+  packs whole windows, refuses a grid that does not tile into them, naming the grid and the window."""
+  import dataclasses
+  from stts_jax import config as config_lib
+  for vit in (dataclasses.replace(CFG.vit, image_size=70),                        # 5x5
+              dataclasses.replace(CFG.vit, image_size=56, image_width=84)):       # 4x6
+    unpruned = dataclasses.replace(CFG, vit=vit).validate()
+    assert unpruned.stts.method == "none"
+    for method in ("stts", "heuristic", "random"):
+      pruned = dataclasses.replace(CFG, vit=vit, stts=dataclasses.replace(CFG.stts, method=method))
+      rows, cols = vit.grid_hw
+      with pytest.raises(ValueError, match=rf"method='{method}'.*patch grid is {rows}x{cols} .*stts.window \(3, 3\)"):
+        pruned.validate()
+    with pytest.raises(ValueError, match="does not tile"):
+      unpruned.windows_per_frame          # the windowed (STTS) video path
+  # a square grid that tiles still prunes
+  assert dataclasses.replace(CFG, stts=dataclasses.replace(CFG.stts, method="stts")).validate().windows_per_frame == 9
+  with pytest.raises(ValueError, match="not a positive multiple of patch_size"):
+    config_lib.ViTConfig(image_size=126, image_width=130, patch_size=14).validate()

@@ -1,11 +1,15 @@
 """Test helper: tiny random transformers Molmo2 models and HF-style inputs built by hand.
 
-No HF processor (it needs torchvision): pixel arrays are random in [-1, 1], pooling indices follow the
-processor's layout (global indices, row-major windows, -1 padding), token layouts follow the prompt
-format (timestamps, frame markers, `<im_patch>` runs, ChatML text).
+Hand-built inputs: pixel arrays are random in [-1, 1], pooling indices follow the processor's layout
+(global indices, row-major windows, -1 padding split pad // 2 before and the rest after, as
+transformers' `arange_for_pooling`), token layouts follow the prompt format (timestamps, frame
+markers, `<im_patch>` runs, ChatML text). `processor_image_inputs` instead runs transformers' own
+Molmo2 processor on images of different crop counts (torchvision-free resize, as `tests/data/hf.py`).
 """
 
 import dataclasses
+import importlib
+import os
 from typing import Optional
 
 import numpy as np
@@ -15,8 +19,6 @@ from stts_jax.testing import tiny
 
 V = tiny.TINY_VOCAB
 TOK = tiny.tiny_model_config().tokens
-GRID = 9            # 126 px / 14 px
-P = GRID * GRID
 PATCH_DIM = 14 * 14 * 3
 
 
@@ -36,6 +38,20 @@ class Case:
   left_pad: int = 0                          # padding tokens before row 0 (batch > 1)
   pad_pool: bool = False                     # put -1 slots into the video pooling
   pass_types: bool = True                    # give mm_token_type_ids to molmo2_logits
+  # vision variations (None: the tiny config's value)
+  image_hw: tuple[int, int] = (126, 126)     # vision_config.image_size [height, width]
+  vit_kv_heads: Optional[int] = None
+  vit_heads: Optional[int] = None
+  vit_head_dim: Optional[int] = None
+  adapter_kv_heads: Optional[int] = None
+  adapter_heads: Optional[int] = None
+  adapter_head_dim: Optional[int] = None
+  crops: tuple[int, ...] = (3,)              # image media: crops (1 low-res + high-res) of row b's image
+  flat_pixels: bool = False                  # image media: pixel_values [total_crops, P, I] (processor layout)
+
+  @property
+  def grid_hw(self) -> tuple[int, int]:
+    return self.image_hw[0] // 14, self.image_hw[1] // 14
 
 
 CASES = (
@@ -50,6 +66,16 @@ CASES = (
     Case("olmo_llama3_text", qk_norm_type="olmo",
          rope={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 32}, media="text", batch=2, left_pad=3),
+    # Host generality (issue 21). ViT: 4 heads x 12 = 48 != 32 wide, 2 kv heads; adapter: 4 heads x 24
+    # = 96, 1 kv head; a 5x5 grid under 3x3 video pooling (windows padded with -1).
+    Case("vit_adapter_gqa_headdim_5x5_video", image_hw=(70, 70), vit_heads=4, vit_kv_heads=2, vit_head_dim=12,
+         adapter_heads=4, adapter_kv_heads=1, adapter_head_dim=24, frames=3, batch=2, left_pad=2),
+    # Non-square image_size [56, 84]: a 4x6 grid, rows padded by the 3x3 video pooling.
+    Case("nonsquare_4x6_video", image_hw=(56, 84), frames=4),
+    # Non-square 5x6 grid under 2x2 image pooling; two images of 3 and 2 crops, pixel_values
+    # [total_crops, P, I] as the processor emits them; ViT multi-query attention (1 kv head).
+    Case("nonsquare_5x6_images_flat_mqa", image_hw=(70, 84), vit_kv_heads=1, media="image", batch=2,
+         crops=(3, 2), flat_pixels=True, left_pad=3),
 )
 
 
@@ -65,14 +91,16 @@ def hf_config(case: Case):
               max_position_embeddings=128)
   if case.rope_scaling_layers is not None:
     text["rope_scaling_layers"] = case.rope_scaling_layers
+  vit_heads, ad_heads = case.vit_heads or vit.num_heads, case.adapter_heads or ad.num_heads
   return Molmo2Config(
       vision_config=dict(hidden_size=vit.hidden_size, intermediate_size=vit.intermediate_size,
-                         num_hidden_layers=vit.num_layers, num_attention_heads=vit.num_heads,
-                         num_key_value_heads=vit.num_heads, head_dim=vit.head_dim,
-                         image_size=[vit.image_size, vit.image_size], patch_size=vit.patch_size),
+                         num_hidden_layers=vit.num_layers, num_attention_heads=vit_heads,
+                         num_key_value_heads=case.vit_kv_heads or vit_heads,
+                         head_dim=case.vit_head_dim or vit.head_dim,
+                         image_size=list(case.image_hw), patch_size=vit.patch_size),
       adapter_config=dict(vision_feature_layer=list(ad.vit_layers), hidden_size=vit.hidden_size,
-                          num_attention_heads=ad.num_heads, num_key_value_heads=ad.num_heads,
-                          head_dim=ad.head_dim, intermediate_size=ad.intermediate_size,
+                          num_attention_heads=ad_heads, num_key_value_heads=case.adapter_kv_heads or ad_heads,
+                          head_dim=case.adapter_head_dim or ad.head_dim, intermediate_size=ad.intermediate_size,
                           text_hidden_size=llm.hidden_size),
       text_config=text, image_start_token_id=TOK.image_start, image_end_token_id=TOK.image_end,
       image_patch_id=TOK.image_patch, low_res_image_start_token_id=TOK.low_res_image_start,
@@ -99,20 +127,27 @@ def _text(rng, n):
   return list(rng.integers(0, V - 3, size=n))
 
 
-def _video_tokens(rng, frames):
+def pool_windows(index_grid: np.ndarray, pool_h: int, pool_w: int) -> tuple[np.ndarray, int, int]:
+  """[h, w] patch-index grid (-1: none) -> pooling rows [rows*cols, pool_h*pool_w] and (rows, cols): padded
+  with -1 to whole windows, pad // 2 before and the rest after in each axis (the processor's rule)."""
+  h, w = index_grid.shape
+  ph, pw = -h % pool_h, -w % pool_w
+  grid = np.pad(index_grid, ((ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2)), constant_values=-1)
+  rows, cols = grid.shape[0] // pool_h, grid.shape[1] // pool_w
+  return grid.reshape(rows, pool_h, cols, pool_w).transpose(0, 2, 1, 3).reshape(rows * cols, -1), rows, cols
+
+
+def _video_tokens(rng, frames, tokens_per_frame):
   ids = [TOK.chat_end]
   for t in range(frames):
-    ids += _text(rng, 2) + [TOK.frame_start] + [TOK.image_patch] * 9 + [TOK.frame_end]
+    ids += _text(rng, 2) + [TOK.frame_start] + [TOK.image_patch] * tokens_per_frame + [TOK.frame_end]
   return ids + [TOK.chat_start] + _text(rng, 5) + [TOK.chat_end, TOK.chat_start] + _text(rng, 2)
 
 
-def _video_pooling(frames, offset, rng, pad):
-  rows = []
-  for t in range(frames):
-    for wr in range(3):
-      for wc in range(3):
-        rows.append([offset + t * P + (3 * wr + dy) * GRID + 3 * wc + dx for dy in range(3) for dx in range(3)])
-  pool = np.asarray(rows, np.int64)
+def _video_pooling(frames, offset, rng, pad, grid_hw):
+  gh, gw = grid_hw
+  frame, _, _ = pool_windows(np.arange(gh * gw).reshape(gh, gw), 3, 3)
+  pool = np.concatenate([np.where(frame >= 0, frame + offset + t * gh * gw, -1) for t in range(frames)])
   if pad:  # knock out some slots (never a whole row), as the processor does at image borders
     holes = rng.random(pool.shape) < 0.3
     holes[:, 4] = False
@@ -120,20 +155,15 @@ def _video_pooling(frames, offset, rng, pad):
   return pool
 
 
-def _image_pooling(crops):
-  """Low-res view (crop 0): 9x9 padded to 10x10, 2x2 pooling -> 5x5 = 25 tokens, pad 0 before / 1 after;
-  high-res: crops 1..crops-1 side by side as a 9 x 9*(crops-1) grid, padded to 10 x ..., 2x2 pooling."""
-  def pool_grid(h, w, index):
-    ph, pw = -(-h // 2) * 2, -(-w // 2) * 2
-    rows = []
-    for r in range(0, ph, 2):
-      for c in range(0, pw, 2):
-        rows.append([index(r + dy, c + dx) if r + dy < h and c + dx < w else -1 for dy in range(2) for dx in range(2)])
-    return rows, ph // 2, pw // 2
-  low, lh, lw = pool_grid(GRID, GRID, lambda r, c: r * GRID + c)
-  hw = GRID * (crops - 1)
-  high, hh, hw2 = pool_grid(GRID, hw, lambda r, c: (1 + c // GRID) * P + r * GRID + c % GRID)
-  return np.asarray(low + high, np.int64), (lh, lw, hh, hw2)
+def _image_pooling(crops, grid_hw):
+  """Crop 0 = the low-res view, 2x2 pooling over its grid; crops 1..crops-1 = high-res crops side by side
+  (one gh x gw*(crops-1) grid), 2x2 pooling. Indices local to this image; grids (lh, lw, hh, hw)."""
+  gh, gw = grid_hw
+  p = gh * gw
+  low, lh, lw = pool_windows(np.arange(p).reshape(gh, gw), 2, 2)
+  r, c = np.meshgrid(np.arange(gh), np.arange(gw * (crops - 1)), indexing="ij")
+  high, hh, hw = pool_windows((1 + c // gw) * p + r * gw + c % gw, 2, 2)
+  return np.concatenate([low, high]).astype(np.int64), (lh, lw, hh, hw)
 
 
 def _image_tokens(rng, grids):
@@ -148,22 +178,32 @@ def make_inputs(case: Case, seed: int = 0) -> dict[str, np.ndarray]:
   """HF forward inputs (numpy) for `case`; left padding on row 0 when `left_pad`."""
   rng = np.random.default_rng(seed)
   rows, out = [], {}
+  gh, gw = case.grid_hw
+  p = gh * gw
   if case.media == "video":
     pools = []
     for b in range(case.batch):
-      rows.append(_video_tokens(rng, case.frames))
-      pools.append(_video_pooling(case.frames, b * case.frames * P, rng, case.pad_pool))
-    out["pixel_values_videos"] = rng.uniform(-1, 1, (case.batch * case.frames, P, PATCH_DIM)).astype(np.float32)
+      rows.append(_video_tokens(rng, case.frames, -(-gh // 3) * -(-gw // 3)))
+      pools.append(_video_pooling(case.frames, b * case.frames * p, rng, case.pad_pool, case.grid_hw))
+    out["pixel_values_videos"] = rng.uniform(-1, 1, (case.batch * case.frames, p, PATCH_DIM)).astype(np.float32)
     out["video_token_pooling"] = np.concatenate(pools)
-    out["video_grids"] = np.asarray([[case.frames, 3, 3]] * case.batch)
+    out["video_grids"] = np.asarray([[case.frames, -(-gh // 3), -(-gw // 3)]] * case.batch)
   elif case.media == "image":
-    crops = 3
-    pool, grids = _image_pooling(crops)
-    rows = [_image_tokens(rng, grids) for _ in range(case.batch)]
-    out["pixel_values"] = rng.uniform(-1, 1, (case.batch, crops, P, PATCH_DIM)).astype(np.float32)
-    out["image_token_pooling"] = np.concatenate([pool + b * crops * P for b in range(case.batch)])
-    out["image_grids"] = np.asarray([grids] * case.batch)
-    out["image_num_crops"] = np.asarray([crops] * case.batch)
+    crops = [case.crops[b % len(case.crops)] for b in range(case.batch)]
+    if not case.flat_pixels and len(set(crops)) > 1:
+      raise ValueError(f"{case.name}: [images, crops, P, I] needs one crop count")
+    pools, grids, offset = [], [], 0
+    for n in crops:
+      pool, grid = _image_pooling(n, case.grid_hw)
+      pools.append(np.where(pool >= 0, pool + offset, -1))
+      grids.append(grid)
+      rows.append(_image_tokens(rng, grid))
+      offset += n * p
+    pixels = rng.uniform(-1, 1, (sum(crops), p, PATCH_DIM)).astype(np.float32)
+    out["pixel_values"] = pixels if case.flat_pixels else pixels.reshape(case.batch, crops[0], p, PATCH_DIM)
+    out["image_token_pooling"] = np.concatenate(pools)
+    out["image_grids"] = np.asarray(grids)
+    out["image_num_crops"] = np.asarray(crops)
   else:
     rows = [[TOK.chat_end] + _text(rng, 14) for _ in range(case.batch)]
   rows = [r + _text(rng, case.left_pad if b else 0) for b, r in enumerate(rows)]  # row 0 shorter
@@ -173,6 +213,53 @@ def make_inputs(case: Case, seed: int = 0) -> dict[str, np.ndarray]:
   out["input_ids"], out["attention_mask"] = ids, mask
   out["mm_token_type_ids"] = np.isin(ids, TOK.vision_type_ids).astype(np.int64)
   return out
+
+
+def image_processor(**kwargs):
+  """transformers' `Molmo2ImageProcessor` with its torchvision calls replaced (test only): bilinear
+  `F.interpolate` (antialias off, as Molmo2 resizes), (x - mean) / std, and no grayscale/RGBA
+  conversion (inputs are RGB). Tiling, crops, patchify and pooling indices are transformers' code."""
+  ip = importlib.import_module("transformers.models.molmo2.image_processing_molmo2")
+
+  class _ImageProcessor(ip.Molmo2ImageProcessor):
+    def resize(self, image, size, resample=None, antialias=False, **kw):
+      import torch.nn.functional as F
+      assert not antialias
+      return F.interpolate(image, size=(size.height, size.width), mode="bilinear", align_corners=False,
+                           antialias=False)
+
+    def normalize(self, image, mean, std, inplace=False, **kw):
+      mean = torch.as_tensor(mean, dtype=image.dtype).view(-1, 1, 1)
+      std = torch.as_tensor(std, dtype=image.dtype).view(-1, 1, 1)
+      return (image - mean) / std
+
+    def convert_to_rgb(self, image, input_data_format=None):
+      assert image.shape[0] == 3, image.shape
+      return image
+
+  return _ImageProcessor(**kwargs)
+
+
+# (height, width) of each image -> 3, 4 and 2 crops at 126 px crops, max_crops 4, overlap margins [1, 1].
+PROCESSOR_IMAGES = (((100, 150), (250, 120)), ((60, 60),))
+
+
+def processor_image_inputs(directory: str, seed: int = 0) -> dict[str, np.ndarray]:
+  """transformers' Molmo2Processor (tiny tokenizer, tiny 126 px crops) on a batch of two prompts: row 0
+  with two images, row 1 with one, each image a different crop count. Returns every array it emits
+  (input_ids, attention_mask, mm_token_type_ids, pixel_values [total_crops, P, I],
+  image_token_pooling, image_grids, image_num_crops)."""
+  from stts_jax.data import default_dataset
+  from tests.data import hf
+  path = os.path.join(directory, "tokenizer.json")
+  default_dataset.build_tokenizer(TOK).save(path)
+  proc = hf.processor(path)
+  proc.image_processor = image_processor(size={"height": 126, "width": 126}, max_crops=4, overlap_margins=[1, 1])
+  rng = np.random.default_rng(seed)
+  images = [[rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in row] for row in PROCESSOR_IMAGES]
+  text = ["<|image|>" * len(row) + "what is it" for row in PROCESSOR_IMAGES]
+  out = proc(text=text, images=images, return_tensors="np", padding=True)
+  return {k: np.asarray(v) for k, v in out.items()}
 
 
 def hf_logits(model, inputs: dict[str, np.ndarray]) -> np.ndarray:

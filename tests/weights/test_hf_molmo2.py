@@ -1,12 +1,17 @@
 """Checkpoint import/export against transformers' Molmo2 on tiny random models (fp32, eager).
 
 Every case: build a random HF model, `save_pretrained` (hub layout), `load_molmo2`, compare logits
-with HF forward on hand-built inputs (videos with >= 3 frames, an image with crops, text only).
+with HF forward on hand-built inputs (videos with >= 3 frames, an image with crops, text only). The
+host-generality cases (issue 21) vary the vision side as transformers allows: kv heads < heads and
+heads x head_dim != hidden in the ViT and the adapter, non-square `image_size`, patch grids the
+pooling windows do not tile (5x5, 4x6, 5x6), pixel_values `[total_crops, P, I]` with images of
+different crop counts; plus transformers' own image processor output, and configs it rejects.
 """
 
 import dataclasses
 import json
 import os
+import re
 import shutil
 
 import jax
@@ -265,3 +270,96 @@ def test_scorer_fresh_init_and_round_trip(base, tmp_path, monkeypatch):
   after = _params(again)
   for path, value in _params(model).items():
     np.testing.assert_array_equal(after[path], value, err_msg=str(path))
+
+
+# ----------------------------------------------------------------------------------------------
+# host generality (issue 21)
+# ----------------------------------------------------------------------------------------------
+def test_stts_refuses_a_grid_only_when_asked_to_prune(case_run):
+  """Loaded unpruned above; STTS (any pruning method) refuses grids it cannot cut into its windows."""
+  model, case = case_run["model"], case_run["case"]
+  rows, cols = model.config.vit.grid_hw
+  if rows == cols and rows % 3 == 0:
+    pytest.skip("the grid tiles into 3x3 windows")
+  assert model.config.stts.method == "none"
+  for method in ("stts", "heuristic", "random"):
+    stts = config_lib.STTSConfig(method=method, prune_at=1, scorer_hidden=64, scorer_heads=2)
+    with pytest.raises(ValueError, match=rf"patch grid is {rows}x{cols} .*does not tile into stts.window \(3, 3\)"):
+      weights.load_molmo2(case_run["ckpt"], stts=stts)
+  with pytest.raises(ValueError, match="does not tile into stts.window"):
+    model.config.windows_per_frame      # the windowed video path needs whole windows too
+
+
+def test_pool_windows_is_transformers_arange_for_pooling():
+  """The hand-built pooling indices pad partial windows exactly as the processor does."""
+  ip = pytest.importorskip("transformers.models.molmo2.image_processing_molmo2")
+  for h, w, ph, pw in ((5, 5, 3, 3), (4, 6, 3, 3), (5, 6, 2, 2), (9, 9, 2, 2), (9, 9, 3, 3), (7, 4, 3, 2)):
+    grid = np.arange(h * w).reshape(h, w)
+    ours = cases.pool_windows(grid, ph, pw)
+    theirs = ip.arange_for_pooling(torch.from_numpy(grid), ph, pw)
+    np.testing.assert_array_equal(ours[0], theirs[0].numpy())
+    assert ours[1:] == theirs[1:]
+
+
+def test_processor_images_with_different_crop_counts(base, tmp_path):
+  """transformers' Molmo2Processor output as is: three images of 3, 4 and 2 crops (two in row 0, one in
+  row 1), pixel_values [total_crops, P, 588], global pooling indices, its input_ids and mm_token_type_ids."""
+  inputs = cases.processor_image_inputs(str(tmp_path))
+  assert inputs["pixel_values"].ndim == 3 and inputs["image_num_crops"].tolist() == [3, 4, 2]
+  assert inputs["pixel_values"].shape[0] == inputs["image_num_crops"].sum()
+  ref = cases.hf_logits(base["hf"], inputs)
+  ours = weights.molmo2_logits(weights.load_molmo2(base["ckpt"]), **inputs)
+  valid = cases.valid_positions(inputs)
+  err = np.abs(ours - ref)[valid].max()
+  print(f"processor images (crops 3, 4, 2): max |logit diff| = {err:.2e}")
+  assert err <= TOL
+
+
+def _hf_dict(**sections):
+  """A transformers-layout config dict of the base case with `sections` merged into its sub-configs."""
+  d = cases.hf_config(cases.CASES[0]).to_dict()
+  for key, update in sections.items():
+    d[key] = {**d[key], **update} if isinstance(d.get(key), dict) else update
+  return d
+
+
+# (sub-config updates, the field our error must name, whether transformers rejects the config itself)
+_BAD_CONFIGS = (
+    (dict(adapter_config={"vision_feature_layer": [6, 3]}), "adapter_config.vision_feature_layer", True),
+    (dict(text_config={"qk_norm_type": "rms"}), "text_config.qk_norm_type", True),
+    (dict(text_config={"additional_vocab_size": -1}), "text_config.additional_vocab_size", True),
+    (dict(vision_config={"image_size": 126}), "vision_config.image_size", True),
+    (dict(vision_config={"hidden_size": "32"}), "vision_config.hidden_size", True),
+    (dict(adapter_config={"num_attention_heads": 4, "num_key_value_heads": 3}),
+     "adapter_config.num_key_value_heads", False),      # transformers builds it, its forward fails
+    (dict(vision_config={"num_attention_heads": 2, "num_key_value_heads": 4}),
+     "vision_config.num_key_value_heads", False),
+)
+
+
+@pytest.mark.parametrize("update,field,hf_rejects", _BAD_CONFIGS, ids=[b[1] for b in _BAD_CONFIGS])
+def test_rejected_configs_name_the_field(update, field, hf_rejects):
+  from transformers import Molmo2Config
+  d = _hf_dict(**update)
+  if hf_rejects:
+    with pytest.raises(Exception, match=field.split(".")[-1]):
+      Molmo2Config(**d)
+  with pytest.raises(ValueError, match=rf"config.json: .*{re.escape(field)}"):
+    hf_config.from_hf_config(d)
+
+
+def test_vision_config_variations_read_as_transformers():
+  """Non-square image_size, kv heads, any head_dim: read, and written back the same for transformers."""
+  from transformers import Molmo2Config
+  case = cases.CASES[[c.name for c in cases.CASES].index("nonsquare_5x6_images_flat_mqa")]
+  d = cases.hf_config(case).to_dict()
+  cfg = hf_config.from_hf_config(d)
+  assert cfg.vit.grid_hw == (5, 6) and cfg.vit.num_patches == 30 and cfg.vit.kv_heads == 1
+  with pytest.raises(ValueError, match="5x6.*not square"):
+    cfg.vit.grid
+  back = Molmo2Config(**{k: v for k, v in hf_config.to_hf_config(cfg).items() if k != hf_config.STTS_KEY})
+  assert back.vision_config.image_size == [70, 84] and back.vision_config.num_key_value_heads == 1
+  assert back.vision_config.num_position_embeddings == 30
+  # transformers floors image_size to whole patches when it counts positions; so do we
+  floored = hf_config.from_hf_config(_hf_dict(vision_config={"image_size": [130, 140], "num_position_embeddings": None}))
+  assert floored.vit.grid_hw == (9, 10) and floored.vit.image_hw == (126, 140)
