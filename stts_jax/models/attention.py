@@ -244,8 +244,16 @@ def dense_attention(
   if n % k:
     raise ValueError(f"attention: {n} query heads not a multiple of {k} kv heads")
   g = n // k
-  q_bskgh = q_bsnh.reshape(*q_bsnh.shape[:-2], k, g, h)
-  logits = jnp.einsum("...qkgh,...skh->...kgqs", q_bskgh, k_bskh,
+  sq = q_bsnh.shape[-3]
+  # Heads-major operands ([*B, K, G, Sq, H], [*B, K, Sk, H]; small transposes): both dots are then plain
+  # batched matmuls whose [Sq, Sk] operand/result is row-major in the layout the softmax reads. With
+  # sequence-major operands XLA:CPU computed the scores as [K, Sk, Sq*G] and inserted two full
+  # [B, N, Sq, Sk] transposing copies per call (around the mask select and before the PV dot), which
+  # cost several times the dots themselves at a few thousand tokens.
+  q_bkgqh = jnp.moveaxis(q_bsnh.reshape(*q_bsnh.shape[:-2], k, g, h), -4, -2)
+  k_bksh = jnp.swapaxes(k_bskh, -3, -2)
+  v_bksh = jnp.swapaxes(v_bskh, -3, -2)
+  logits = jnp.einsum("...kgqh,...ksh->...kgqs", q_bkgqh, k_bksh,
                       preferred_element_type=jnp.float32)
   logits = logits.reshape(*logits.shape[:-4], n, *logits.shape[-2:]) * scale   # [*B, N, Sq, Sk]
   if bias is not None:
@@ -258,8 +266,9 @@ def dense_attention(
     probs = jnp.where(mask, probs, 0.0)
   probs = probs.astype(v_bskh.dtype)
   probs_bkgqs = probs.reshape(*probs.shape[:-3], k, g, *probs.shape[-2:])
-  out = jnp.einsum("...kgqs,...skh->...qkgh", probs_bkgqs, v_bskh)
-  return out.reshape(*out.shape[:-3], n, h)
+  out = jnp.einsum("...kgqs,...ksh->...kgqh", probs_bkgqs, v_bksh)       # [*B, K, G, Sq, H]
+  out = jnp.moveaxis(out, -2, -4)                                           # [*B, Sq, K, G, H]
+  return out.reshape(*out.shape[:-4], sq, n, h)
 
 
 
