@@ -33,7 +33,8 @@ flags.DEFINE_integer("max_new_tokens", 64, "tokens to generate at most (the stop
 flags.DEFINE_float("temperature", 0.0, "0: greedy")
 flags.DEFINE_float("top_p", 1.0, "nucleus sampling mass (with --temperature > 0)")
 flags.DEFINE_integer("seed", 0, "sampling and random-pruning seed")
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "parameter and compute dtype")
+flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"],
+                  "parameter and compute dtype (default: float32 for HF checkpoints, the run's for Orbax runs)")
 flags.DEFINE_integer("prune_at", None, "ViT block after which windows are scored (default: the checkpoint's)")
 flags.DEFINE_string("attention", None, "attention implementation (auto | xla | blockwise | pallas_gpu | splash)")
 flags.DEFINE_integer("step", None, "Orbax run: checkpoint step (default: the latest)")

@@ -240,7 +240,7 @@ def _check_scorer(model: vlm.Molmo2, fresh: Sequence[str], where: str) -> None:
                    + "; use --method none | heuristic | random or an STTS-trained checkpoint")
 
 
-def _load_hf(path: str, overrides: Mapping[str, Any], dtype: str, attention: Optional[str]):
+def _load_hf(path: str, overrides: Mapping[str, Any], dtype: Optional[str], attention: Optional[str]):
   cfg_path = os.path.join(path, "config.json")
   hf = _read_json(cfg_path)
   if hf.get("model_type", "molmo2") != "molmo2":
@@ -249,7 +249,7 @@ def _load_hf(path: str, overrides: Mapping[str, Any], dtype: str, attention: Opt
   from stts_jax import weights
   from stts_jax.weights import hf_config
   try:
-    base = hf_config.from_hf_config(hf, dtype=jnp.dtype(dtype).name)
+    base = hf_config.from_hf_config(hf, dtype=jnp.dtype(dtype or "float32").name)
   except ValueError as e:
     raise AskError(f"{cfg_path}: {e}") from e
   updates: dict[str, Any] = dict(tokens=_token_ids_from_tokenizer(tok, base.tokens))
@@ -258,7 +258,7 @@ def _load_hf(path: str, overrides: Mapping[str, Any], dtype: str, attention: Opt
   if attention:
     updates["attention"] = attention
   try:
-    model, report = weights.load_molmo2_with_report(path, dtype=dtype, **updates)
+    model, report = weights.load_molmo2_with_report(path, dtype=dtype or "float32", **updates)
   except ValueError as e:
     raise AskError(f"{path}: {e}") from e
   model = _variant_of(model, {k: v for k, v in overrides.items() if k != "method"}, path)
@@ -292,7 +292,7 @@ def _run_dir(path: str) -> str:
   return os.path.dirname(root) if os.path.basename(root.rstrip("/")) == "checkpoints" else root
 
 
-def _load_orbax(path: str, overrides: Mapping[str, Any], dtype: str, attention: Optional[str],
+def _load_orbax(path: str, overrides: Mapping[str, Any], dtype: Optional[str], attention: Optional[str],
                 step: Optional[int]):
   saved = _orbax_saved_config(path, step)
   if not saved.get("model"):
@@ -313,15 +313,12 @@ def _load_orbax(path: str, overrides: Mapping[str, Any], dtype: str, attention: 
   model_cfg = config_lib.build_model_config(saved["model"])
   model, info = checkpoints.load_orbax(path, model_cfg, step=step)
   cfg = model.config
-  updates: dict[str, Any] = {}
-  if jnp.dtype(dtype) != jnp.dtype(cfg.dtype):
-    updates["dtype"] = jnp.dtype(dtype).name
+  if dtype is not None and jnp.dtype(dtype) != jnp.dtype(cfg.dtype):
+    # The compute dtype is static module state built from the run's config.
+    raise AskError(f"{path}: --dtype {dtype} differs from the run's compute dtype {cfg.dtype}; an Orbax run is "
+                   f"served in the dtype it was trained with (omit --dtype)")
   if attention:
-    updates["attention"] = attention
-  if updates:
-    graphdef, state = nnx.split(model)
-    model = nnx.merge(graphdef, state)
-    model.config = dataclasses.replace(cfg, **updates).validate()
+    model = vlm.with_attention(model, attention)   # sets each attention module's implementation
   if overrides.get("method") == "stts" and model.scorer is None:
     raise AskError(f"{path}: method 'stts' needs a trained scorer, but this run was trained without one "
                    f"(model.stts.method={cfg.stts.method!r}); use --method none | heuristic | random")
@@ -424,7 +421,7 @@ class Pipeline:
   # -- construction -----------------------------------------------------------------------------
   @classmethod
   def from_checkpoint(cls, path: str, *, method: Optional[str] = None, ratio: Union[int, float, None] = None,
-                      dtype: str = "float32",
+                      dtype: Optional[str] = None,
                       max_frames: Optional[int] = None, max_fps: Union[int, float, None] = None,
                       attention: Optional[str] = None, step: Optional[int] = None, use_mesh: bool = True,
                       prune_at: Optional[int] = None, vit_chunk: Optional[int] = 16, **kwargs) -> "Pipeline":
@@ -434,7 +431,7 @@ class Pipeline:
     `vit_chunk`: ViT rows of a video run together (`model.vit_chunk`; the same result, and at 384
     frames half the vision stage's temporaries, docs/real_scale.md); None keeps the checkpoint's."""
     path = os.fspath(path)
-    if dtype not in ("float32", "bfloat16"):
+    if dtype not in (None, "float32", "bfloat16"):
       raise AskError(f"--dtype must be float32 or bfloat16, got {dtype!r}")
     if not os.path.exists(path):
       raise AskError(f"{path}: checkpoint directory does not exist")

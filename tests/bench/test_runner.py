@@ -107,6 +107,7 @@ def test_one_compilation_per_part_across_batches_with_different_keep_patterns():
   assert len(cell.packed) == 3 and len(cell.rows_needed) == 3
 
 
+@pytest.mark.slow
 def test_interleaved_rounds_retime_every_cell_without_recompiling():
   """interleave_rounds: cells of a frame count are re-timed in rounds; each part's timing becomes the
   pooled round calls (count = rounds x its per-round share), with no new compilation."""

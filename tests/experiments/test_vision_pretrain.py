@@ -102,6 +102,7 @@ def test_pretraining_lowers_the_loss_and_is_reused(tiny_data, tmp_path):
   assert config_lib.to_dict(model_cfg)["vit"]["position_init_std"] == 1.0
 
 
+@pytest.mark.slow
 def test_pruned_path_pretraining_trains_the_same_tower(tiny_data, tmp_path):
   """pruned_ratio: both paths regress the same parameters (the pruned one is a view sharing them)."""
   model_cfg = demo.model_config("stts")

@@ -72,6 +72,7 @@ class _Recording(synthetic_batches.SyntheticBatches):
 
 
 @pytest.mark.multidevice
+@pytest.mark.slow
 def test_loop_warms_up_once_and_rewinds_the_data(tmp_path):
   cfg = helpers.train_cfg(num_steps=2, checkpoint_every=2, scorer_warmup_steps=4, scorer_warmup_lr=1e-2)
   data = _Recording(STTS_CFG, batch_size=8, num_frames=3, seq_len=64)
