@@ -17,23 +17,28 @@ def video_processing_module():
   return importlib.import_module("transformers.models.molmo2.video_processing_molmo2")
 
 
+def torch_resize(self, image, size, resample=None, antialias=False, **kw):
+  """Molmo2's resize without torchvision: bilinear `F.interpolate`, antialias off (molmo2_hf.md 5)."""
+  import torch.nn.functional as F
+  assert not antialias
+  return F.interpolate(image, size=(size.height, size.width), mode="bilinear", align_corners=False, antialias=False)
+
+
+def torch_normalize(self, image, mean, std, inplace=False, **kw):
+  """torchvision.transforms.v2.functional.normalize: (x - mean) / std per channel."""
+  import torch
+  mean = torch.as_tensor(mean, dtype=image.dtype).view(-1, 1, 1)
+  std = torch.as_tensor(std, dtype=image.dtype).view(-1, 1, 1)
+  return (image - mean) / std
+
+
 def video_processor(**kwargs):
   vp = video_processing_module()
 
   class _VideoProcessor(vp.Molmo2VideoProcessor):
     # Methods, not instance attributes: `save_pretrained` serialises instance attributes.
-    def resize(self, image, size, resample=None, antialias=False, **kw):
-      import torch.nn.functional as F
-      assert not antialias
-      return F.interpolate(image, size=(size.height, size.width), mode="bilinear", align_corners=False,
-                           antialias=False)
-
-    def normalize(self, image, mean, std, inplace=False, **kw):
-      # torchvision.transforms.v2.functional.normalize: (x - mean) / std per channel.
-      import torch
-      mean = torch.as_tensor(mean, dtype=image.dtype).view(-1, 1, 1)
-      std = torch.as_tensor(std, dtype=image.dtype).view(-1, 1, 1)
-      return (image - mean) / std
+    resize = torch_resize
+    normalize = torch_normalize
 
   return _VideoProcessor(do_rescale=True, do_normalize=True, **kwargs)
 

@@ -219,19 +219,12 @@ def image_processor(**kwargs):
   """transformers' `Molmo2ImageProcessor` with its torchvision calls replaced (test only): bilinear
   `F.interpolate` (antialias off, as Molmo2 resizes), (x - mean) / std, and no grayscale/RGBA
   conversion (inputs are RGB). Tiling, crops, patchify and pooling indices are transformers' code."""
+  from tests.data import hf
   ip = importlib.import_module("transformers.models.molmo2.image_processing_molmo2")
 
   class _ImageProcessor(ip.Molmo2ImageProcessor):
-    def resize(self, image, size, resample=None, antialias=False, **kw):
-      import torch.nn.functional as F
-      assert not antialias
-      return F.interpolate(image, size=(size.height, size.width), mode="bilinear", align_corners=False,
-                           antialias=False)
-
-    def normalize(self, image, mean, std, inplace=False, **kw):
-      mean = torch.as_tensor(mean, dtype=image.dtype).view(-1, 1, 1)
-      std = torch.as_tensor(std, dtype=image.dtype).view(-1, 1, 1)
-      return (image - mean) / std
+    resize = hf.torch_resize
+    normalize = hf.torch_normalize
 
     def convert_to_rgb(self, image, input_data_format=None):
       assert image.shape[0] == 3, image.shape
