@@ -95,8 +95,9 @@ def run_variant(args, name: str, attention: str, loss_overrides: dict):
   from flax import nnx
   from stts_jax.models import vlm
   from stts_jax.train import config as train_config
-  from stts_jax.train import loop, sharding
-  from stts_jax.train.config import MeshConfig
+  from stts_jax.parallel import sharding
+  from stts_jax.train import loop
+  from stts_jax.parallel.config import MeshConfig
 
   mcfg = model_config(args, attention)
   tcfg = train_config.TrainConfig(num_steps=10, **loss_overrides).validate()

@@ -457,7 +457,7 @@ class Pipeline:
       model.config = dataclasses.replace(model.config, vit_chunk=int(vit_chunk)).validate()
     mesh, rules = (_local_mesh(model) if use_mesh else (None, ()))
     if mesh is not None:
-      from stts_jax.train import sharding
+      from stts_jax.parallel import sharding
       graphdef, state = nnx.split(model)
       model = nnx.merge(graphdef, jax.device_put(state, sharding.state_shardings(state, mesh, rules)))
     return cls(model, tok, settings, stop_ids=stop, mesh=mesh, rules=rules, source=source, **kwargs)
@@ -530,7 +530,7 @@ class Pipeline:
   def _device(self, arrays: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     if self.mesh is None:
       return {k: jnp.asarray(v) for k, v in arrays.items()}
-    from stts_jax.train import sharding
+    from stts_jax.parallel import sharding
     return sharding.shard_batch(arrays, self.mesh, self.rules)
 
   def _vision_features(self, video: Video, method: str, ratio: float, seed: int, timings: dict[str, float]):
@@ -669,9 +669,9 @@ def _local_mesh(model: vlm.Molmo2):
   n = jax.local_device_count()
   if n <= 1 or jax.process_count() > 1:
     return None, ()
-  from stts_jax.train import mesh as mesh_lib
-  from stts_jax.train import sharding
-  from stts_jax.train.config import MeshConfig
+  from stts_jax.parallel import mesh as mesh_lib
+  from stts_jax.parallel import sharding
+  from stts_jax.parallel.config import MeshConfig
   mesh_cfg = MeshConfig(data=1, fsdp=1, tensor=-1)
   return mesh_lib.make_mesh(mesh_cfg, jax.local_devices()), sharding.make_rules(mesh_cfg)
 

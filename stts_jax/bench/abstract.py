@@ -34,7 +34,7 @@ from stts_jax.models import budget
 from stts_jax.models import vlm
 from stts_jax.train import aot
 from stts_jax.train import loop
-from stts_jax.train import sharding
+from stts_jax.parallel import sharding
 from stts_jax.train.config import TrainConfig
 
 PAPER_SPEEDUP = {"train": {128: 1.62, 256: 2.25}, "inference": {128: 1.61, 256: 2.22}}

@@ -23,8 +23,8 @@ from stts_jax.bench import config as bench_config
 from stts_jax.bench import plots
 from stts_jax.bench import report
 from stts_jax.bench import runner
-from stts_jax.train import mesh as mesh_lib
-from stts_jax.train import sharding
+from stts_jax.parallel import mesh as mesh_lib
+from stts_jax.parallel import sharding
 from stts_jax.train.config import MeshConfig, TrainConfig
 
 log = logging.getLogger(__name__)

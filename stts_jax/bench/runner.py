@@ -38,8 +38,8 @@ from stts_jax.bench.config import BenchConfig
 from stts_jax.models import budget
 from stts_jax.models import vlm
 from stts_jax.train import loop
-from stts_jax.train import mesh as mesh_lib
-from stts_jax.train import sharding
+from stts_jax.parallel import mesh as mesh_lib
+from stts_jax.parallel import sharding
 from stts_jax.train.config import MeshConfig, TrainConfig
 
 log = logging.getLogger(__name__)

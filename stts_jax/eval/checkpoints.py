@@ -44,7 +44,7 @@ def _orbax_root(path: str) -> tuple[str, Optional[int]]:
 
 def _shardings(abs_state, mesh, rules):
   if mesh is not None:
-    from stts_jax.train import sharding
+    from stts_jax.parallel import sharding
     return sharding.state_shardings(abs_state, mesh, rules)
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   return jax.tree.map(lambda _: device, abs_state)
@@ -93,7 +93,7 @@ def load_model(path: str, model_cfg: config_lib.ModelConfig, *, step: Optional[i
       raise ValueError("load_model: `step` applies to Orbax runs, not to an HF checkpoint directory")
     model, report = weights.load_molmo2_with_report(path, dtype=model_cfg.dtype, stts=model_cfg.stts)
     if mesh is not None:
-      from stts_jax.train import sharding
+      from stts_jax.parallel import sharding
       graphdef, state = nnx.split(model)
       model = nnx.merge(graphdef, jax.device_put(state, sharding.state_shardings(state, mesh, rules)))
     return model, {"format": "hf", "directory": os.path.abspath(path), "fresh_scorer": list(report.fresh)}

@@ -34,9 +34,9 @@ def parse_list(text: Optional[str], kind) -> Optional[tuple]:
 
 
 def _mesh(cfgs: dict[str, Any]):
-  from stts_jax.train import mesh as mesh_lib
-  from stts_jax.train import sharding
-  from stts_jax.train.config import MeshConfig
+  from stts_jax.parallel import mesh as mesh_lib
+  from stts_jax.parallel import sharding
+  from stts_jax.parallel.config import MeshConfig
   mesh_cfg = cfgs.get("mesh") or MeshConfig(data=-1, fsdp=1, tensor=1)
   return mesh_lib.make_mesh(mesh_cfg), sharding.make_rules(mesh_cfg)
 

@@ -16,8 +16,8 @@ whole batch), sampling uses `fold_in(key(seed), step)`. Two evaluations of the s
 the same data are therefore identical.
 
 Data parallelism: with a `mesh`, parameters are placed once per model by the rules table
-(`train.sharding.state_shardings`) and each host batch becomes a global array sharded over the
-batch axes (`train.sharding.shard_batch`); outputs come back to every host in full.
+(`parallel.sharding.state_shardings`) and each host batch becomes a global array sharded over the
+batch axes (`parallel.sharding.shard_batch`); outputs come back to every host in full.
 """
 
 import time
@@ -126,7 +126,7 @@ class Predictor:
       return self._placed[1], self._placed[2]
     graphdef, state = nnx.split(model)
     if self.mesh is not None:
-      from stts_jax.train import sharding
+      from stts_jax.parallel import sharding
       state = jax.device_put(state, sharding.state_shardings(state, self.mesh, self.rules))
     self._placed = (model, graphdef, state)
     return graphdef, state
@@ -135,7 +135,7 @@ class Predictor:
     fields = {k: np.asarray(batch[k]) for k in DEVICE_KEYS if k in batch}
     if self.mesh is None:
       return {k: jnp.asarray(v) for k, v in fields.items()}
-    from stts_jax.train import sharding
+    from stts_jax.parallel import sharding
     return sharding.shard_batch(fields, self.mesh, self.rules)
 
   def _timed(self, stage: str, fn, *args, **kwargs):

@@ -50,8 +50,8 @@ from stts_jax.models import vlm
 from stts_jax.experiments.config import JobConfig
 from stts_jax.train import checkpoint as ckpt_lib
 from stts_jax.train import main as train_main
-from stts_jax.train import mesh as mesh_lib
-from stts_jax.train import sharding
+from stts_jax.parallel import mesh as mesh_lib
+from stts_jax.parallel import sharding
 from stts_jax.train.config import MeshConfig, TrainConfig
 
 log = logging.getLogger(__name__)

@@ -31,7 +31,7 @@ from stts_jax.eval import predictor as predictor_lib
 from stts_jax.train import checkpoint as ckpt_lib
 from stts_jax.train import loop
 from stts_jax.train import main as train_main
-from stts_jax.train import sharding
+from stts_jax.parallel import sharding
 from stts_jax.train.config import TrainConfig
 
 

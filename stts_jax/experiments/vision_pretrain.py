@@ -46,7 +46,7 @@ from jaxtyping import Array, Float, Int
 from stts_jax import config as config_lib
 from stts_jax.data import pipeline
 from stts_jax.models import video_forward as vf
-from stts_jax.train import sharding
+from stts_jax.parallel import sharding
 
 log = logging.getLogger(__name__)
 TAGS = ("none", "event", "decoy")

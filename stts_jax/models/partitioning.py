@@ -1,6 +1,6 @@
 """Logical axis names for parameters and activations.
 
-Models name only *logical* axes; `stts_jax/train/sharding.py` owns the one table that maps
+Models name only *logical* axes; `stts_jax/parallel/sharding.py` owns the one table that maps
 them to mesh axes ('data', 'fsdp', 'tensor'). Parameters carry their names as NNX variable
 metadata (`nnx.with_partitioning`); activations are constrained at block boundaries through
 `constrain`, which is a no-op unless a rules context is active (so unit tests run unsharded).

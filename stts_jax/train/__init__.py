@@ -1,8 +1,6 @@
 """Sharded training of Molmo2 + STTS.
 
-  config      TrainConfig / OptimConfig / MeshConfig (sections `train`, `mesh` of a top-level config)
-  mesh        make_mesh(MeshConfig) -> Mesh('data', 'fsdp', 'tensor'), one -1 size filled
-  sharding    RULES (logical axis -> mesh axes), make_rules, state_shardings, data_sharding, shard_batch
+  config      TrainConfig / OptimConfig (section `train`; MeshConfig is re-exported from stts_jax.parallel)
   optim       make_tx / make_optimizer: clip, AdamW warmup+cosine, scorer LR, freeze regexes
   step        TrainState (model, optimizer, counters), train_step (loss, accumulation, non-finite skip)
   loss        answer-only cross-entropy: gathered answer positions, exact chunked fallback, vocab-sharded
@@ -14,7 +12,8 @@
   distributed initialize (flags or cluster env), configure_logging, barrier, Supervisor (fail-fast)
   launch      launch(command, num_processes, devices_per_process): N local processes, supervised
   main        init_distributed, train_and_evaluate(config, workdir), aot_from_config(config)
-Import the submodules directly (`from stts_jax.train import loop`).
+Import the submodules directly (`from stts_jax.train import loop`). Mesh construction and the
+logical-axis rules live in `stts_jax.parallel` (shared with eval, inference and the benchmark).
 """
 
-__all__ = ["aot", "aot_table", "checkpoint", "config", "distributed", "launch", "loop", "loss", "main", "mesh", "optim", "sharding", "step"]
+__all__ = ["aot", "aot_table", "checkpoint", "config", "distributed", "launch", "loop", "loss", "main", "optim", "step"]

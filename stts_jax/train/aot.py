@@ -37,7 +37,8 @@ from flax import nnx
 
 from stts_jax import config as config_lib
 from stts_jax.models import attention as attention_lib
-from stts_jax.train import loop, sharding
+from stts_jax.parallel import sharding
+from stts_jax.train import loop
 from stts_jax.train import step as step_lib
 from stts_jax.train.config import TrainConfig
 

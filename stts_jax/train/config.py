@@ -1,5 +1,6 @@
-"""Training sections of the top-level config: `train` (TrainConfig with nested OptimConfig)
-and `mesh` (MeshConfig). Registered with `stts_jax.config.register_section` on import.
+"""The `train` section of the top-level config (TrainConfig with nested OptimConfig), registered
+with `stts_jax.config.register_section` on import. The `mesh` section (MeshConfig) is shared
+infrastructure: `stts_jax/parallel/config.py` (re-exported here).
 
 Example (configs/*.py):
   config.train = dict(num_steps=900, grad_accum=1, aux_weight=0.5,
@@ -12,32 +13,7 @@ import re
 from typing import Optional
 
 from stts_jax import config as config_lib
-
-
-@dataclasses.dataclass(frozen=True)
-class MeshConfig:
-  """Device mesh ('data', 'fsdp', 'tensor'). One size may be -1 (= the remaining devices).
-
-  rules: overrides of the logical-axis rules table (`stts_jax/train/sharding.py: RULES`), as
-    (logical name, mesh axes) pairs; mesh axes are comma-separated ("data,fsdp") or "" (replicated).
-    An override replaces the default entry of that logical name.
-  """
-  data: int = 1
-  fsdp: int = -1
-  tensor: int = 1
-  rules: tuple[tuple[str, str], ...] = ()
-
-  def validate(self):
-    sizes = (self.data, self.fsdp, self.tensor)
-    if sum(s == -1 for s in sizes) > 1:
-      raise ValueError(f"mesh: at most one of data/fsdp/tensor may be -1, got {sizes}")
-    if any(s == 0 or s < -1 for s in sizes):
-      raise ValueError(f"mesh: sizes must be positive or -1, got {sizes}")
-    for logical, axes in self.rules:
-      for a in filter(None, axes.split(",")):
-        if a.strip() not in ("data", "fsdp", "tensor"):
-          raise ValueError(f"mesh.rules: {logical!r} -> unknown mesh axis {a!r}")
-    return self
+from stts_jax.parallel.config import MeshConfig, build_mesh_config  # noqa: F401  (re-export)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,9 +136,4 @@ def build_train_config(cfg) -> TrainConfig:
   return config_lib.from_dict(TrainConfig, cfg, "train").validate()
 
 
-def build_mesh_config(cfg) -> MeshConfig:
-  return config_lib.from_dict(MeshConfig, cfg, "mesh").validate()
-
-
 config_lib.register_section("train", build_train_config)
-config_lib.register_section("mesh", build_mesh_config)

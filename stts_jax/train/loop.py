@@ -25,7 +25,7 @@ from flax import nnx
 from stts_jax.models import partitioning
 from stts_jax.train import checkpoint as ckpt_lib
 from stts_jax.train import distributed
-from stts_jax.train import sharding
+from stts_jax.parallel import sharding
 from stts_jax.train import step as step_lib
 from stts_jax.train.config import TrainConfig
 

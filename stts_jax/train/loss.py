@@ -18,7 +18,7 @@ same dot in the hidden states' dtype (as `layers.Linear` with the decoder's comp
 cross-entropy is float32.
 
 Sharding: the [B, K, V] logits are constrained to ("act_loss_batch", None, "act_loss_vocab")
-(train/sharding.py: batch over `data`, vocab over `tensor` x `fsdp`). The gathered hidden states are
+(parallel/sharding.py: batch over `data`, vocab over `tensor` x `fsdp`). The gathered hidden states are
 tiny, so they are all-gathered over the FSDP axis instead of the LM head, and each device computes a
 vocab slice: logsumexp and the target logit are reductions over the sharded vocab axis (the target
 logit is a masked sum, not a gather), so no device ever holds a full vocab row of logits.

@@ -20,8 +20,8 @@ from stts_jax import config as config_lib
 from stts_jax.train import aot
 from stts_jax.train import distributed
 from stts_jax.train import loop
-from stts_jax.train import mesh as mesh_lib
-from stts_jax.train import sharding
+from stts_jax.parallel import mesh as mesh_lib
+from stts_jax.parallel import sharding
 from stts_jax.train.config import MeshConfig, TrainConfig
 
 log = logging.getLogger(__name__)

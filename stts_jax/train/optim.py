@@ -8,7 +8,7 @@ import jax
 import optax
 from flax import nnx
 
-from stts_jax.train import sharding
+from stts_jax.parallel import sharding
 from stts_jax.train.config import TrainConfig
 
 

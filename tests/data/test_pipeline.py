@@ -278,7 +278,8 @@ def test_skipped_fraction_limit_lists_the_files(dataset_dir, tmp_path):
 
 @pytest.mark.slow          # compiles the toy model's init and step (~10 s on a shared CPU)
 def test_training_stops_when_too_many_videos_are_bad(dataset_dir, tmp_path):
-  from stts_jax.train import loop, sharding
+  from stts_jax.parallel import sharding
+  from stts_jax.train import loop
   from tests.train import helpers, toy_model
   root = bad_dataset(str(tmp_path / "bad"), dataset_dir)         # 25% of the videos are bad
   cfg = cfg_for(root, tokenizer=os.path.join(dataset_dir, "tokenizer.json"), max_skipped_fraction=0.05)

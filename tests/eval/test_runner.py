@@ -134,9 +134,9 @@ def test_data_parallel_and_rebatched_predictions_equal_single_device(stts_model)
   another order on one device, example by example."""
   from stts_jax.eval import generate as gen_lib
   from stts_jax.eval import predictor as predictor_lib
-  from stts_jax.train import mesh as mesh_lib
-  from stts_jax.train import sharding
-  from stts_jax.train.config import MeshConfig
+  from stts_jax.parallel import mesh as mesh_lib
+  from stts_jax.parallel import sharding
+  from stts_jax.parallel.config import MeshConfig
   assert jax.device_count() == 8
   model = gen_lib.model_variant(stts_model, method="random", ratio=0.5)
   batch = helpers.video_batch(model.config, [4, 3, 2, 4, 1, 4, 3, 4], 4, seed=3)

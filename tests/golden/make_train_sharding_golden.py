@@ -21,8 +21,8 @@ def current_specs() -> dict:
   from stts_jax import config as config_lib
   from stts_jax.train import config as train_config
   from stts_jax.train import main as train_main
-  from stts_jax.train import mesh as mesh_lib
-  from stts_jax.train import sharding
+  from stts_jax.parallel import mesh as mesh_lib
+  from stts_jax.parallel import sharding
 
   mesh = mesh_lib.make_mesh(train_config.MeshConfig(data=2, fsdp=2, tensor=2), jax.devices()[:8])
   rules = sharding.make_rules()

@@ -294,7 +294,7 @@ def test_sharded_run_matches_unsharded(model, patches):
   """Params placed by the logical-name rules on a 2x2x2 mesh, activations constrained: same numbers."""
   from jax.sharding import AxisType, NamedSharding, PartitionSpec
   from stts_jax.models import partitioning
-  from stts_jax.train import sharding
+  from stts_jax.parallel import sharding
   if jax.device_count() < 8:
     pytest.skip("needs 8 (virtual) devices")
   mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)

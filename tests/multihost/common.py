@@ -82,7 +82,8 @@ class RaiseAt:
 def toy_train(data_iter, workdir: str, *, steps: int, checkpoint_every: int = 0, on_step=None, mesh=None):
   """The toy video LM (tests/train/toy_model.py) on a (data 2, fsdp 2, tensor 2) mesh over all
   devices: parameters are sharded across the processes, not only the batch."""
-  from stts_jax.train import loop, sharding
+  from stts_jax.parallel import sharding
+  from stts_jax.train import loop
   from tests.train import helpers, toy_model
   cfg = helpers.train_cfg(num_steps=steps, checkpoint_every=checkpoint_every, log_example_ids=True,
                           tensorboard=True, progress_bar=True, optim={"eps": 1e-4})

@@ -9,8 +9,8 @@ from flax import nnx
 
 from stts_jax.testing import synthetic_batches, tiny
 from stts_jax.train import config as train_config
-from stts_jax.train import mesh as mesh_lib
-from stts_jax.train import sharding
+from stts_jax.parallel import mesh as mesh_lib
+from stts_jax.parallel import sharding
 
 from tests.train import toy_model
 

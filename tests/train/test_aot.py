@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from stts_jax.train import aot, sharding
+from stts_jax.parallel import sharding
+
+from stts_jax.train import aot
 from tests.train import helpers, toy_model
 
 

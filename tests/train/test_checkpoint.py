@@ -10,7 +10,8 @@ import pytest
 from flax import nnx
 
 from stts_jax.models import partitioning
-from stts_jax.train import checkpoint, sharding
+from stts_jax.parallel import sharding
+from stts_jax.train import checkpoint
 from tests.train import helpers
 
 

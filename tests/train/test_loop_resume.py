@@ -7,7 +7,9 @@ import os
 import numpy as np
 import pytest
 
-from stts_jax.train import loop, sharding
+from stts_jax.parallel import sharding
+
+from stts_jax.train import loop
 from tests.train import helpers, toy_model
 
 
@@ -61,7 +63,8 @@ def test_sigterm_resume_matches_uninterrupted(tmp_path):
 _KILLED_RUN = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
-from stts_jax.train import loop, sharding
+from stts_jax.parallel import sharding
+from stts_jax.train import loop
 from tests.train import helpers, toy_model
 
 class KillAt(helpers.SigtermAt):

@@ -8,8 +8,8 @@ from jax.sharding import PartitionSpec as P
 
 from stts_jax import config as config_lib
 from stts_jax.train import config as train_config
-from stts_jax.train import mesh as mesh_lib
-from stts_jax.train import sharding
+from stts_jax.parallel import mesh as mesh_lib
+from stts_jax.parallel import sharding
 
 
 def test_mesh_shape_fills_one_axis_and_checks_product():

@@ -10,7 +10,8 @@ from flax import nnx
 
 from stts_jax.models import vlm
 from stts_jax.testing import synthetic_batches, tiny
-from stts_jax.train import loop, scorer_warmup, sharding
+from stts_jax.parallel import sharding
+from stts_jax.train import loop, scorer_warmup
 from stts_jax.train import config as train_config
 
 from tests.train import helpers

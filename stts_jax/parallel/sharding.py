@@ -1,7 +1,7 @@
 """THE logical-axis rules table and the shardings derived from it.
 
 Models name logical axes only (see `stts_jax/models/partitioning.py` for the names); this file
-maps them onto the mesh axes ('data', 'fsdp', 'tensor') of `stts_jax/train/mesh.py`:
+maps them onto the mesh axes ('data', 'fsdp', 'tensor') of `stts_jax/parallel/mesh.py`:
 
   weights                                 activations
   vocab       tensor, fsdp                act_batch      data, fsdp
@@ -40,7 +40,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from stts_jax.models import partitioning
-from stts_jax.train.config import MeshConfig
+from stts_jax.parallel.config import MeshConfig
 
 MeshAxes = Optional[tuple[str, ...]]
 

@@ -13,7 +13,7 @@ from typing import Optional
 import jax
 from jax.sharding import AxisType
 
-from stts_jax.train.config import MeshConfig
+from stts_jax.parallel.config import MeshConfig
 
 AXES = ("data", "fsdp", "tensor")
 
