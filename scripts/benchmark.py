@@ -8,8 +8,9 @@
   python scripts/benchmark.py --config configs/bench_cpu.py --attention_auto --out /tmp/auto   # auto per cell
   python scripts/benchmark.py --generation --out docs/results/generation_cpu   # TTFT + decode tok/s, tiny/demo
       [--frames 8,32,128 --repeats 20 --max_new_tokens 32 --note "shared machine"]  (unpruned vs STTS 0.5)
-Writes CSV + JSON + PNGs to --out and prints the checks (speedup / FLOP-ratio efficiency, overhead
-share, XLA vs analytic FLOPs, one compilation per part). Measure on a quiet machine.
+Writes CSV + JSON + PNGs to --out and prints the checks (speedup / FLOP-ratio efficiency, never
+slower than unpruned, overhead share, XLA vs analytic FLOPs, one compilation per part); exits 1 if
+one fails. Measure on a quiet machine.
 """
 
 import json
@@ -48,6 +49,7 @@ def main(argv):
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
   import jax
   from stts_jax.bench import main as bench_main
+  from stts_jax.bench import report
   logging.info("jax %s, backend %s, devices: %s", jax.__version__, jax.default_backend(), jax.devices())
   if FLAGS.attention_layer:
     from stts_jax.bench import attention_layer
@@ -77,6 +79,10 @@ def main(argv):
     return
   out = bench_main.benchmark(FLAGS.config, FLAGS.out, frames=frames, ratios=ratios)
   print(json.dumps(out["checks"], indent=1), flush=True)
+  failed = report.failed(out["checks"])
+  if failed:
+    print(f"FAILED checks: {', '.join(failed)}", flush=True)
+    sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -243,6 +243,7 @@ class TokenIds:
 
 
 PRUNING_METHODS = ("none", "random", "heuristic", "stts")
+PACKING_MODES = ("auto", "always")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -260,6 +261,10 @@ class STTSConfig:
   bias_rescale_scope: str = "window_row"  # window_row | frame
   llm_prune: bool = True                 # also drop pruned windows' tokens from the LLM sequence
   num_rows: Optional[int] = None         # packed ViT rows per video; None -> proven bound
+  # Late ViT blocks (after the soft block): "auto" packs kept windows into num_rows rows only when
+  # that is fewer rows than frames, else runs the frames as they are (same result, no pack/unpack);
+  # "always" packs even then (kept to measure what packing costs when it saves nothing).
+  packing: str = "auto"
   random_seed: int = 0                   # for method 'random'
 
   def validate(self):
@@ -271,6 +276,8 @@ class STTSConfig:
       raise ValueError(f"stts.bias_rescale_scope must be 'window_row' or 'frame', got {self.bias_rescale_scope!r}")
     if self.prune_at < 0:
       raise ValueError("stts.prune_at must be >= 0")
+    if self.packing not in PACKING_MODES:
+      raise ValueError(f"stts.packing must be one of {PACKING_MODES}, got {self.packing!r}")
     if not self.pool_init_std > 0:
       raise ValueError(f"stts.pool_init_std must be > 0, got {self.pool_init_std}")
 

@@ -5,7 +5,7 @@ import dataclasses
 from stts_jax import config as config_lib
 
 PARTS = ("vision", "prefill", "decode", "overhead", "train")
-ROW_POLICIES = ("fit", "typical", "bound", "min")
+ROW_POLICIES = ("heldout", "typical", "fit", "bound", "min")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -14,11 +14,17 @@ class BenchConfig:
 
   frames x ratios: the grid; ratio 0 is the unpruned baseline of each frame count (method "none",
     no scorer) and is added when missing. Speedup = baseline time / pruned time.
-  rows: packed ViT rows per video for pruned cells: "fit" (the fewest rows all of the cell's
-    batches fit in, measured from their keep masks before compiling: a calibrated setting, every
-    timed call takes the packed path), "typical" (`budget.typical_num_rows`: the minimum plus T/8
-    spare rows; a batch that needs more takes the exact dense fallback, which the results
-    report), "bound" (the proven worst-case bound, close to T at ratio 0.5) or "min".
+  rows: packed ViT rows per video for pruned cells, sized without seeing the timed batches unless
+    "fit": "heldout" (default; the fewest rows `heldout_batches` other batches - other clips, strides
+    and starts - fit in, measured from their keep masks before compiling: a calibration a user can do
+    on their own videos), "typical" (`budget.typical_num_rows`: the minimum plus T/8 spare rows), "fit"
+    (fitted on the timed batches themselves: the best case, every timed call packed), "bound" (the
+    proven worst-case bound, close to T at ratio 0.5) or "min". A timed batch that needs more rows
+    than compiled takes the exact dense fallback; the results report how often (`*_fallback_rate`).
+  compare_packing: for every pruned cell whose rows reach T (packing cannot save ViT work, so the
+    model runs its late ViT blocks per frame, `stts.packing="auto"`), also measure the same cell with
+    `stts.packing="always"` (packed anyway), timed in the same interleaved rounds. Those extra cells
+    are reported (`variant` "packing=always") and left out of the checks.
   num_batches: distinct batches per cell (different clips and keep patterns), rotated through the
     timed calls of one compiled function.
   decode_tokens: decoder steps timed per decode call (time per token = call time / decode_tokens).
@@ -41,7 +47,9 @@ class BenchConfig:
   decode_tokens: int = 16
   timestamp_tokens: int = 3
   text_tokens: int = 24
-  rows: str = "fit"
+  rows: str = "heldout"
+  heldout_batches: int = 6
+  compare_packing: bool = False
   parts: tuple[str, ...] = PARTS
   xla_flops: bool = True
   interleave_rounds: int = 0
@@ -61,8 +69,8 @@ class BenchConfig:
       raise ValueError("bench.parts: 'decode' needs 'prefill' (it decodes from the prefill's cache)")
     if self.interleave_rounds < 0:
       raise ValueError(f"bench.interleave_rounds must be >= 0, got {self.interleave_rounds}")
-    if self.batch_size < 1 or self.num_batches < 1 or self.decode_tokens < 1:
-      raise ValueError("bench.batch_size, num_batches and decode_tokens must be >= 1")
+    if self.batch_size < 1 or self.num_batches < 1 or self.decode_tokens < 1 or self.heldout_batches < 1:
+      raise ValueError("bench.batch_size, num_batches, heldout_batches and decode_tokens must be >= 1")
     if self.warmup < 0 or self.repeats < 1:
       raise ValueError("bench.warmup must be >= 0 and bench.repeats >= 1")
     return self

@@ -10,6 +10,8 @@ import dataclasses
 import logging
 import os
 import platform
+import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
@@ -25,6 +27,7 @@ from stts_jax.bench import report
 from stts_jax.bench import runner
 from stts_jax.parallel import mesh as mesh_lib
 from stts_jax.parallel import sharding
+from stts_jax.train import aot
 from stts_jax.train.config import MeshConfig, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -60,13 +63,18 @@ def benchmark(config: Any, out_dir: str, *, frames: Optional[Sequence[int]] = No
   os.makedirs(out_dir, exist_ok=True)
   progress(f"benchmark: frames {bench.frames}, ratios {bench.grid_ratios}, rows '{bench.rows}', "
            f"{bench.warmup} warm-up + {bench.repeats} timed calls per part; {environment()}")
+  t0 = time.time()
+  load = [list(os.getloadavg())]
   cells = runner.run_grid(cfgs["model"], cfgs["train"], bench, progress=progress)
+  load.append(list(os.getloadavg()))
   rows = report.summary_rows(cells)
-  checks = report.checks(rows)
+  checks = report.checks(rows, parts=bench.parts, interleaved=bench.interleave_rounds > 0)
   report.write_csv(rows, os.path.join(out_dir, "bench.csv"))
-  report.write_json(os.path.join(out_dir, "bench.json"), rows=rows, checks=checks,
+  report.write_json(os.path.join(out_dir, "bench.json"), rows=rows, checks=checks, failed=report.failed(checks),
                     cells=[c.to_dict() for c in cells], bench=config_lib.to_dict(bench),
-                    model=config_lib.to_dict(cfgs["model"]), environment=environment())
+                    model=config_lib.to_dict(cfgs["model"]), environment=environment(),
+                    command=" ".join([os.path.basename(sys.executable)] + sys.argv), commit=aot.git_commit(),
+                    machine=aot.machine(), load_average_start_end=load, wall_s=round(time.time() - t0, 1))
   pngs = plots.write_all(rows, out_dir, title=str(cfgs.get("name", "")))
   progress(f"wrote {out_dir}/bench.csv, bench.json, {', '.join(os.path.basename(p) for p in pngs)}")
   return {"rows": rows, "checks": checks, "cells": cells}

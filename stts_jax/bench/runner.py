@@ -14,8 +14,12 @@ taken against the baseline of the same frame count (`report.py`). With `bench.in
 the cells of one frame count stay alive once measured and are timed again in rounds (`interleave`),
 every round calling each (cell, part) in turn; those pooled calls replace the per-cell timings, so
 load that comes and goes on a shared machine slows the unpruned and the pruned cells alike.
-The train step runs with frozen weights (`frozen_weights`) and its `dense_fallback` metric is
-counted over every call, so a cell's timed steps are all the packed path (the report checks it).
+Packed rows of pruned cells follow `bench.rows`; by default ("heldout") they are fitted on other
+batches than the timed ones, so a timed batch can need more and take the dense fallback: the cell
+counts it per vision batch (`packed`) and per train step. The train step runs with frozen weights
+(`frozen_weights`): the keep masks the rows were sized for do not drift between timed steps, and its
+`dense_fallback` metric is counted over every call. With `bench.compare_packing`, cells whose rows
+reach T (late ViT blocks per frame) are measured a second time with `stts.packing="always"`.
 """
 
 import dataclasses
@@ -77,13 +81,16 @@ class CellResult:
   seq_len: int            # unpruned prompt length S
   llm_len: int            # decoder length S' (S - dropped(T) when pruned)
   num_rows: Optional[int]  # packed ViT rows per video (None: unpruned)
-  rows_needed: list[int]  # max rows first-fit decreasing needed, per batch
+  rows_needed: list[int]  # max rows first-fit decreasing needed, per timed batch
   packed: list[bool]      # per batch: the packed path ran (False: dense fallback)
   kept_windows: int       # per video (static budget)
   keep_patterns: int      # distinct keep masks among the cell's batches (all timed by one compilation)
   parts: dict[str, PartResult]
   train_steps: int = 0           # train steps run (warm-up, timed, interleaved)
   train_fallback_steps: int = 0  # of those, steps whose ViT ran the dense fallback (metric dense_fallback)
+  rows_policy: str = ""          # bench.rows the cell's num_rows came from ("" unpruned)
+  late_vit: str = "all"          # blocks after the soft block: "all" (unpruned), "packed" or "per_frame"
+  variant: str = ""              # "" for the grid's cells; "packing=always" for compare_packing's extra cells
 
   def to_dict(self) -> dict[str, Any]:
     d = {k: v for k, v in dataclasses.asdict(self).items() if k != "parts"}
@@ -92,21 +99,35 @@ class CellResult:
 
 
 def cell_model_config(base: config_lib.ModelConfig, frames: int, ratio: float, rows: str,
-                      num_rows: Optional[int] = None) -> config_lib.ModelConfig:
+                      num_rows: Optional[int] = None, packing: str = "auto") -> config_lib.ModelConfig:
   """The cell's config: method "none" at ratio 0, else the base method (default "stts") at `ratio`
-  with `num_rows` from the row policy ("fit": the given `num_rows`, default T, which always fits)."""
+  with `num_rows` from the row policy ("fit" / "heldout": the given `num_rows`, default T, which
+  always fits) and `stts.packing` = `packing`."""
   if ratio == 0.0:
     stts = dataclasses.replace(base.stts, method="none", ratio=0.0, num_rows=None)
   else:
     w = base.windows_per_frame
     method = base.stts.method if base.stts.method != "none" else "stts"
-    if rows == "fit":
+    if rows in FITTED_POLICIES:
       rows_ = frames if num_rows is None else max(num_rows, budget.min_rows(frames, w, ratio))
     else:
       rows_ = {"typical": budget.typical_num_rows(frames, w, ratio), "bound": None,
                "min": budget.min_rows(frames, w, ratio)}[rows]
-    stts = dataclasses.replace(base.stts, method=method, ratio=ratio, num_rows=rows_)
+    stts = dataclasses.replace(base.stts, method=method, ratio=ratio, num_rows=rows_, packing=packing)
   return dataclasses.replace(base, stts=stts).validate()
+
+
+FITTED_POLICIES = ("fit", "heldout")
+
+
+def late_vit_path(cfg: config_lib.ModelConfig, frames: int) -> str:
+  """What the cell's late ViT blocks run (`video_forward.vit_after_prune`): "all" (unpruned),
+  "per_frame" (rows reach T and `stts.packing` is "auto") or "packed"."""
+  st = cfg.stts
+  if not st.prunes:
+    return "all"
+  rows = budget.num_rows(frames, cfg.windows_per_frame, st.ratio, st.num_rows)
+  return "per_frame" if rows >= frames and st.packing == "auto" else "packed"
 
 
 def fitted_rows(cfg: config_lib.ModelConfig, graphdef: Any, state: Any, data: list[dict], frames: int) -> int:
@@ -195,18 +216,22 @@ class _Cell:
 
 
 def run_cell(base_cfg: config_lib.ModelConfig, train_cfg: TrainConfig, bench: BenchConfig, frames: int,
-             ratio: float, timers: Optional[dict[str, Callable[[int], None]]] = None) -> CellResult:
+             ratio: float, timers: Optional[dict[str, Callable[[int], None]]] = None, *,
+             packing: str = "auto") -> CellResult:
   """Measures one (frames, ratio) cell; see the module docstring. `timers` (with
   `bench.interleave_rounds`): filled with a blocking call(i) per measured part, which keeps the
-  cell's compiled functions and states alive for `interleave`."""
-  cfg = cell_model_config(base_cfg, frames, ratio, bench.rows)
+  cell's compiled functions and states alive for `interleave`. `packing`: the cell's `stts.packing`."""
+  cfg = cell_model_config(base_cfg, frames, ratio, bench.rows, packing=packing)
   b, w = bench.batch_size, cfg.windows_per_frame
-  data = [batches_lib.video_batch(cfg, batch_size=b, num_frames=frames, index=i,
-                                  timestamp_tokens=bench.timestamp_tokens, text_tokens=bench.text_tokens)
-          for i in range(bench.num_batches)]
-  if bench.rows == "fit" and cfg.stts.prunes:
+  batch = lambda i: batches_lib.video_batch(cfg, batch_size=b, num_frames=frames, index=i,  # noqa: E731
+                                            timestamp_tokens=bench.timestamp_tokens, text_tokens=bench.text_tokens)
+  data = [batch(i) for i in range(bench.num_batches)]
+  if bench.rows in FITTED_POLICIES and cfg.stts.prunes:
+    # "heldout": other batches (indices past the timed ones: other clips, strides and starts)
+    fit_on = data if bench.rows == "fit" else [batch(bench.num_batches + i) for i in range(bench.heldout_batches)]
     graphdef, state = _init_model(_model_fn(cfg, bench.seed), bench.seed)
-    cfg = cell_model_config(base_cfg, frames, ratio, "fit", fitted_rows(cfg, graphdef, state, data, frames))
+    cfg = cell_model_config(base_cfg, frames, ratio, bench.rows, fitted_rows(cfg, graphdef, state, fit_on, frames),
+                            packing=packing)
     del state
   seq_len = data[0]["input_ids"].shape[1]
   s_llm = parts.llm_len(cfg, frames, seq_len)
@@ -276,7 +301,8 @@ def run_cell(base_cfg: config_lib.ModelConfig, train_cfg: TrainConfig, bench: Be
                     llm_len=s_llm, num_rows=budget.num_rows(frames, w, ratio, cfg.stts.num_rows) if cfg.stts.prunes else None,
                     rows_needed=rows_needed, packed=packed,
                     kept_windows=budget.num_kept(frames, w, ratio) if cfg.stts.prunes else frames * w,
-                    keep_patterns=keep_patterns, parts=results)
+                    keep_patterns=keep_patterns, parts=results, rows_policy=bench.rows if cfg.stts.prunes else "",
+                    late_vit=late_vit_path(cfg, frames), variant="" if packing == "auto" else f"packing={packing}")
   if train_steps is not None:
     result.train_steps, result.train_fallback_steps = fallback_counts(train_steps)
   return result
@@ -339,11 +365,16 @@ def run_grid(base_cfg: config_lib.ModelConfig, train_cfg: TrainConfig, bench: Be
   cells = []
   for frames in bench.frames:
     group, timers = [], []
-    for ratio in bench.grid_ratios:
+    todo = [(ratio, "auto") for ratio in bench.grid_ratios]
+    while todo:
+      ratio, packing = todo.pop(0)
       timers.append({} if bench.interleave_rounds else None)
-      cell = run_cell(base_cfg, train_cfg, bench, frames, ratio, timers[-1])
+      cell = run_cell(base_cfg, train_cfg, bench, frames, ratio, timers[-1], packing=packing)
       group.append(cell)
-      progress(f"T={frames} ratio={ratio}: " + ", ".join(
+      if bench.compare_packing and cell.late_vit == "per_frame":
+        todo.append((ratio, "always"))
+      progress(f"T={frames} ratio={ratio}{' ' + cell.variant if cell.variant else ''} late ViT {cell.late_vit}"
+               f"{'' if cell.num_rows is None else f' ({cell.num_rows} rows)'}: " + ", ".join(
           f"{k} {v.seconds * 1e3:.1f} ms" for k, v in cell.parts.items())
                + ("" if all(cell.packed) else f"  [dense fallback in {cell.packed.count(False)} batch(es)]")
                + (f"  [dense fallback in {cell.train_fallback_steps} of {cell.train_steps} train steps]"
@@ -354,7 +385,7 @@ def run_grid(base_cfg: config_lib.ModelConfig, train_cfg: TrainConfig, bench: Be
         if isinstance(cell_timers.get("train"), timing.StatefulCall):
           cell.train_steps, cell.train_fallback_steps = fallback_counts(cell_timers["train"])
       progress(f"T={frames} interleaved ({bench.interleave_rounds} rounds): " + "; ".join(
-          f"ratio {c.ratio:g} " + ", ".join(f"{k} {v.seconds * 1e3:.1f} ms" for k, v in c.parts.items())
+          f"ratio {c.ratio:g}{' ' + c.variant if c.variant else ''} " + ", ".join(f"{k} {v.seconds * 1e3:.1f} ms" for k, v in c.parts.items())
           for c in group))
     del timers
     cells += group

@@ -57,7 +57,7 @@ class VisionOutput:
   keep_mask_btw: Any   # bool [B, T, W]; kept windows (all real frames' windows when unpruned)
   scores_btw: Any   # float [B, T, W]; window scores (zeros when unpruned)
   aux_loss: Any   # float scalar; temporal aux loss ("stts" only, else 0)
-  packed: Any   # bool scalar; True: the packed rows were used (False: dense fallback/unpruned)
+  packed: Any   # bool scalar; pruned: False iff this batch ran the dense ViT fallback (unpruned: False)
 
 
 @struct.dataclass
@@ -195,6 +195,10 @@ def vit_after_prune(model, hidden_btpd: Float[Array, "B T P D"], keep_mask: Bool
   Packed into `num_rows` rows per video when every video fits, else (same batch, exact same
   attention sets) one frame per row with a block mask, `num_rows` frames per video at a time: never
   loses a kept token, and the fallback's memory stays that of the packed path.
+  With `num_rows >= T` packing cannot save work (as many rows as frames): unless `stts.packing` is
+  "always", the frames then run as they are, one per row with the plan's attention sets, chosen
+  statically: no pack/unpack, no `cond`, no fallback (docs/benchmark.md compares both at ratio 0.3).
+  `packed` is then True as well: it means "not the dense fallback".
   """
   cfg = model.config
   b, t, p, d = hidden_btpd.shape
@@ -217,6 +221,8 @@ def vit_after_prune(model, hidden_btpd: Float[Array, "B T P D"], keep_mask: Bool
     keep_btp1 = plan.keep_btp[..., None]
     return {k: jnp.where(keep_btp1, v, jnp.zeros((), v.dtype)) for k, v in o.items()}
 
+  if num_rows >= t and cfg.stts.packing == "auto":
+    return dense_path(hidden_btpd), jnp.asarray(True)
   fits = plan.fits
   # The rare fallback is rematerialised: under autodiff `lax.cond` carries the residuals of both
   # branches (zeros for the one not taken), so without it every packed training step would also

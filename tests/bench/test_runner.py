@@ -55,6 +55,14 @@ def test_cell_config_baseline_and_rows():
   assert runner.cell_model_config(cfg, 8, 0.5, "fit").stts.num_rows == 8          # before fitting: T
   assert runner.cell_model_config(cfg, 8, 0.5, "fit", 2).stts.num_rows == 4       # never below the minimum
   assert runner.cell_model_config(cfg, 8, 0.5, "fit", 6).stts.num_rows == 6
+  assert runner.cell_model_config(cfg, 8, 0.5, "heldout", 6).stts.num_rows == 6
+  assert runner.cell_model_config(cfg, 8, 0.5, "heldout", packing="always").stts.packing == "always"
+  # rows reaching T: the late ViT blocks run per frame unless packing is forced
+  assert runner.late_vit_path(runner.cell_model_config(cfg, 8, 0.5, "fit", 8), 8) == "per_frame"
+  assert runner.late_vit_path(runner.cell_model_config(cfg, 8, 0.5, "fit", 8, packing="always"), 8) == "packed"
+  assert runner.late_vit_path(runner.cell_model_config(cfg, 8, 0.5, "fit", 6), 8) == "packed"
+  assert runner.late_vit_path(base, 8) == "all"
+  assert BenchConfig().rows == "heldout"       # the headline never sizes rows on the timed batches
 
 
 def _forward_flops(cfg, frames, seq_len):
@@ -97,6 +105,7 @@ def test_one_compilation_per_part_across_batches_with_different_keep_patterns():
   cfg = _tiny()
   bench = BenchConfig(frames=(FRAMES,), ratios=(0.5,), parts=("vision",), warmup=0, repeats=2, num_batches=3,
                       xla_flops=False).validate()
+  bench = dataclasses.replace(bench, rows="fit")
   cell = runner.run_cell(cfg, TRAIN, bench, FRAMES, 0.5)
   assert cell.num_rows == max(cell.rows_needed) and all(cell.packed)     # "fit": every batch packs
   part = cell.parts["vision"]
@@ -105,6 +114,27 @@ def test_one_compilation_per_part_across_batches_with_different_keep_patterns():
   assert cell.keep_patterns == 3                          # ... whose keep masks all differ
   assert cell.kept_windows == FRAMES * 9 - 18 and cell.llm_len == cell.seq_len - 18
   assert len(cell.packed) == 3 and len(cell.rows_needed) == 3
+
+
+def test_heldout_rows_come_from_other_batches_and_compare_packing_adds_the_packed_cell():
+  cfg = _tiny()
+  bench = BenchConfig(frames=(FRAMES,), ratios=(0.3,), parts=("vision",), warmup=0, repeats=1, num_batches=2,
+                      xla_flops=False, rows="heldout", heldout_batches=2, compare_packing=True,
+                      interleave_rounds=1).validate()
+  cells = runner.run_grid(cfg, TRAIN, bench, progress=lambda _: None)
+  pruned = runner.cell_model_config(cfg, FRAMES, 0.3, "fit")
+  graphdef, state = runner._init_model(runner._model_fn(pruned, bench.seed), bench.seed)
+  held = [batches.video_batch(pruned, batch_size=1, num_frames=FRAMES, index=i) for i in (2, 3)]
+  cell = cells[1]
+  assert cell.rows_policy == "heldout" and cell.num_rows == runner.fitted_rows(pruned, graphdef, state, held, FRAMES)
+  # at ratio 0.3 every frame keeps more than half its windows: as many rows as frames, so the model
+  # runs the late blocks per frame, and the comparison cell packs them anyway
+  assert cell.num_rows == FRAMES and cell.late_vit == "per_frame" and cell.variant == ""
+  assert [(c.ratio, c.late_vit, c.variant) for c in cells] == [
+      (0.0, "all", ""), (0.3, "per_frame", ""), (0.3, "packed", "packing=always")]
+  rows = report.summary_rows(cells)
+  assert rows[2]["variant"] == "packing=always" and rows[2]["vision_speedup"] > 0
+  assert [c["variant"] for c in report.checks(rows, parts=("vision",))["fallback"]["cells"]] == ["", "packing=always"]
 
 
 @pytest.mark.slow
@@ -165,10 +195,11 @@ def _part(name, seconds, flops, per_call=1):
   return PartResult(name, t, per_call, 1, 0.0, flops, flops, flops, timing.MemoryStats(1, 0, 2, 0, 0))
 
 
-def _cell(frames, ratio, secs, flops):
+def _cell(frames, ratio, secs, flops, variant=""):
   return CellResult(frames=frames, ratio=ratio, method="stts" if ratio else "none", batch_size=1, seq_len=100,
                     llm_len=80, num_rows=None, rows_needed=[3] if ratio else [], packed=[True] if ratio else [],
-                    kept_windows=10, keep_patterns=1, parts={k: _part(k, secs[k], flops[k]) for k in secs})
+                    kept_windows=10, keep_patterns=1, parts={k: _part(k, secs[k], flops[k]) for k in secs},
+                    late_vit="packed" if ratio else "all", variant=variant)
 
 
 def test_report_speedups_efficiency_overhead_and_checks():
@@ -191,15 +222,45 @@ def test_report_speedups_efficiency_overhead_and_checks():
   assert r8["ttft_flops_ratio"] == pytest.approx(20 / 12)
   assert r8["overhead_share"] == pytest.approx(0.05 / 2.5)
   assert r16["overhead_share"] == pytest.approx(0.05)
-  chk = report.checks(rows)
+  parts = ("vision", "prefill", "overhead", "train")
+  chk = report.checks(rows, parts=parts)
   assert chk["train_efficiency"]["ok"]                       # 1.0 and 8/4 / (80/40) = 1.0
   assert chk["train_speedup_grows"]["values"] == pytest.approx([1.6, 2.0])
   assert chk["train_speedup_grows"]["ok"]
   assert not chk["overhead_share_at_largest_frames"]["ok"]   # 5% > 3% at 16 frames
-  assert chk["one_compile_per_part"]["ok"] and chk["no_fallback"]["ok"]
-  cells[3].train_steps, cells[3].train_fallback_steps = 9, 2   # a timed train step ran the dense ViT
+  assert chk["one_compile_per_part"]["ok"] and chk["never_slower"]["ok"]
+  assert report.failed(chk) == ["overhead_share_at_largest_frames"]
+  assert chk["fallback"]["ok"] is None and all(c["train_fallback_rate"] == 0 for c in chk["fallback"]["cells"])
+  cells[3].train_steps, cells[3].train_fallback_steps = 8, 2   # two timed train steps ran the dense ViT
   rows = report.summary_rows(cells)
-  assert rows[3]["train_fallback_steps"] == 2 and not report.checks(rows)["no_fallback"]["ok"]
+  assert rows[3]["train_fallback_steps"] == 2 and rows[3]["train_fallback_rate"] == 0.25
+  assert report.checks(rows, parts=parts)["fallback"]["cells"][1]["train_fallback_rate"] == 0.25
+  # every pruned cell and ratio must stay within 3% of unpruned: a slower cell at another ratio fails
+  slow = cells + [_cell(8, 0.3, {"vision": 1.0, "prefill": 0.9, "train": 4.4, "overhead": 0.05},
+                            {"vision": 9.0, "prefill": 9.0, "train": 36.0, "overhead": 1.0})]
+  never = report.checks(report.summary_rows(slow), parts=parts)["never_slower"]
+  assert not never["ok"] and any(c["ratio"] == 0.3 and c["train_speedup"] < 0.97 for c in never["cells"])
+  # not interleaved: the claim cannot be trusted, so it fails
+  assert not report.checks(rows, parts=parts, interleaved=False)["never_slower"]["ok"]
+  # a comparison cell (compare_packing) is reported but never checked
+  extra = cells + [_cell(16, 0.5, {"vision": 9.0, "prefill": 9.0, "train": 40.0, "overhead": 0.2},
+                         {"vision": 14.0, "prefill": 8.0, "train": 40.0, "overhead": 2.0}, variant="packing=always")]
+  extra_rows = report.summary_rows(extra)
+  assert extra_rows[-1]["train_speedup"] == pytest.approx(8 / 40)
+  assert report.checks(extra_rows, parts=parts)["never_slower"]["ok"]
+
+
+def test_a_check_whose_values_are_missing_fails():
+  base = {"vision": 1.0, "prefill": 1.0, "train": 4.0}
+  fl = {"vision": 10.0, "prefill": 10.0, "train": 40.0}
+  cells = [_cell(8, 0.0, base, fl), _cell(8, 0.3, {"vision": 0.9, "prefill": 0.9}, {"vision": 9.0, "prefill": 9.0})]
+  chk = report.checks(report.summary_rows(cells), parts=("vision", "prefill", "train"))
+  assert chk["train_efficiency"]["ok"] is False and "ratio 0.5" in chk["train_efficiency"]["missing"]
+  assert chk["never_slower"]["ok"] is False                # the train step was asked for, not measured
+  assert "train_efficiency" in report.failed(chk) and "never_slower" in report.failed(chk)
+  # parts that were not asked for make no claim
+  only_vision = report.checks(report.summary_rows(cells), parts=("vision",))
+  assert "train_efficiency" not in only_vision and "never_slower" not in only_vision
 
 
 def test_bench_config_validation():

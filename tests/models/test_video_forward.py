@@ -180,6 +180,34 @@ def test_packed_vit_equals_per_frame_reference_and_fallback_is_exact():
     np.testing.assert_allclose(np.asarray(got3[k]), ref[k], rtol=1e-5, atol=1e-5)
 
 
+def test_rows_equal_to_frames_take_the_per_frame_path_with_the_same_result():
+  """num_rows >= T: packing saves nothing, so "auto" runs the frames as they are (no cond, no
+  pack/unpack gathers) and must equal both the packed path ("always") and the per-frame reference."""
+  t = 6
+  rng = np.random.default_rng(1)
+  keep = jnp.asarray(np.stack([_keep_from_counts(c, rng) for c in ([9, 6, 6, 5, 7, 6], [9, 2, 0, 8, 4, 9])]))
+  hidden = jax.random.normal(jax.random.key(1), (2, t, P, 32))
+  from stts_jax.models import packing, pruning
+  plan = jax.jit(lambda k: packing.make_plan(pruning.keep_patch_mask(k, (9, 9), (3, 3)), t))(keep)
+  ref = _reference_post(_model(), np.asarray(hidden), np.asarray(plan.attend_btp), np.asarray(plan.keep_btp))
+  results = {}
+  for mode in ("auto", "always"):
+    model = _model(packing=mode)
+    graphdef, state = nnx.split(model)
+    fn = lambda s, h, k: vf.vit_after_prune(nnx.merge(graphdef, s), h, k, num_rows=t)  # noqa: E731
+    prims = {e.primitive.name for e in jax.make_jaxpr(fn)(state, hidden, keep).jaxpr.eqns}
+    assert ("cond" in prims) == (mode == "always"), (mode, prims)
+    got, packed = jax.jit(fn)(state, hidden, keep)
+    assert bool(packed)
+    for k in ref:
+      np.testing.assert_allclose(np.asarray(got[k]), ref[k], rtol=1e-5, atol=1e-5)
+    results[mode] = got
+  for k in ref:
+    np.testing.assert_allclose(np.asarray(results["auto"][k]), np.asarray(results["always"][k]), rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="stts.packing"):
+    _model(packing="never")
+
+
 def test_one_compilation_over_videos_with_different_keep_patterns():
   t = 4
   model = _model()
