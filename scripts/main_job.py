@@ -6,8 +6,10 @@ STTS against random and heuristic pruning on the test split, time both side by s
   .venv/bin/python scripts/main_job.py --workdir /tmp/smoke --config configs/demo.py:runlocal=true
 
 Re-running the same command reuses finished work (dataset, trained runs, eval results, timings) and
-resumes an interrupted training from its last checkpoint. Prints one table and the paths written
-(report.json, table.md, plots/). See docs/main_job.md.
+resumes an interrupted training from its last checkpoint. Prints one table, paired bootstrap
+intervals, the checks and the paths written (report.json, table.md, plots/). Exits 1 when a check
+fails (`--no-strict` or job.strict=False: report only). `--trained_baselines` also trains a random-
+and a heuristic-pruning model to compare with. See docs/main_job.md.
 """
 
 import os
@@ -31,6 +33,9 @@ flags.DEFINE_string("workdir", "runs/main", "runs, eval results, timings, report
 flags.DEFINE_string("seeds", None, "comma-separated training seeds (default: the config's job.seeds)")
 flags.DEFINE_integer("steps", None, "training steps per model (default: the config's train.num_steps)")
 flags.DEFINE_bool("retime", False, "measure the speeds again even if speed.json matches")
+flags.DEFINE_bool("trained_baselines", None, "also train random- and heuristic-pruning models (default: the "
+                  "config's job.trained_baselines)")
+flags.DEFINE_bool("strict", None, "exit 1 when a check fails; --no-strict only reports (default: job.strict)")
 FLAGS = flags.FLAGS
 
 
@@ -41,8 +46,12 @@ def main(argv):
   from stts_jax.experiments import main_job
   seeds = [int(s) for s in FLAGS.seeds.split(",") if s.strip()] if FLAGS.seeds else None
   print(f"jax {jax.__version__} on {jax.device_count()} {jax.default_backend()} device(s)", flush=True)
-  main_job.run(FLAGS.config, FLAGS.workdir, seeds=seeds, steps=FLAGS.steps, retime=FLAGS.retime)
+  report = main_job.run(FLAGS.config, FLAGS.workdir, seeds=seeds, steps=FLAGS.steps, retime=FLAGS.retime,
+                        trained_baselines=FLAGS.trained_baselines)
+  return main_job.exit_status(report, FLAGS.strict)     # app.run exits with it
 
 
 if __name__ == "__main__":
+  # absl spells a false boolean --nostrict; accept the usual --no-strict too.
+  sys.argv = ["--nostrict" if a == "--no-strict" else a for a in sys.argv]
   app.run(main)

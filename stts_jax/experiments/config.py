@@ -28,6 +28,16 @@ class JobConfig:
     calls per variant, timed rounds; every round times each variant once on the same batch).
   grid_clips: test clips drawn in the keep-mask frame grid.
   min_train_speedup / max_accuracy_gap / min_gain_over_random: the checks printed with the table.
+    The accuracy checks hold the lower bound of the paired bootstrap interval (`stats.py`) to the
+    bound: STTS - unpruned >= -max_accuracy_gap, STTS - random >= min_gain_over_random.
+  min_gain_over_heuristic: also check STTS - heuristic >= this at the lower bound (None: the
+    interval is reported, not checked).
+  bootstrap_resamples / bootstrap_seed / confidence_level: the paired bootstrap over test
+    questions behind those checks (numpy seed; percentile interval at this level).
+  strict: `scripts/main_job.py` exits non-zero when a check fails (False: only report).
+  trained_baselines: also train one model with random and one with heuristic pruning (same ratio,
+    steps and training otherwise), each evaluated with its own method on its own weights; the
+    checks then compare STTS with these trained baselines.
   vision_pretrain_steps / vision_pretrain_lr: stage 0, the vision tower pretraining shared by every
     run (`vision_pretrain.py`); 0 steps: the runs start from a random tower.
   vision_pretrain_pruned_ratio: also pretrain the tower in the pruned path (random windows dropped
@@ -46,6 +56,12 @@ class JobConfig:
   min_train_speedup: float = 1.3
   max_accuracy_gap: float = 0.03
   min_gain_over_random: float = 0.05
+  min_gain_over_heuristic: Optional[float] = None
+  bootstrap_resamples: int = 10000
+  bootstrap_seed: int = 0
+  confidence_level: float = 0.95
+  strict: bool = True
+  trained_baselines: bool = False
   vision_pretrain_steps: int = 0
   vision_pretrain_lr: float = 1e-3
   vision_pretrain_pruned_ratio: float = 0.0
@@ -66,6 +82,10 @@ class JobConfig:
       raise ValueError("job: vision_pretrain_steps must be >= 0 and vision_pretrain_lr > 0")
     if not 0.0 <= self.vision_pretrain_pruned_ratio < 1.0:
       raise ValueError(f"job: vision_pretrain_pruned_ratio must be in [0, 1), got {self.vision_pretrain_pruned_ratio}")
+    if self.bootstrap_resamples < 100:
+      raise ValueError(f"job.bootstrap_resamples must be >= 100, got {self.bootstrap_resamples}")
+    if not 0.0 < self.confidence_level < 1.0:
+      raise ValueError(f"job.confidence_level must be in (0, 1), got {self.confidence_level}")
     if self.grid_clips < 0 or self.dataset_workers < 0:
       raise ValueError("job: grid_clips and dataset_workers must be >= 0")
     return self

@@ -1,7 +1,8 @@
 """The main job: one call builds the data, trains an unpruned and an STTS demo model, evaluates pruning
 methods on the held-out test split, times both models side by side and writes the report.
 
-  run(config, workdir, *, seeds=None, steps=None, retime=False) -> report dict
+  run(config, workdir, *, seeds=None, steps=None, retime=False, trained_baselines=None) -> report dict
+  exit_status(report, strict=None) -> 0, or 1 when a check failed and the job is strict
 
 config: a top-level config (`configs/demo.py`) with sections model (the pruned variant: method
 "stts", ratio 0.5; the job derives the unpruned one), data, train, mesh, eval and job (`JobConfig`).
@@ -12,14 +13,19 @@ Stages, each reusing finished work in `workdir`:
              steps, data parallel over the mesh, with checkpoints. A run whose final checkpoint
              exists is skipped; an interrupted one resumes from its latest checkpoint. A run dir
              trained with a different config is an error (never silently mixed).
+             With `job.trained_baselines` also `seed{s}/random` and `seed{s}/heuristic`: the STTS
+             run's config with that method (same ratio, rows, steps, data order; no scorer warm-up).
   3 eval     per seed, on the test split (`eval.runner`), cached in `seed{s}/eval_{run}/results.json`:
              the unpruned-trained model unpruned and with training-free random / heuristic pruning;
              the STTS-trained model with STTS, random and heuristic pruning at `job.eval_ratios`
-             (same weights: only the choice of tokens differs) and unpruned.
+             (same weights: only the choice of tokens differs) and unpruned; a trained baseline
+             with its own method at the trained ratio. results.json holds every question's outcome
+             (the report's paired bootstrap reads it).
   4 speed    first seed: train step (unpruned vs STTS) and prefill (all methods) timed in
              interleaved rounds in this process (`speed.py`); cached in `speed.json` (`retime`
              re-measures).
-  5 report   `report.py`: one table, checks, report.json, table.md, plots/.
+  5 report   `report.py`: one table, paired bootstrap intervals (`stats.py`), checks, report.json,
+             table.md, plots/.
 """
 
 import dataclasses
@@ -55,7 +61,8 @@ from stts_jax.parallel import sharding
 from stts_jax.train.config import MeshConfig, TrainConfig
 
 log = logging.getLogger(__name__)
-RUNS = ("unpruned", "stts")
+RUNS = ("unpruned", "stts")                     # always trained; the timing stage compares these two
+BASELINE_RUNS = report_lib.BASELINE_RUNS        # ("random", "heuristic"), with job.trained_baselines
 STAGES = 5
 
 
@@ -78,6 +85,10 @@ class Job:
   def ratio(self) -> float:
     return self.model.stts.ratio
 
+  @property
+  def runs(self) -> tuple[str, ...]:
+    return RUNS + (BASELINE_RUNS if self.job.trained_baselines else ())
+
   def run_dir(self, seed: int, run: str) -> str:
     return os.path.join(self.workdir, f"seed{seed}", run)
 
@@ -86,8 +97,10 @@ def _say(text: str) -> None:
   print(text, flush=True)
 
 
-def _sections(config: Any, seeds, steps) -> dict[str, Any]:
+def _sections(config: Any, seeds, steps, trained_baselines=None) -> dict[str, Any]:
   config = ml_collections.ConfigDict(config.to_dict() if isinstance(config, ml_collections.ConfigDict) else config)
+  if trained_baselines is not None:
+    config.job = dict(config.get("job", {}), trained_baselines=bool(trained_baselines))
   if steps is not None:
     config.train.num_steps = int(steps)
     optim = config.train.get("optim", {})
@@ -105,8 +118,9 @@ def _sections(config: Any, seeds, steps) -> dict[str, Any]:
   return dict(cfgs, config=config)
 
 
-def make_job(config: Any, workdir: str, *, seeds=None, steps=None, say: Callable[[str], None] = _say) -> Job:
-  c = _sections(config, seeds, steps)
+def make_job(config: Any, workdir: str, *, seeds=None, steps=None, trained_baselines=None,
+             say: Callable[[str], None] = _say) -> Job:
+  c = _sections(config, seeds, steps, trained_baselines)
   mesh = mesh_lib.make_mesh(c["mesh"])
   return Job(config=c["config"], workdir=os.path.abspath(workdir), model=c["model"], data=c["data"],
              train=c["train"], mesh_cfg=c["mesh"], eval=c["eval"], job=c["job"], say=say, mesh=mesh,
@@ -153,13 +167,19 @@ def ensure_dataset(job: Job, progress: bool = True) -> dict[str, Any]:
 # 2. training
 # ---------------------------------------------------------------------------------------------
 def run_config(job: Job, seed: int, run: str) -> dict[str, Any]:
-  """The training config of one run: the job's model (unpruned: method none), this seed."""
+  """The training config of one run: the job's model (unpruned: method none; a trained baseline: its
+  method at the same ratio and packed rows), this seed."""
+  if run not in RUNS + BASELINE_RUNS:
+    raise ValueError(f"main job: unknown run {run!r}; runs are {RUNS + BASELINE_RUNS}")
   d = job.config.to_dict()
   for k in ("job", "eval"):
     d.pop(k, None)
   if run == "unpruned":
     d["model"]["stts"] = dict(d["model"]["stts"], method="none", num_rows=None)
-    d["train"] = dict(d["train"], scorer_warmup_steps=0)     # no scorer to warm up
+  elif run in BASELINE_RUNS:
+    d["model"]["stts"] = dict(d["model"]["stts"], method=run)
+  if run != "stts":
+    d["train"] = dict(d["train"], scorer_warmup_steps=0)     # no learned scorer to warm up
   d["train"] = dict(d["train"], seed=seed)
   d["data"] = dict(d["data"], shuffle_seed=seed)
   d["name"] = f"{d.get('name', 'main_job')}_{run}_seed{seed}"
@@ -281,11 +301,19 @@ def train(job: Job, seed: int, run: str,
 def eval_config_for(job: Job, run: str) -> EvalConfig:
   if run == "unpruned":
     methods, ratios = ("none", "random", "heuristic"), job.job.baseline_ratios or (job.ratio,)
+  elif run in BASELINE_RUNS:
+    methods, ratios = (run,), (job.ratio,)     # its own method on its own weights
   else:
     methods = tuple(dict.fromkeys(("none", job.model.stts.method, "random", "heuristic")))
     ratios = tuple(sorted(set(job.job.eval_ratios) | {job.ratio}))
   return dataclasses.replace(job.eval, methods=methods, ratios=tuple(ratios), max_examples=job.job.eval_examples
                              if job.job.eval_examples is not None else job.eval.max_examples).validate()
+
+
+def _has_records(results: dict[str, Any]) -> bool:
+  """Whether every evaluated cell keeps its per-question outcomes (the paired bootstrap needs them;
+  a results.json without them is recomputed rather than reused)."""
+  return all(c.get("note") or (c.get("records") and all(c["records"].values())) for c in results["cells"])
 
 
 def load_model(job: Job, seed: int, run: str):
@@ -305,7 +333,7 @@ def evaluate(job: Job, seed: int, run: str, progress: bool = True) -> dict[str, 
   if os.path.isfile(path):
     with open(path) as f:
       old = json.load(f)
-    if old.get("checkpoint_step") == step and old.get("eval_config") == want:
+    if old.get("checkpoint_step") == step and old.get("eval_config") == want and _has_records(old):
       job.say(f"  seed {seed} {run}: reused {path}")
       return old
   model, _ = load_model(job, seed, run)
@@ -420,11 +448,13 @@ def enable_compilation_cache(directory: str) -> None:
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-def run(config: Any, workdir: str, *, seeds=None, steps=None, retime: bool = False, progress: bool = True,
-        compilation_cache: bool = True, say: Callable[[str], None] = _say) -> dict[str, Any]:
-  """Runs the five stages (module docstring) and returns the report (also written to workdir)."""
+def run(config: Any, workdir: str, *, seeds=None, steps=None, retime: bool = False,
+        trained_baselines: Optional[bool] = None, progress: bool = True, compilation_cache: bool = True,
+        say: Callable[[str], None] = _say) -> dict[str, Any]:
+  """Runs the five stages (module docstring) and returns the report (also written to workdir).
+  seeds / steps / trained_baselines: None keeps the config's value."""
   t_start = time.time()
-  job = make_job(config, workdir, seeds=seeds, steps=steps, say=say)
+  job = make_job(config, workdir, seeds=seeds, steps=steps, trained_baselines=trained_baselines, say=say)
   os.makedirs(job.workdir, exist_ok=True)
   if compilation_cache:
     enable_compilation_cache(os.path.join(job.workdir, "jax_cache"))
@@ -443,13 +473,14 @@ def run(config: Any, workdir: str, *, seeds=None, steps=None, retime: bool = Fal
   dataset = ensure_dataset(job, progress)
   wall[name] = time.time() - t0
 
-  name, t0 = stage(2, "train", f"train: unpruned and {job.model.stts.method.upper()} (ratio {job.ratio:g}) per seed")
+  trained = ", ".join(["unpruned", job.model.stts.method.upper()] + list(job.runs[len(RUNS):]))
+  name, t0 = stage(2, "train", f"train: {trained} (ratio {job.ratio:g}) per seed")
   vision = pretrain_vision(job, progress)
-  runs = {f"seed{s}/{r}": train(job, s, r, vision) for s in seeds for r in RUNS}
+  runs = {f"seed{s}/{r}": train(job, s, r, vision) for s in seeds for r in job.runs}
   wall[name] = time.time() - t0
 
   name, t0 = stage(3, "eval", f"eval on the {job.eval.split} split")
-  evals = {f"seed{s}/{r}": evaluate(job, s, r, progress) for s in seeds for r in RUNS}
+  evals = {f"seed{s}/{r}": evaluate(job, s, r, progress) for s in seeds for r in job.runs}
   wall[name] = time.time() - t0
 
   name, t0 = stage(4, "speed", f"timing (seed {seeds[0]} models, interleaved in this process)")
@@ -474,5 +505,20 @@ def run(config: Any, workdir: str, *, seeds=None, steps=None, retime: bool = Fal
   return rep
 
 
-__all__ = ["Job", "RUNS", "ensure_dataset", "eval_config_for", "evaluate", "keep_mask_examples", "latest_step",
-           "make_job", "measure_speed", "read_history", "run", "run_config", "train"]
+def exit_status(report: dict[str, Any], strict: Optional[bool] = None, say: Callable[[str], None] = _say) -> int:
+  """The job's exit status: 1 when a check failed (`report_lib.failed_checks`) and the job is strict,
+  else 0. strict: None -> the report's `job.strict`. Says which checks failed either way."""
+  if strict is None:
+    strict = bool(report["job"]["job"].get("strict", True))
+  failed = report_lib.failed_checks(report)
+  if not failed:
+    say("All checks passed.")
+    return 0
+  say(f"{len(failed)} check(s) FAILED: " + "; ".join(c["name"] for c in failed)
+      + ("" if strict else " (not strict: exit status 0)"))
+  return 1 if strict else 0
+
+
+__all__ = ["BASELINE_RUNS", "Job", "RUNS", "ensure_dataset", "eval_config_for", "evaluate", "exit_status",
+           "keep_mask_examples", "latest_step", "make_job", "measure_speed", "read_history", "run", "run_config",
+           "train"]

@@ -1,20 +1,28 @@
-"""The main job's report: one table, the checks of issue 10, report.json, table.md and plots.
+"""The main job's report: one table, the checks of issue 10 (with issue 19's intervals), report.json,
+table.md and plots.
 
 `build_report(...)` turns the stage outputs (training summaries, eval results per seed and model,
 timings) into a JSON-able dict; `write_all` writes report.json, table.md and plots/; `console_text`
-is what the job prints at the end.
+is what the job prints at the end; `failed_checks` is what decides the exit status.
 
-Table rows (accuracy at the trained ratio r; mean +- sample std over seeds):
+Table rows (accuracy at the trained ratio r; mean +- sample std over seeds, and per seed):
   unpruned   unpruned-trained weights, all tokens
   STTS       STTS-trained weights, STTS keep mask at r
   random     STTS-trained weights, random keep mask at r     (same weights: only the selector differs)
   heuristic  STTS-trained weights, 1 - cosine keep mask at r
   random     unpruned-trained weights, random at r           (training-free pruning of a normal model)
   heuristic  unpruned-trained weights, heuristic at r
+  random     trained with random pruning at r, on its own weights      (only with job.trained_baselines)
+  heuristic  trained with heuristic pruning at r, on its own weights   (only with job.trained_baselines)
+Every row other than STTS carries `vs_stts`: the paired bootstrap of STTS - row over the test
+questions, pooled over seeds and per seed (`stats.py`). The checks hold its lower bound to the job's
+bounds; against random (and heuristic, if checked) they use the trained baselines when present, else
+every training-free row of that method (the smallest lower bound decides).
 Times are medians of interleaved rounds in one process (`speed.py`): the train step of the two
 trained models, and vision + prefill per test batch of each inference variant.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -24,11 +32,17 @@ from typing import Any, Optional
 import numpy as np
 
 from stts_jax import viz
+from stts_jax.experiments import stats
+from stts_jax.experiments.config import JobConfig
 
 ACC_KEY = "multiple_choice/likelihood_accuracy"
 KEPT_KEY = "multiple_choice/kept_tokens"
 LABELS = {"none": "unpruned", "stts": "STTS", "random": "random", "heuristic": "heuristic"}
-WEIGHTS = {"unpruned": "unpruned-trained", "stts": "STTS-trained"}
+# Which weights a row runs on, by training run: the first two are the job's trained models (a
+# pruning method on them is training-free); the others are models trained with that method.
+WEIGHTS = {"unpruned": "unpruned-trained", "stts": "STTS-trained", "random": "trained with random pruning",
+           "heuristic": "trained with heuristic pruning"}
+BASELINE_RUNS = ("random", "heuristic")
 
 
 def _cell(results: Mapping[str, Any], method: str, ratio: float) -> Optional[dict[str, Any]]:
@@ -59,19 +73,47 @@ def _stats(values: Sequence[float]) -> dict[str, Any]:
           "max": float(v.max()), "n": int(v.size), "values": [float(x) for x in values]}
 
 
+def _job_settings(job: Mapping[str, Any]) -> dict[str, Any]:
+  """The job section with JobConfig's defaults for keys it lacks (one home for the defaults)."""
+  return {**dataclasses.asdict(JobConfig()), **job}
+
+
 def accuracy_rows(evals: Mapping[str, Any], seeds: Sequence[int], method: str, ratio: float) -> list[dict[str, Any]]:
-  """The table's rows (module docstring) with per-seed accuracies and kept tokens."""
+  """The table's rows (module docstring) with per-seed accuracies and kept tokens; rows[0] is
+  unpruned, rows[1] is STTS. Each row names its eval cell (`cell_method`, `run`: whose weights)."""
   spec = [("none", "unpruned", "none"), (method, "stts", method), ("random", "stts", "random"),
           ("heuristic", "stts", "heuristic"), ("random", "unpruned", "random"), ("heuristic", "unpruned", "heuristic")]
+  spec += [(b, b, b) for b in BASELINE_RUNS if all(f"seed{s}/{b}" in evals for s in seeds)]
   rows = []
   for cell_method, weights, timing in spec:
     cells = [_cell(evals[f"seed{s}/{weights}"], cell_method, ratio) for s in seeds]
-    rows.append({"method": LABELS.get(cell_method, cell_method), "weights": WEIGHTS[weights],
+    rows.append({"id": f"{cell_method}@{weights}", "method": LABELS.get(cell_method, cell_method),
+                 "cell_method": cell_method, "run": weights, "weights": WEIGHTS[weights],
+                 "trained_baseline": weights in BASELINE_RUNS,
                  "ratio": 0.0 if cell_method == "none" else ratio, "timing_variant": "unpruned" if timing == "none" else timing,
                  "accuracy": _stats([_metric(c, ACC_KEY) for c in cells]),
                  "kept_tokens": _stats([_metric(c, KEPT_KEY) for c in cells])["mean"],
                  "train_variant": {("none", "unpruned"): "unpruned", (method, "stts"): "stts"}.get((cell_method, weights))})
   return rows
+
+
+def compare_to_stts(rows: list[dict[str, Any]], evals: Mapping[str, Any], seeds: Sequence[int],
+                    job: Mapping[str, Any]) -> None:
+  """Sets row["vs_stts"] on every row but STTS (rows[1]): the paired bootstrap of STTS - row
+  (`stats.paired_bootstrap`), or None when a seed's eval lacks per-question records for either row."""
+  j = _job_settings(job)
+  ratio = rows[1]["ratio"]
+
+  def per_seed(row):
+    out = [stats.correctness(_cell(evals[f"seed{s}/{row['run']}"], row["cell_method"], ratio), ACC_KEY)
+           for s in seeds]
+    return None if any(x is None for x in out) else out
+  stts_q = per_seed(rows[1])
+  for row in rows[:1] + rows[2:]:
+    other = per_seed(row)
+    row["vs_stts"] = None if stts_q is None or other is None else stats.paired_bootstrap(
+        stts_q, other, seeds, resamples=j["bootstrap_resamples"], seed=j["bootstrap_seed"],
+        level=j["confidence_level"])
 
 
 def _speeds(rows: list[dict[str, Any]], speed: Mapping[str, Any]) -> None:
@@ -84,25 +126,69 @@ def _speeds(rows: list[dict[str, Any]], speed: Mapping[str, Any]) -> None:
     r["prefill_speedup"] = prefill["unpruned"] / r["prefill_s"] if r["prefill_s"] else None
 
 
+def _pts(x: Optional[float]) -> str:
+  return "-" if x is None else f"{x * 100:+.1f}"
+
+
+def _bound_check(name: str, stts_label: str, rows: Sequence[Mapping[str, Any]], bound: float,
+                 level: float) -> dict[str, Any]:
+  """One accuracy check: the smallest lower bound of STTS - row over `rows` against `bound` (fractions;
+  reported in points). A missing interval (no rows, or no per-question records) fails."""
+  comps = [(r, (r.get("vs_stts") or {}).get("pooled")) for r in rows]
+  missing = [f"{r['method']} ({r['weights']})" for r, c in comps if c is None]
+  if not rows or missing:
+    return {"name": name, "value": None, "bound": bound * 100, "unit": "points", "passed": False,
+            "detail": "missing: " + (", ".join(missing) if missing else "no such row") +
+                      " has no per-question results to bootstrap"}
+  row, worst = min(comps, key=lambda rc: rc[1]["lo"])
+  per_seed = " / ".join(_pts(p["mean"]) for p in row["vs_stts"]["per_seed"])
+  detail = (f"{stts_label} - {row['method']} ({row['weights']}): mean {_pts(worst['mean'])}, {level * 100:g}% CI "
+            f"[{_pts(worst['lo'])}, {_pts(worst['hi'])}] points over {worst['n_questions']} questions"
+            + (f"; per seed {per_seed}" if len(row["vs_stts"]["per_seed"]) > 1 else ""))
+  # 1e-12: a bound met exactly (e.g. both rows identical, bound 0) must pass despite float rounding.
+  return {"name": name, "value": worst["lo"] * 100, "bound": bound * 100, "unit": "points",
+          "passed": bool(worst["lo"] >= bound - 1e-12), "detail": detail, "against": row["id"]}
+
+
 def checks(rows: list[dict[str, Any]], job: Mapping[str, Any]) -> list[dict[str, Any]]:
-  """Issue 10's claims, each with its value, threshold and verdict."""
+  """Issue 10's claims at issue 19's standard, each with its value, bound and verdict: the accuracy
+  checks hold the lower bound of the paired bootstrap interval (`compare_to_stts`) to the bound."""
+  j = _job_settings(job)
   unpruned, stts = rows[0], rows[1]
-  acc = lambda r: r["accuracy"]["mean"]  # noqa: E731
-  out = []
-  if acc(unpruned) is not None and acc(stts) is not None:
-    gap = acc(unpruned) - acc(stts)
-    out.append({"name": f"{stts['method']} within {job['max_accuracy_gap'] * 100:g} points of unpruned (mean)",
-                "value": f"{-gap * 100:+.1f} points", "passed": bool(gap <= job["max_accuracy_gap"] + 1e-12)})
-    randoms = [acc(r) for r in rows if r["method"] == "random" and acc(r) is not None]
-    if randoms:
-      gain = acc(stts) - max(randoms)
-      out.append({"name": f"{stts['method']} above random pruning (the better random row) by >= "
-                          f"{job['min_gain_over_random'] * 100:g} points",
-                  "value": f"{gain * 100:+.1f} points", "passed": bool(gain >= job["min_gain_over_random"])})
-  if stts.get("train_speedup"):
-    out.append({"name": f"{stts['method']} train step >= {job['min_train_speedup']:g}x faster than unpruned",
-                "value": f"{stts['train_speedup']:.2f}x", "passed": bool(stts["train_speedup"] >= job["min_train_speedup"])})
+  lvl = f"{j['confidence_level'] * 100:g}%"
+  trained = any(r["trained_baseline"] for r in rows)
+
+  def baselines(method):
+    # Trained baselines when present (same training, own weights); else every training-free row.
+    return [r for r in rows[2:] if r["cell_method"] == method and r["trained_baseline"] == trained]
+  which = "trained with it" if trained else "training-free, every row"
+  s = stts["method"]
+  out = [_bound_check(f"{s} - unpruned >= {-j['max_accuracy_gap'] * 100:+g} points at the {lvl} lower bound",
+                      s, [unpruned], -j["max_accuracy_gap"], j["confidence_level"]),
+         _bound_check(f"{s} - random pruning ({which}) >= {j['min_gain_over_random'] * 100:+g} points at the "
+                      f"{lvl} lower bound", s, baselines("random"), j["min_gain_over_random"], j["confidence_level"])]
+  if j["min_gain_over_heuristic"] is not None:
+    out.append(_bound_check(f"{s} - heuristic pruning ({which}) >= {j['min_gain_over_heuristic'] * 100:+g} points "
+                            f"at the {lvl} lower bound", s, baselines("heuristic"), j["min_gain_over_heuristic"],
+                            j["confidence_level"]))
+  speedup = stts.get("train_speedup")
+  out.append({"name": f"{s} train step >= {j['min_train_speedup']:g}x faster than unpruned",
+              "value": speedup, "bound": j["min_train_speedup"], "unit": "x",
+              "passed": bool(speedup is not None and speedup >= j["min_train_speedup"]),
+              "detail": "median of interleaved rounds, same process" if speedup else "missing: no train-step timing"})
   return out
+
+
+def failed_checks(report: Mapping[str, Any]) -> list[dict[str, Any]]:
+  """The checks that did not pass (a missing value counts as failed)."""
+  return [c for c in report["checks"] if not c["passed"]]
+
+
+def _check_line(c: Mapping[str, Any]) -> str:
+  value = "missing" if c["value"] is None else (f"{c['value']:+.1f} points" if c["unit"] == "points"
+                                                else f"{c['value']:.2f}x")
+  bound = f"{c['bound']:+g} points" if c["unit"] == "points" else f"{c['bound']:g}x"
+  return f"[{'PASS' if c['passed'] else 'FAIL'}] {c['name']}: {value} (bound {bound}; {c['detail']})"
 
 
 def build_report(*, job_info: Mapping[str, Any], env: Mapping[str, Any], dataset: Mapping[str, Any],
@@ -112,8 +198,9 @@ def build_report(*, job_info: Mapping[str, Any], env: Mapping[str, Any], dataset
   seeds, method, ratio = job_info["seeds"], job_info["method"], job_info["ratio"]
   rows = accuracy_rows(evals, seeds, method, ratio)
   _speeds(rows, speed)
+  compare_to_stts(rows, evals, seeds, job_info["job"])
   sweep = {}
-  for weights in ("stts", "unpruned"):
+  for weights in ("stts", "unpruned"):      # the trained baselines are evaluated at r only
     res = [evals[f"seed{s}/{weights}"] for s in seeds]
     cells = {(c["method"], c["ratio"]) for c in res[0]["cells"] if not c.get("note")}
     for m, r in sorted(cells):
@@ -149,34 +236,91 @@ def _fmt(x: Optional[float], spec: str, suffix: str = "") -> str:
   return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:{spec}}{suffix}"
 
 
+def _fmt_vs(r: Mapping[str, Any]) -> str:
+  pooled = (r.get("vs_stts") or {}).get("pooled")
+  if pooled is None:
+    return "-"
+  return f"{_pts(pooled['mean'])} [{_pts(pooled['lo'])}, {_pts(pooled['hi'])}]"
+
+
 def table_lines(report: Mapping[str, Any]) -> list[str]:
   """The table as aligned markdown."""
   n = len(report["job"]["seeds"])
   speed = report["speed"]
-  head = ["method", "weights", "kept tokens", f"test acc % ({'mean ± sd, ' if n > 1 else ''}{n} seed{'s' * (n > 1)})",
-          f"train step ms (B={speed['train_step'].get('batch_size', '?')})",
-          f"prefill ms (B={speed['prefill'].get('batch_size', '?')})", "speedup train / prefill"]
+  level = _job_settings(report["job"]["job"])["confidence_level"]
+  stts = report["table"][1]["method"]
+  head = ["method", "weights", "kept tokens", f"test acc % ({'mean ± sd, ' if n > 1 else ''}{n} seed{'s' * (n > 1)})"]
+  head += ["seeds " + " / ".join(str(s) for s in report["job"]["seeds"])] if n > 1 else []
+  head += [f"{stts} - row, points ({level * 100:g}% CI)",
+           f"train step ms (B={speed['train_step'].get('batch_size', '?')})",
+           f"prefill ms (B={speed['prefill'].get('batch_size', '?')})", "speedup train / prefill"]
   body = []
   for r in report["table"]:
     ts = r["train_step_s"] * 1e3 if r["train_step_s"] else None
     ps = r["prefill_s"] * 1e3 if r["prefill_s"] else None
-    body.append([f"{r['method']}" + (f" @{r['ratio']:g}" if r["ratio"] else ""), r["weights"],
-                 _fmt(r["kept_tokens"], ".1f"), _fmt_acc(r["accuracy"]), _fmt(ts, ".0f"), _fmt(ps, ".0f"),
-                 f"{_fmt(r['train_speedup'], '.2f', 'x')} / {_fmt(r['prefill_speedup'], '.2f', 'x')}"])
+    row = [f"{r['method']}" + (f" @{r['ratio']:g}" if r["ratio"] else ""), r["weights"],
+           _fmt(r["kept_tokens"], ".1f"), _fmt_acc(r["accuracy"])]
+    if n > 1:
+      row.append(" / ".join(_fmt(None if v is None or math.isnan(v) else v * 100, ".1f")
+                            for v in r["accuracy"]["values"]) or "-")
+    row += [_fmt_vs(r), _fmt(ts, ".0f"), _fmt(ps, ".0f"),
+            f"{_fmt(r['train_speedup'], '.2f', 'x')} / {_fmt(r['prefill_speedup'], '.2f', 'x')}"]
+    body.append(row)
   widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
   line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
   return [line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(b) for b in body]
+
+
+def table_notes(report: Mapping[str, Any]) -> list[str]:
+  """What the table's columns mean: whose weights, the soft bias, the intervals."""
+  j = _job_settings(report["job"]["job"])
+  stts = report["table"][1]["method"]
+  trained = any(r["trained_baseline"] for r in report["table"])
+  notes = ["weights: a method on `unpruned-trained` / `STTS-trained` weights selects tokens without training "
+           "for it (same weights as the trained row, only the selector differs)"
+           + ("; `trained with random / heuristic pruning`: a model trained with that method at the same ratio "
+              "and steps (otherwise the same training), evaluated with it on its own weights" if trained else "")
+           + ".",
+           f"Only {stts} has a soft bias (log s' on the keys of the block after the scorer); random and heuristic "
+           "run that block without one.",
+           f"{stts} - row: paired bootstrap over the {report['num_test_examples']} test questions (same question, "
+           f"same seed), pooled over {len(report['job']['seeds'])} seed(s), {j['bootstrap_resamples']} resamples of "
+           f"questions (numpy seed {j['bootstrap_seed']}): mean difference [{j['confidence_level'] * 100:g}% "
+           "percentile interval], in points. It covers the draw of test questions, not training variance across "
+           "seeds (see the per-seed values)."]
+  return notes
+
+
+def comparison_lines(report: Mapping[str, Any]) -> list[str]:
+  """One line per comparison with STTS: pooled interval and per-seed values."""
+  stts = report["table"][1]["method"]
+  out = []
+  for r in report["table"][:1] + report["table"][2:]:
+    vs = r.get("vs_stts")
+    label = f"{stts} - {r['method']}" + (f" @{r['ratio']:g}" if r["ratio"] else "") + f" ({r['weights']})"
+    if not vs or vs["pooled"] is None:
+      out.append(f"{label}: no per-question results")
+      continue
+    p = vs["pooled"]
+    seeds = ", ".join(f"seed {x['seed']} {_pts(x['mean'])} [{_pts(x['lo'])}, {_pts(x['hi'])}]" for x in vs["per_seed"])
+    out.append(f"{label}: {_pts(p['mean'])} [{_pts(p['lo'])}, {_pts(p['hi'])}] points ({p['n_pairs']} paired "
+               f"answers); per seed: {seeds}")
+  return out
 
 
 def console_text(report: Mapping[str, Any], files: Mapping[str, str]) -> str:
   j = report["job"]
   out = ["", f"Results: {report['num_test_examples']} test examples, 4-way multiple choice (chance 25 %), "
              f"{j['steps']} training steps per model, train batch {j['train_batch']}"
-             + (f", both from a vision tower pretrained for {j['vision_tower']['steps']} steps (stage 0)"
+             + (f", every model from a vision tower pretrained for {j['vision_tower']['steps']} steps (stage 0)"
                 if j.get("vision_tower") else "") + ".", ""]
   out += table_lines(report)
+  out += [""] + [f"  {n}" for n in table_notes(report)]
+  level = _job_settings(j["job"])["confidence_level"]
+  out += ["", f"Paired bootstrap over test questions ({level * 100:g}% percentile intervals):"]
+  out += [f"  {line}" for line in comparison_lines(report)]
   out += ["", "Checks:"]
-  out += [f"  [{'PASS' if c['passed'] else 'FAIL'}] {c['name']}: {c['value']}" for c in report["checks"]]
+  out += [f"  {_check_line(c)}" for c in report["checks"]]
   pre = report["speed"]["prefill"]
   packed = pre.get("packed_rate", {}).get(j["method"])
   if packed is not None:
@@ -210,7 +354,7 @@ def loss_curves_figure(histories: Mapping[str, list[dict[str, Any]]], method: st
   for key, hist in histories.items():
     run = key.split("/")[1]
     pts = [(h["step"], h["ce"]) for h in hist if "ce" in h]
-    label = "unpruned" if run == "unpruned" else LABELS.get(method, method)
+    label = {"unpruned": "unpruned", "stts": LABELS.get(method, method)}.get(run, f"{LABELS.get(run, run)} (trained)")
     curves.setdefault(label, []).append(([p[0] for p in pts], [p[1] for p in pts]))
   return viz.loss_curves(curves, title="training loss on the default dataset")
 
@@ -263,8 +407,9 @@ def write_all(report: dict[str, Any], histories: Mapping[str, list[dict[str, Any
   report["keep_mask_examples"] = grid_meta
   table_path = os.path.join(workdir, "table.md")
   with open(table_path, "w") as f:
-    f.write("\n".join(table_lines(report)) + "\n\n" + "\n".join(
-        f"- [{'PASS' if c['passed'] else 'FAIL'}] {c['name']}: {c['value']}" for c in report["checks"]) + "\n")
+    f.write("\n".join(table_lines(report)) + "\n\n" + "\n".join(f"- {n}" for n in table_notes(report))
+            + "\n\nPaired bootstrap:\n\n" + "\n".join(f"- {x}" for x in comparison_lines(report))
+            + "\n\nChecks:\n\n" + "\n".join(f"- {_check_line(c)}" for c in report["checks"]) + "\n")
   files = {"table": table_path, **files}
   report["files"] = dict(files)
   json_path = os.path.join(workdir, "report.json")
@@ -275,4 +420,5 @@ def write_all(report: dict[str, Any], histories: Mapping[str, list[dict[str, Any
   return files
 
 
-__all__ = ["ACC_KEY", "accuracy_rows", "build_report", "checks", "console_text", "table_lines", "write_all"]
+__all__ = ["ACC_KEY", "BASELINE_RUNS", "accuracy_rows", "build_report", "checks", "comparison_lines",
+           "compare_to_stts", "console_text", "failed_checks", "table_lines", "table_notes", "write_all"]

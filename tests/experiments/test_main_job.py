@@ -73,6 +73,44 @@ def test_run_configs_seeds_steps_and_eval_cells(tmp_path):
     main_job.make_job(cfg, str(tmp_path / "w2"))
 
 
+def test_trained_baseline_runs_change_only_the_method(tmp_path):
+  job = _job(tmp_path)
+  assert job.runs == ("unpruned", "stts")
+  job = _job(tmp_path, trained_baselines=True)
+  assert job.runs == ("unpruned", "stts", "random", "heuristic") and job.job.trained_baselines
+  st = main_job.run_config(job, 0, "stts")
+  for b in ("random", "heuristic"):
+    c = main_job.run_config(job, 0, b)
+    assert c["model"]["stts"]["method"] == b and c["train"]["scorer_warmup_steps"] == 0
+    assert c["name"] == f"demo_{b}_seed0"
+    # everything else is the STTS run's: ratio, packed rows, steps, data order, optimiser
+    c["model"]["stts"]["method"], c["train"]["scorer_warmup_steps"], c["name"] = "stts", 4, st["name"]
+    assert c == st
+    built = config_lib.build(ml_collections.ConfigDict(main_job.run_config(job, 0, b)))
+    assert built["model"].stts.prunes and built["model"].stts.ratio == 0.5
+    assert main_job.eval_config_for(job, b).cells(8) == [(b, 0.5, 8)]
+  with pytest.raises(ValueError, match="unknown run"):
+    main_job.run_config(job, 0, "oracle")
+
+
+def test_eval_cache_needs_per_question_records():
+  cell = {"note": "", "records": {"multiple_choice": {"likelihood": [{"example_id": "a"}]}}}
+  assert main_job._has_records({"cells": [cell, {"note": "not run: no scorer", "records": {}}]})
+  assert not main_job._has_records({"cells": [dict(cell, records={})]})
+  assert not main_job._has_records({"cells": [dict(cell, records={"multiple_choice": {}})]})
+
+
+def test_job_config_rejects_bad_bootstrap_settings():
+  from stts_jax.experiments.config import JobConfig
+  job = JobConfig()
+  assert job.strict and not job.trained_baselines and job.bootstrap_resamples == 10000
+  assert job.min_gain_over_heuristic is None
+  with pytest.raises(ValueError, match="bootstrap_resamples"):
+    JobConfig(bootstrap_resamples=10).validate()
+  with pytest.raises(ValueError, match="confidence_level"):
+    JobConfig(confidence_level=1.0).validate()
+
+
 def test_run_dir_trained_with_another_config_is_an_error(tmp_path):
   job = _job(tmp_path)
   run_dir = job.run_dir(0, "stts")
@@ -107,22 +145,39 @@ def test_dim_dropped_scales_exactly_the_dropped_windows():
 # ---------------------------------------------------------------------------------------------
 # report on synthetic stage outputs
 # ---------------------------------------------------------------------------------------------
-def _cell(method, ratio, acc, kept):
+Q = 200   # synthetic test questions
+
+
+def _records(acc, seed):
+  """Per-question outcomes with exactly round(acc * Q) correct; within a seed the rows' correct sets
+  nest (same question order), so a row with a higher accuracy is right wherever a lower one is."""
+  order = np.random.default_rng(seed).permutation(Q)
+  return [{"example_id": f"test-{q:05d}", "status": "scored", "correct": bool(order[q] < round(acc * Q))}
+          for q in range(Q)]
+
+
+def _cell(method, ratio, acc, kept, seed=0):
   return {"method": method, "ratio": ratio, "frames": 8, "note": "",
-          "metrics": {report_lib.ACC_KEY: acc, "multiple_choice/kept_tokens": kept}}
+          "metrics": {report_lib.ACC_KEY: acc, "multiple_choice/kept_tokens": kept},
+          "records": {"multiple_choice": {"likelihood": _records(acc, seed)}}}
 
 
-def _evals(tmp_path, seeds, accs):
+def _evals(tmp_path, seeds, accs, trained_baselines=False):
   out = {}
   for s in seeds:
     a = accs[s]
-    out[f"seed{s}/unpruned"] = {"num_examples": 100, "checkpoint": str(tmp_path / f"seed{s}" / "unpruned"), "cells": [
-        _cell("none", 0.0, a["none"], 72.0), _cell("random", 0.5, a["random_u"], 36.0),
-        _cell("heuristic", 0.5, a["heuristic_u"], 36.0)]}
-    out[f"seed{s}/stts"] = {"num_examples": 100, "checkpoint": str(tmp_path / f"seed{s}" / "stts"), "cells": [
-        _cell("none", 0.0, a["stts"] + 0.01, 72.0), _cell("stts", 0.25, a["stts"] + 0.01, 54.0),
-        _cell("stts", 0.5, a["stts"], 36.0), _cell("random", 0.5, a["random"], 36.0),
-        _cell("random", 0.25, a["random"] + 0.1, 54.0), _cell("heuristic", 0.5, a["heuristic"], 36.0)]}
+    c = lambda m, r, acc, kept: _cell(m, r, acc, kept, s)  # noqa: E731
+    out[f"seed{s}/unpruned"] = {"num_examples": Q, "checkpoint": str(tmp_path / f"seed{s}" / "unpruned"), "cells": [
+        c("none", 0.0, a["none"], 72.0), c("random", 0.5, a["random_u"], 36.0),
+        c("heuristic", 0.5, a["heuristic_u"], 36.0)]}
+    out[f"seed{s}/stts"] = {"num_examples": Q, "checkpoint": str(tmp_path / f"seed{s}" / "stts"), "cells": [
+        c("none", 0.0, a["stts"] + 0.01, 72.0), c("stts", 0.25, a["stts"] + 0.01, 54.0),
+        c("stts", 0.5, a["stts"], 36.0), c("random", 0.5, a["random"], 36.0),
+        c("random", 0.25, a["random"] + 0.1, 54.0), c("heuristic", 0.5, a["heuristic"], 36.0)]}
+    if trained_baselines:
+      for b in ("random", "heuristic"):
+        out[f"seed{s}/{b}"] = {"num_examples": Q, "checkpoint": str(tmp_path / f"seed{s}" / b),
+                               "cells": [c(b, 0.5, a[f"{b}_t"], 36.0)]}
   return out
 
 
@@ -132,15 +187,21 @@ def _speed(train_stts=0.6):
                       "batch_size": 32, "packed_rate": {"stts": 0.75}}}
 
 
-def _report(tmp_path, train_stts=0.6):
-  accs = {0: dict(none=0.95, stts=0.94, random=0.70, heuristic=0.90, random_u=0.60, heuristic_u=0.85),
-          1: dict(none=0.97, stts=0.95, random=0.66, heuristic=0.88, random_u=0.62, heuristic_u=0.86)}
-  job = {"max_accuracy_gap": 0.03, "min_gain_over_random": 0.05, "min_train_speedup": 1.3}
+ACCS = {0: dict(none=0.95, stts=0.95, random=0.70, heuristic=0.90, random_u=0.60, heuristic_u=0.85,
+                random_t=0.80, heuristic_t=0.93),
+        1: dict(none=0.97, stts=0.96, random=0.66, heuristic=0.88, random_u=0.62, heuristic_u=0.86,
+                random_t=0.78, heuristic_t=0.94)}
+
+
+def _report(tmp_path, train_stts=0.6, accs=None, trained_baselines=False, **job_kw):
+  job = {"max_accuracy_gap": 0.03, "min_gain_over_random": 0.05, "min_train_speedup": 1.3,
+         "bootstrap_resamples": 2000, **job_kw}
   return report_lib.build_report(
       job_info={"workdir": str(tmp_path), "ratio": 0.5, "method": "stts", "seeds": [0, 1], "steps": 10,
                 "train_batch": 16, "job": job, "config": {}},
       env={"devices": 2}, dataset={"status": "reused"},
-      runs={"seed0/stts": {"status": "trained"}}, evals=_evals(tmp_path, [0, 1], accs), speed=_speed(train_stts),
+      runs={"seed0/stts": {"status": "trained"}},
+      evals=_evals(tmp_path, [0, 1], accs or ACCS, trained_baselines), speed=_speed(train_stts),
       wall={"train": 60.0, "total": 100.0})
 
 
@@ -156,13 +217,96 @@ def test_report_table_values_and_checks(tmp_path):
   assert st["kept_tokens"] == 36.0 and un["kept_tokens"] == 72.0
   assert math.isclose(st["train_speedup"], 1 / 0.6) and math.isclose(st["prefill_speedup"], 0.5 / 0.4)
   assert rows[2]["train_step_s"] is None and math.isclose(rows[2]["prefill_speedup"], 0.5 / 0.35)
+  # STTS - unpruned: 0 and -2 of 200 questions -> pooled -0.5 points; per seed 0.0 / -1.0
+  vs = un["vs_stts"]
+  assert math.isclose(vs["pooled"]["mean"], -0.005) and vs["pooled"]["n_pairs"] == 2 * Q
+  assert [p["mean"] for p in vs["per_seed"]] == [0.0, -0.01]
+  assert vs["pooled"]["lo"] < -0.005 < vs["pooled"]["hi"] <= 0.0
+  assert "vs_stts" not in st
+  # STTS - random on the STTS weights: +25 and +30 points (nested correct sets: no question favours random)
+  random_vs = rows[2]["vs_stts"]["pooled"]
+  assert math.isclose(random_vs["mean"], 0.275) and 0.2 < random_vs["lo"] < 0.275 < random_vs["hi"] < 0.35
   assert [c["passed"] for c in rep["checks"]] == [True, True, True]
-  assert rep["checks"][0]["value"] == "-1.5 points"       # 94.5 vs 96.0
-  assert rep["checks"][1]["value"] == "+26.5 points"      # 94.5 vs the better random row, 68.0
+  parity, gain, speed = rep["checks"]
+  assert parity["name"] == "STTS - unpruned >= -3 points at the 95% lower bound"
+  assert parity["value"] == pytest.approx(vs["pooled"]["lo"] * 100) and parity["bound"] == -3.0
+  assert "mean -0.5" in parity["detail"] and "per seed +0.0 / -1.0" in parity["detail"]
+  # against random, the smallest lower bound over the training-free random rows decides: STTS weights
+  # (68.0 %) beat the unpruned ones (61.0 %), so that row is the one reported
+  assert gain["against"] == "random@stts" and gain["bound"] == 5.0
+  assert gain["value"] == pytest.approx(rows[2]["vs_stts"]["pooled"]["lo"] * 100)
+  assert speed["value"] == pytest.approx(1 / 0.6) and speed["bound"] == 1.3 and speed["unit"] == "x"
   sweep = {(c["method"], c["ratio"]): c["accuracy"]["mean"] for c in rep["accuracy_sweep"]["stts"]}
   assert math.isclose(sweep[("random", 0.25)], 0.78)
   failing = _report(tmp_path, train_stts=0.9)["checks"][2]
-  assert not failing["passed"] and failing["value"] == "1.11x"
+  assert not failing["passed"] and failing["value"] == pytest.approx(1 / 0.9)
+
+
+def test_accuracy_checks_use_the_interval_bound_not_the_mean(tmp_path):
+  # STTS 2.5 points below unpruned on average: within 3 points by the mean, but over 400 paired
+  # answers the 95 % lower bound is below -3, so the parity check fails.
+  accs = {s: dict(a, stts=a["none"] - 0.025) for s, a in ACCS.items()}
+  rep = _report(tmp_path, accs=accs)
+  parity = rep["checks"][0]
+  assert math.isclose(rep["table"][0]["vs_stts"]["pooled"]["mean"], -0.025)
+  assert parity["value"] < -3.0 and not parity["passed"]
+  assert [c["name"] for c in report_lib.failed_checks(rep)] == [parity["name"]]
+  # with a lower bound of 5 points, the same gap passes
+  assert _report(tmp_path, accs=accs, max_accuracy_gap=0.05)["checks"][0]["passed"]
+  # the heuristic check is off by default and uses the same rule when set
+  assert len(rep["checks"]) == 3
+  heur = _report(tmp_path, min_gain_over_heuristic=0.0)["checks"][2]
+  assert heur["name"].startswith("STTS - heuristic pruning (training-free, every row) >= +0 points")
+  assert heur["against"] == "heuristic@stts" and heur["passed"] == (heur["value"] >= 0.0)
+
+
+def test_missing_per_question_records_fail_the_check(tmp_path):
+  evals = _evals(tmp_path, [0, 1], ACCS)
+  for c in evals["seed1/unpruned"]["cells"]:
+    del c["records"]
+  rep = report_lib.build_report(
+      job_info={"workdir": str(tmp_path), "ratio": 0.5, "method": "stts", "seeds": [0, 1], "steps": 10,
+                "train_batch": 16, "job": {"bootstrap_resamples": 500}, "config": {}},
+      env={}, dataset={}, runs={}, evals=evals, speed=_speed(), wall={"total": 1.0})
+  parity, gain, _ = rep["checks"]
+  assert rep["table"][0]["vs_stts"] is None
+  assert parity["value"] is None and not parity["passed"] and parity["detail"].startswith("missing: unpruned")
+  # the random rows of the unpruned weights lack records too: the gain check cannot be decided either
+  assert not gain["passed"] and "random (unpruned-trained)" in gain["detail"]
+
+
+def test_trained_baselines_rows_and_checks(tmp_path):
+  rep = _report(tmp_path, trained_baselines=True)
+  rows = rep["table"]
+  assert [(r["id"], r["weights"]) for r in rows[-2:]] == [
+      ("random@random", "trained with random pruning"), ("heuristic@heuristic", "trained with heuristic pruning")]
+  assert [r["trained_baseline"] for r in rows] == [False] * 6 + [True, True]
+  assert rows[6]["accuracy"]["values"] == [0.80, 0.78] and rows[6]["prefill_s"] == 0.35
+  assert math.isclose(rows[6]["vs_stts"]["pooled"]["mean"], 0.165)
+  gain = rep["checks"][1]
+  assert gain["name"].startswith("STTS - random pruning (trained with it) >=") and gain["against"] == "random@random"
+  assert gain["value"] == pytest.approx(rows[6]["vs_stts"]["pooled"]["lo"] * 100)
+  heur = _report(tmp_path, trained_baselines=True, min_gain_over_heuristic=0.0)["checks"][2]
+  assert heur["against"] == "heuristic@heuristic"
+  notes = "\n".join(report_lib.table_notes(rep))
+  assert "Only STTS has a soft bias" in notes and "trained with random / heuristic pruning" in notes
+  lines = report_lib.table_lines(rep)
+  assert "trained with random pruning" in lines[-2] and "+16.5 [" in lines[-2]
+
+
+def test_exit_status_is_nonzero_when_a_check_fails(tmp_path):
+  said = []
+  passing = _report(tmp_path)
+  assert main_job.exit_status(passing, say=said.append) == 0 and said == ["All checks passed."]
+  failing = _report(tmp_path, train_stts=0.9)           # 1.11x: the speedup check fails
+  said.clear()
+  assert main_job.exit_status(failing, say=said.append) == 1
+  assert "1 check(s) FAILED: STTS train step >= 1.3x faster than unpruned" in said[0]
+  # --no-strict (or job.strict False in the report) only reports
+  assert main_job.exit_status(failing, strict=False, say=said.append) == 0 and "not strict" in said[-1]
+  failing["job"]["job"]["strict"] = False
+  assert main_job.exit_status(failing, say=said.append) == 0
+  assert main_job.exit_status(failing, strict=True, say=said.append) == 1
 
 
 def test_report_files_and_console_text(tmp_path):
@@ -184,21 +328,27 @@ def test_report_files_and_console_text(tmp_path):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   with open(files["report"]) as f:
     saved = json.load(f)
-  assert saved["table"][1]["accuracy"]["values"] == [0.94, 0.95]
+  assert saved["table"][1]["accuracy"]["values"] == [0.95, 0.96]
+  assert saved["table"][0]["vs_stts"]["pooled"]["n_questions"] == Q
+  assert saved["checks"][0]["bound"] == -3.0 and saved["checks"][0]["passed"] is True
   assert saved["keep_mask_examples"][0]["kept_event"] == {"stts": bool(keep[4, 4]), "heuristic": bool(~keep[4, 4]),
                                                           "random": bool(keep[4, 4])}
   text = report_lib.console_text(rep, files)
-  assert "| STTS @0.5" in text and "94.5 ± 0.7" in text and "1.67x / 1.25x" in text
-  assert text.count("[PASS]") == 3 and files["report"] in text
+  assert "| STTS @0.5" in text and "95.5 ± 0.7" in text and "1.67x / 1.25x" in text
+  assert "95.0 / 96.0" in text and "-0.5 [" in text            # per-seed column; STTS - unpruned with its CI
+  assert "Paired bootstrap over test questions (95% percentile intervals):" in text
+  assert "STTS - unpruned (unpruned-trained): -0.5 [" in text and "per seed: seed 0 +0.0 [" in text
+  assert text.count("[PASS]") == 3 and files["report"] in text and "(bound -3 points;" in text
   with open(files["table"]) as f:
-    assert f.read().startswith("| method")
+    table = f.read()
+  assert table.startswith("| method") and "Only STTS has a soft bias" in table and "Checks:" in table
 
 
 # ---------------------------------------------------------------------------------------------
 # end to end
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_main_job_runlocal_end_to_end_and_rerun_reuses_everything(tmp_path):
+def test_main_job_runlocal_end_to_end_then_rerun_reuses_and_adds_trained_baselines(tmp_path):
   cfg = demo.get_config(f"runlocal=true,data={tmp_path}/data")
   lines = []
   rep = main_job.run(cfg, str(tmp_path / "work"), say=lines.append, progress=False)
@@ -224,11 +374,29 @@ def test_main_job_runlocal_end_to_end_and_rerun_reuses_everything(tmp_path):
       assert json.load(f)["vision_tower"]["pretrain"]["pruned_ratio"] == 0.5
   stts_history = main_job.read_history(os.path.join(tmp_path, "work", "seed0", "stts"))
   assert stts_history[0]["step"] == 0 and stts_history[0]["scorer_warmup/steps"] == 4
-  # Second run: every stage reuses what the first one wrote.
+  # every comparison has its paired bootstrap on the 16 test questions, and the exit status follows the checks
+  for r in rows[:1] + rows[2:]:
+    assert r["vs_stts"]["pooled"]["n_questions"] == 16 and len(r["vs_stts"]["per_seed"]) == 1
+  assert "Paired bootstrap over test questions" in text
+  assert main_job.exit_status(rep, say=lines.append) == (1 if report_lib.failed_checks(rep) else 0)
+  assert main_job.exit_status(rep, strict=False, say=lines.append) == 0
+  # Second run, with the trained baselines: every stage reuses what the first one wrote, and only the
+  # random- and heuristic-pruning models are trained and evaluated.
   lines2 = []
-  rep2 = main_job.run(cfg, str(tmp_path / "work"), say=lines2.append, progress=False)
-  assert [r["status"] for r in rep2["runs"].values()] == ["reused", "reused"]
+  rep2 = main_job.run(cfg, str(tmp_path / "work"), say=lines2.append, progress=False, trained_baselines=True)
+  assert [(k, r["status"]) for k, r in rep2["runs"].items()] == [
+      ("seed0/unpruned", "reused"), ("seed0/stts", "reused"), ("seed0/random", "trained"),
+      ("seed0/heuristic", "trained")]
   assert rep2["dataset"]["status"] == "reused"
   assert "reused" in "\n".join(lines2) and rep2["speed"] == rep["speed"]
   assert "vision tower: reused" in "\n".join(lines2)
-  assert [r["accuracy"] for r in rep2["table"]] == [r["accuracy"] for r in rep["table"]]
+  assert [r["accuracy"] for r in rep2["table"][:6]] == [r["accuracy"] for r in rep["table"]]
+  assert [r["weights"] for r in rep2["table"][6:]] == ["trained with random pruning", "trained with heuristic pruning"]
+  assert rep2["checks"][1]["against"] == "random@random"
+  for run in ("random", "heuristic"):
+    with open(os.path.join(tmp_path, "work", "seed0", run, "run_config.json")) as f:
+      assert json.load(f)["model"]["stts"]["method"] == run
+    with open(os.path.join(tmp_path, "work", "seed0", f"eval_{run}", "results.json")) as f:
+      cells = json.load(f)["cells"]
+    assert [(c["method"], c["ratio"]) for c in cells] == [(run, 0.5)]
+    assert len(cells[0]["records"]["multiple_choice"]["likelihood"]) == 16
