@@ -304,7 +304,7 @@ def comparison_lines(report: Mapping[str, Any]) -> list[str]:
     p = vs["pooled"]
     seeds = ", ".join(f"seed {x['seed']} {_pts(x['mean'])} [{_pts(x['lo'])}, {_pts(x['hi'])}]" for x in vs["per_seed"])
     out.append(f"{label}: {_pts(p['mean'])} [{_pts(p['lo'])}, {_pts(p['hi'])}] points ({p['n_pairs']} paired "
-               f"answers); per seed: {seeds}")
+               f"answers)" + (f"; per seed: {seeds}" if len(vs["per_seed"]) > 1 else ""))
   return out
 
 
