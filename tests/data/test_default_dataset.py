@@ -86,6 +86,22 @@ def test_build_is_idempotent(built):
   assert again == meta and os.path.getmtime(os.path.join(out, "train_frames.npy")) == stamp
 
 
+def test_build_from_before_the_variant_field_is_reused(built):
+  """A meta.json written before Spec.variant existed counts as the default variant: reused, not
+  rebuilt, and the field is added so that later spec comparisons match."""
+  out, meta = built
+  assert meta["variant"] == meta["spec"]["variant"] == "default"
+  stamp = os.path.getmtime(os.path.join(out, "train_frames.npy"))
+  old = dict(meta, spec={k: v for k, v in meta["spec"].items() if k != "variant"})
+  del old["variant"]
+  with open(os.path.join(out, "meta.json"), "w") as f:
+    json.dump(old, f)
+  assert default_dataset.build(out, SPEC, workers=1, with_tfds=True) == meta
+  with open(os.path.join(out, "meta.json")) as f:
+    assert json.load(f) == meta
+  assert os.path.getmtime(os.path.join(out, "train_frames.npy")) == stamp
+
+
 def test_oracle_pruning_keeps_event_more_with_heuristic_than_random():
   """Pixel-space 1-cos heuristic vs random at 50 %: the event must matter, and distractors must
   leave the heuristic room to be beaten."""
