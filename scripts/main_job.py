@@ -4,15 +4,20 @@ STTS against random and heuristic pruning on the test split, time both side by s
   bash scripts/setup_env.sh && .venv/bin/python scripts/main_job.py --workdir runs/main      # ~15 min, 2 cores
   .venv/bin/python scripts/main_job.py --workdir runs/main3 --seeds 0,1,2                    # mean +- sd
   .venv/bin/python scripts/main_job.py --workdir /tmp/smoke --config configs/demo.py:runlocal=true
+  .venv/bin/python scripts/main_job.py --workdir runs/main --results_dir docs/results/main_job/demo   # files to commit
 
 Re-running the same command reuses finished work (dataset, trained runs, eval results, timings) and
 resumes an interrupted training from its last checkpoint. Prints one table, paired bootstrap
 intervals, the checks and the paths written (report.json, table.md, plots/). Exits 1 when a check
 fails (`--no-strict` or job.strict=False: report only). `--trained_baselines` also trains a random-
-and a heuristic-pruning model to compare with. See docs/main_job.md.
+and a heuristic-pruning model to compare with. Every run logs a validation-accuracy curve (job.val_every,
+job.val_examples); `--results_dir` copies report.json, table.md, speed.json, val_curves.json and plots/
+there with a provenance.json (this command line, git commit, machine, wall time). See docs/main_job.md.
 """
 
+import functools
 import os
+import shlex
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,10 +41,12 @@ flags.DEFINE_bool("retime", False, "measure the speeds again even if speed.json 
 flags.DEFINE_bool("trained_baselines", None, "also train random- and heuristic-pruning models (default: the "
                   "config's job.trained_baselines)")
 flags.DEFINE_bool("strict", None, "exit 1 when a check fails; --no-strict only reports (default: job.strict)")
+flags.DEFINE_string("results_dir", None, "also copy the result files there, with provenance.json (e.g. a directory "
+                    "under docs/results/ to commit)")
 FLAGS = flags.FLAGS
 
 
-def main(argv):
+def main(argv, command=None):
   del argv
   logging.set_verbosity(logging.WARNING)
   import jax
@@ -47,11 +54,12 @@ def main(argv):
   seeds = [int(s) for s in FLAGS.seeds.split(",") if s.strip()] if FLAGS.seeds else None
   print(f"jax {jax.__version__} on {jax.device_count()} {jax.default_backend()} device(s)", flush=True)
   report = main_job.run(FLAGS.config, FLAGS.workdir, seeds=seeds, steps=FLAGS.steps, retime=FLAGS.retime,
-                        trained_baselines=FLAGS.trained_baselines)
+                        trained_baselines=FLAGS.trained_baselines, results_dir=FLAGS.results_dir, command=command)
   return main_job.exit_status(report, FLAGS.strict)     # app.run exits with it
 
 
 if __name__ == "__main__":
+  command = shlex.join([os.path.basename(sys.executable)] + sys.argv)     # as typed, for provenance
   # absl spells a false boolean --nostrict; accept the usual --no-strict too.
   sys.argv = ["--nostrict" if a == "--no-strict" else a for a in sys.argv]
-  app.run(main)
+  app.run(functools.partial(main, command=command))

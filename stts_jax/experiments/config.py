@@ -42,6 +42,18 @@ class JobConfig:
     run (`vision_pretrain.py`); 0 steps: the runs start from a random tower.
   vision_pretrain_pruned_ratio: also pretrain the tower in the pruned path (random windows dropped
     at this ratio after `prune_at`); 0: full-context path only (ignored when vision_pretrain_steps is 0).
+  val_every: every this many training steps (and at the last step) each run evaluates its own method
+    at the trained ratio on the validation split (multiple-choice likelihood, the test eval's
+    evaluator); the points go to the run's metrics.jsonl as `eval/val_accuracy` (0: off). Decisions
+    (learning rate, steps, aux weight) are made on these curves, never on the test split.
+  val_examples: the first N validation questions (None: the whole split).
+  chance_margin / rise_window / rise_tolerance: the plateau rule of the report (`report.plateau`):
+    a run has left the chance plateau when its last val accuracy is above chance + chance_margin, and
+    has stopped rising when the mean of its last `rise_window` val points is at most rise_tolerance
+    above the mean of the `rise_window` points before them (fewer than 2 * rise_window points:
+    undecided, i.e. not stopped).
+  require_converged: add a check that every run left the chance plateau and stopped rising (False:
+    the diagnostic is reported only).
   """
   seeds: tuple[int, ...] = (0,)
   dataset_clips: Optional[tuple[int, int, int]] = None
@@ -65,6 +77,12 @@ class JobConfig:
   vision_pretrain_steps: int = 0
   vision_pretrain_lr: float = 1e-3
   vision_pretrain_pruned_ratio: float = 0.0
+  val_every: int = 50
+  val_examples: Optional[int] = 256
+  chance_margin: float = 0.10
+  rise_window: int = 2
+  rise_tolerance: float = 0.01
+  require_converged: bool = False
 
   def validate(self) -> "JobConfig":
     if not self.seeds or len(set(self.seeds)) != len(self.seeds):
@@ -86,6 +104,13 @@ class JobConfig:
       raise ValueError(f"job.bootstrap_resamples must be >= 100, got {self.bootstrap_resamples}")
     if not 0.0 < self.confidence_level < 1.0:
       raise ValueError(f"job.confidence_level must be in (0, 1), got {self.confidence_level}")
+    if self.val_every < 0 or (self.val_examples is not None and self.val_examples < 1):
+      raise ValueError(f"job: val_every must be >= 0 and val_examples >= 1 or None, got {self.val_every}, "
+                       f"{self.val_examples}")
+    if self.rise_window < 1 or self.rise_tolerance < 0 or not 0.0 <= self.chance_margin < 1.0:
+      raise ValueError("job: rise_window must be >= 1, rise_tolerance >= 0, chance_margin in [0, 1)")
+    if self.require_converged and not self.val_every:
+      raise ValueError("job.require_converged needs validation curves: set job.val_every > 0")
     if self.grid_clips < 0 or self.dataset_workers < 0:
       raise ValueError("job: grid_clips and dataset_workers must be >= 0")
     return self

@@ -1,7 +1,8 @@
 """The main job: one call builds the data, trains an unpruned and an STTS demo model, evaluates pruning
 methods on the held-out test split, times both models side by side and writes the report.
 
-  run(config, workdir, *, seeds=None, steps=None, retime=False, trained_baselines=None) -> report dict
+  run(config, workdir, *, seeds=None, steps=None, retime=False, trained_baselines=None,
+      results_dir=None, command=None) -> report dict
   exit_status(report, strict=None) -> 0, or 1 when a check failed and the job is strict
 
 config: a top-level config (`configs/demo.py`) with sections model (the pruned variant: method
@@ -15,6 +16,10 @@ Stages, each reusing finished work in `workdir`:
              trained with a different config is an error (never silently mixed).
              With `job.trained_baselines` also `seed{s}/random` and `seed{s}/heuristic`: the STTS
              run's config with that method (same ratio, rows, steps, data order; no scorer warm-up).
+             Every `job.val_every` steps and at the end, each run evaluates its own method at the
+             trained ratio on the first `job.val_examples` VALIDATION questions (`val_eval_fn`,
+             the test eval's evaluator, compiled once per run); the points go to its metrics.jsonl
+             as `eval/val_accuracy` (a resumed run keeps the earlier ones).
   3 eval     per seed, on the test split (`eval.runner`), cached in `seed{s}/eval_{run}/results.json`:
              the unpruned-trained model unpruned and with training-free random / heuristic pruning;
              the STTS-trained model with STTS, random and heuristic pruning at `job.eval_ratios`
@@ -24,8 +29,10 @@ Stages, each reusing finished work in `workdir`:
   4 speed    first seed: train step (unpruned vs STTS) and prefill (all methods) timed in
              interleaved rounds in this process (`speed.py`); cached in `speed.json` (`retime`
              re-measures).
-  5 report   `report.py`: one table, paired bootstrap intervals (`stats.py`), checks, report.json,
-             table.md, plots/.
+  5 report   `report.py`: one table, paired bootstrap intervals (`stats.py`), validation curves
+             with the plateau diagnostic, checks, report.json (with command, commit, machine),
+             table.md, val_curves.json, plots/. With `results_dir`, those files, speed.json and a
+             provenance.json are copied there (`copy_results`).
 """
 
 import dataclasses
@@ -42,9 +49,11 @@ import numpy as np
 from flax import nnx
 
 from stts_jax import config as config_lib
+from stts_jax import provenance as provenance_lib
 from stts_jax.data import default_dataset
 from stts_jax.eval import checkpoints as eval_ckpt
 from stts_jax.eval import data as eval_data
+from stts_jax.eval import evaluators as evaluators_lib
 from stts_jax.eval import generate as gen_lib
 from stts_jax.eval import predictor as predictor_lib
 from stts_jax.eval import runner
@@ -283,16 +292,60 @@ def train(job: Job, seed: int, run: str,
     if vision is not None:
       model_cfg, params = model_config_of(cfg), vision[0]
       model_fn = lambda: vision_pretrain.load_into(vlm.Molmo2(model_cfg, rngs=nnx.Rngs(seed)), params)
-    result = train_main.train_and_evaluate(ml_collections.ConfigDict(cfg), run_dir, model_fn=model_fn)
+    # The validation cadence changes what is logged, not what is trained: not part of run_config.json.
+    val_every = job.job.val_every
+    result = train_main.train_and_evaluate(
+        ml_collections.ConfigDict(dict(cfg, train=dict(cfg["train"], eval_every=val_every))), run_dir,
+        model_fn=model_fn, eval_fn=val_eval_fn(job, run) if val_every else None)
     seconds = time.time() - t0
     if result.preempted:
       raise KeyboardInterrupt(f"{label}: stopped by SIGTERM (checkpoint saved; re-run to resume)")
     status = "resumed" if start else "trained"
   history = read_history(run_dir)
   losses = [h for h in history if "ce" in h]
+  val = [h for h in history if report_lib.VAL_ACC in h]
+  if val:
+    job.say(f"  {label}: validation accuracy " + " ".join(f"{int(h['step'])}:{h[report_lib.VAL_ACC] * 100:.1f}"
+                                                          for h in val)
+            + f" % ({np.median([h['eval/val_seconds'] for h in val]):.1f} s per evaluation)")
   return {"workdir": run_dir, "status": status, "steps": steps, "seconds": round(seconds, 1),
           "final_ce": losses[-1]["ce"] if losses else None,
+          "final_val_accuracy": val[-1][report_lib.VAL_ACC] if val else None,
           "loop_step_time_s": float(np.median([h["step_time"] for h in losses[1:]])) if len(losses) > 1 else None}
+
+
+def val_method(job: Job, run: str) -> tuple[str, float]:
+  """(method, ratio) a run is validated with: its own method at the trained ratio."""
+  if run == "unpruned":
+    return "none", 0.0
+  return (job.model.stts.method if run == "stts" else run), job.ratio
+
+
+def val_eval_fn(job: Job, run: str) -> Callable[[Any, int], dict[str, float]]:
+  """The training loop's `eval_fn(model, step)` of one run: multiple-choice likelihood accuracy of
+  `val_method(run)` on the first `job.val_examples` questions of the validation split, with the
+  evaluator and `Predictor` of the test eval (module-level jits: the first call compiles the vision
+  and prefill stages, later calls reuse them). Returns val_accuracy, val_scored (questions scored),
+  val_seconds and val_compilations (new executables in this call; 0 after the first)."""
+  method, ratio = val_method(job, run)
+  cache: dict[str, eval_data.EvalData] = {}
+
+  def eval_fn(model, step: int) -> dict[str, float]:
+    t0 = time.perf_counter()
+    if "data" not in cache:    # built on the first call: a reused run reads nothing
+      cache["data"] = _eval_data(job, "val", job.job.val_examples)
+    data = cache["data"]
+    before = predictor_lib.compile_counts()
+    # A fresh Predictor per call: it holds no reference to the training state the next step donates.
+    predictor = predictor_lib.Predictor(max_new_tokens=job.eval.max_new_tokens, mesh=job.mesh, rules=job.rules)
+    ev = evaluators_lib.from_name("multiple_choice", predictor, data=data, mesh=job.mesh, modes=("likelihood",))
+    metrics = dict(ev.run(gen_lib.model_variant(model, method=method, ratio=ratio)))
+    data.check_skipped(f"validation of {run} at step {step}")
+    after = predictor_lib.compile_counts()
+    return {"val_accuracy": metrics["likelihood_accuracy"], "val_scored": metrics["scored"],
+            "val_compilations": float(sum(after[k] - before[k] for k in after)),
+            "val_seconds": time.perf_counter() - t0}
+  return eval_fn
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,9 +405,13 @@ def evaluate(job: Job, seed: int, run: str, progress: bool = True) -> dict[str, 
 # ---------------------------------------------------------------------------------------------
 # 4. speed and keep masks
 # ---------------------------------------------------------------------------------------------
-def _test_data(job: Job, max_examples: Optional[int] = None) -> eval_data.EvalData:
+def _eval_data(job: Job, split: str, max_examples: Optional[int] = None) -> eval_data.EvalData:
   dcfg = dataclasses.replace(job.data, batch_size=job.eval.batch_size or job.data.batch_size)
-  return eval_data.EvalData(dcfg, job.model.tokens, job.eval.split, max_examples=max_examples)
+  return eval_data.EvalData(dcfg, job.model.tokens, split, max_examples=max_examples)
+
+
+def _test_data(job: Job, max_examples: Optional[int] = None) -> eval_data.EvalData:
+  return _eval_data(job, job.eval.split, max_examples)
 
 
 def variants(job: Job, models: dict[str, Any]) -> dict[str, Any]:
@@ -448,12 +505,30 @@ def enable_compilation_cache(directory: str) -> None:
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+def copy_results(report: dict[str, Any], results_dir: str, *, wall_s: float) -> dict[str, str]:
+  """Copies what the report was built from into `results_dir` (meant to be committed, e.g. under
+  docs/results/): report.json, table.md, speed.json and val_curves.json (if present), plots/*.png,
+  and a provenance.json (the report's command, commit, machine and date, with the job's wall seconds
+  and workdir)."""
+  workdir = report["job"]["workdir"]
+  files = {os.path.basename(p): p for p in [report["files"]["report"], report["files"]["table"]]
+           + [os.path.join(workdir, x) for x in ("speed.json", "val_curves.json")] if os.path.isfile(p)}
+  files.update({f"plots/{os.path.basename(p)}": p for p in report["files"].values() if p.endswith(".png")})
+  prov = {k: report[k] for k in ("command", "commit", "machine", "date") if k in report}
+  return provenance_lib.copy_with_provenance(files, results_dir, prov, wall_seconds=round(wall_s, 1),
+                                             workdir=workdir)
+
+
 def run(config: Any, workdir: str, *, seeds=None, steps=None, retime: bool = False,
         trained_baselines: Optional[bool] = None, progress: bool = True, compilation_cache: bool = True,
+        results_dir: Optional[str] = None, command: Optional[str] = None,
         say: Callable[[str], None] = _say) -> dict[str, Any]:
   """Runs the five stages (module docstring) and returns the report (also written to workdir).
-  seeds / steps / trained_baselines: None keeps the config's value."""
+  seeds / steps / trained_baselines: None keeps the config's value. results_dir: also copy the
+  result files there with a provenance.json (`copy_results`); command: the command line recorded
+  (default: this process's)."""
   t_start = time.time()
+  prov = provenance_lib.record(command)
   job = make_job(config, workdir, seeds=seeds, steps=steps, trained_baselines=trained_baselines, say=say)
   os.makedirs(job.workdir, exist_ok=True)
   if compilation_cache:
@@ -499,8 +574,13 @@ def run(config: Any, workdir: str, *, seeds=None, steps=None, retime: bool = Fal
                                           "train_batch": job.data.batch_size, "job": config_lib.to_dict(job.job),
                                           "vision_tower": None if vision is None else
                                           {k: v for k, v in vision[1].items() if k != "settings"}},
-                                env=env, dataset=dataset, runs=runs, evals=evals, speed=speed, wall=wall)
+                                env=env, dataset=dataset, runs=runs, evals=evals, speed=speed, wall=wall,
+                                histories=histories, provenance=prov)
   files = report_lib.write_all(rep, histories, grid, job.workdir)
+  if results_dir:
+    copied = copy_results(rep, results_dir, wall_s=time.time() - t_start)
+    files = {**files, "results dir": os.path.abspath(results_dir)}
+    say(f"  copied {len(copied)} files to {results_dir} (with provenance.json)")
   say(report_lib.console_text(rep, files))
   return rep
 
@@ -519,6 +599,6 @@ def exit_status(report: dict[str, Any], strict: Optional[bool] = None, say: Call
   return 1 if strict else 0
 
 
-__all__ = ["BASELINE_RUNS", "Job", "RUNS", "ensure_dataset", "eval_config_for", "evaluate", "exit_status",
-           "keep_mask_examples", "latest_step", "make_job", "measure_speed", "read_history", "run", "run_config",
-           "train"]
+__all__ = ["BASELINE_RUNS", "Job", "RUNS", "copy_results", "ensure_dataset", "eval_config_for", "evaluate",
+           "exit_status", "keep_mask_examples", "latest_step", "make_job", "measure_speed", "read_history", "run",
+           "run_config", "train", "val_eval_fn", "val_method"]

@@ -20,6 +20,15 @@ bounds; against random (and heuristic, if checked) they use the trained baseline
 every training-free row of that method (the smallest lower bound decides).
 Times are medians of interleaved rounds in one process (`speed.py`): the train step of the two
 trained models, and vision + prefill per test batch of each inference variant.
+
+Validation (`validation`): every run's curve of `eval/val_accuracy` (its own method at the trained
+ratio on the validation split, logged while training; `main_job.val_eval_fn`) with best and final
+accuracy and the plateau rule (`plateau`): LEFT THE CHANCE PLATEAU when the last val accuracy is above
+chance (25 %, 4 options) + job.chance_margin (10 points); STOPPED RISING when the mean of the last
+job.rise_window (2) val points is at most job.rise_tolerance (1 point) above the mean of the
+rise_window points before them (fewer than 2 * rise_window points: undecided, not stopped); CONVERGED
+when both hold. Reported always; a check only with job.require_converged. The test split is read only
+for the table: decisions are made on these curves.
 """
 
 import dataclasses
@@ -36,6 +45,8 @@ from stts_jax.experiments import stats
 from stts_jax.experiments.config import JobConfig
 
 ACC_KEY = "multiple_choice/likelihood_accuracy"
+VAL_ACC = "eval/val_accuracy"     # what the loop writes for main_job.val_eval_fn's val_accuracy
+CHANCE = 0.25                     # the default dataset's questions have 4 options
 KEPT_KEY = "multiple_choice/kept_tokens"
 LABELS = {"none": "unpruned", "stts": "STTS", "random": "random", "heuristic": "heuristic"}
 # Which weights a row runs on, by training run: the first two are the job's trained models (a
@@ -185,16 +196,111 @@ def failed_checks(report: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 def _check_line(c: Mapping[str, Any]) -> str:
-  value = "missing" if c["value"] is None else (f"{c['value']:+.1f} points" if c["unit"] == "points"
-                                                else f"{c['value']:.2f}x")
-  bound = f"{c['bound']:+g} points" if c["unit"] == "points" else f"{c['bound']:g}x"
+  fmt = {"points": lambda x: f"{x:+.1f} points", "x": lambda x: f"{x:.2f}x", "runs": lambda x: f"{x:g} runs"}
+  value = "missing" if c["value"] is None else fmt[c["unit"]](c["value"])
+  bound = {"points": f"{c['bound']:+g} points", "x": f"{c['bound']:g}x", "runs": f"{c['bound']:g} runs"}[c["unit"]]
   return f"[{'PASS' if c['passed'] else 'FAIL'}] {c['name']}: {value} (bound {bound}; {c['detail']})"
+
+
+# ---------------------------------------------------------------------------------------------
+# validation curves
+# ---------------------------------------------------------------------------------------------
+def plateau(curve: Sequence[Sequence[float | int]], *, chance: float = CHANCE, margin: float = 0.10,
+            window: int = 2, tolerance: float = 0.01) -> dict[str, Any]:
+  """The plateau rule (module docstring) on one curve [(step, accuracy), ...] in step order.
+  left_chance_plateau: final > chance + margin. stopped_rising: mean(last `window`) - mean(the
+  `window` before) <= tolerance; None with fewer than 2 * window points. converged: both True."""
+  acc = [float(a) for _, a in curve]
+  out: dict[str, Any] = {"points": len(acc), "final": acc[-1] if acc else None,
+                         "final_step": int(curve[-1][0]) if acc else None,
+                         "best": max(acc) if acc else None,
+                         "best_step": int(curve[int(np.argmax(acc))][0]) if acc else None,
+                         "left_chance_plateau": bool(acc and acc[-1] > chance + margin),
+                         "last_mean": None, "previous_mean": None, "rise": None, "stopped_rising": None}
+  if len(acc) >= 2 * window:
+    last, prev = float(np.mean(acc[-window:])), float(np.mean(acc[-2 * window:-window]))
+    # 1e-12: a rise of exactly the tolerance counts as stopped despite float rounding
+    out.update(last_mean=last, previous_mean=prev, rise=last - prev,
+               stopped_rising=bool(last - prev <= tolerance + 1e-12))
+  out["converged"] = bool(out["left_chance_plateau"] and out["stopped_rising"])
+  why = []
+  if not acc:
+    why.append("no validation points")
+  elif not out["left_chance_plateau"]:
+    why.append(f"final {acc[-1] * 100:.1f} % <= chance + margin {(chance + margin) * 100:.1f} %")
+  if acc and out["stopped_rising"] is None:
+    why.append(f"{len(acc)} points, the rule needs {2 * window}")
+  elif out["stopped_rising"] is False:
+    why.append(f"still rising: the last {window} points average {out['rise'] * 100:+.1f} points over the {window} "
+               f"before")
+  out["reason"] = "; ".join(why)
+  return out
+
+
+def val_curve(history: Sequence[Mapping[str, Any]]) -> list[list[float | int]]:
+  """[[step, val accuracy], ...] of one run's `read_history`."""
+  return [[int(h["step"]), float(h[VAL_ACC])] for h in history if VAL_ACC in h]
+
+
+def validation(histories: Mapping[str, list[dict[str, Any]]], job: Mapping[str, Any], method: str) -> dict[str, Any]:
+  """{"rule": text, "runs": {"seed{s}/{run}": curve + `plateau` + cost}} for every run in `histories`."""
+  j = _job_settings(job)
+  kw = dict(chance=CHANCE, margin=j["chance_margin"], window=j["rise_window"], tolerance=j["rise_tolerance"])
+  runs = {}
+  for key, hist in histories.items():
+    run = key.split("/")[1]
+    pts = [h for h in hist if VAL_ACC in h]
+    curve = val_curve(hist)
+    runs[key] = {"run": run, "method": "none" if run == "unpruned" else (method if run == "stts" else run),
+                 "curve": curve, **plateau(curve, **kw),
+                 "examples": int(pts[-1]["eval/val_scored"]) if pts and "eval/val_scored" in pts[-1] else None,
+                 "seconds_per_eval": float(np.median([h["eval/val_seconds"] for h in pts]))
+                 if pts and all("eval/val_seconds" in h for h in pts) else None,
+                 # new executables after the first evaluation of the run: 0 when it compiled once
+                 "recompilations": int(sum(h.get("eval/val_compilations", 0) for h in pts[1:]))}
+  rule = (f"left the chance plateau: last val accuracy > chance {CHANCE * 100:g} % + {kw['margin'] * 100:g} points; "
+          f"stopped rising: mean of the last {kw['window']} val points <= mean of the {kw['window']} before "
+          f"+ {kw['tolerance'] * 100:g} points (needs {2 * kw['window']} points); converged: both")
+  return {"rule": rule, "val_every": j["val_every"], "val_examples": j["val_examples"], "runs": runs}
+
+
+def converged_check(val: Mapping[str, Any]) -> dict[str, Any]:
+  """job.require_converged: every run left the chance plateau and stopped rising (`plateau`)."""
+  runs = val["runs"]
+  bad = {k: r["reason"] for k, r in runs.items() if not r["converged"]}
+  return {"name": "every run left the chance plateau and stopped rising on the validation split",
+          "value": len(runs) - len(bad), "bound": len(runs), "unit": "runs", "passed": bool(runs) and not bad,
+          "detail": ("; ".join(f"{k}: {v}" for k, v in bad.items()) if bad else val["rule"])
+          if runs else "missing: no validation curves"}
+
+
+def validation_lines(report: Mapping[str, Any]) -> list[str]:
+  """One line per run: curve (step:acc %), best, final, rise, the two verdicts."""
+  val = report.get("validation") or {}
+  if not val.get("runs"):
+    return []
+  yn = {True: "yes", False: "no", None: "undecided"}
+  counts = sorted({r["examples"] for r in val["runs"].values() if r["examples"]})
+  out = [f"Validation accuracy % ({' / '.join(map(str, counts)) or '?'} val questions, every {val['val_every']} "
+         f"steps and the last; rule: {val['rule']}):"]
+  for key, r in val["runs"].items():
+    curve = " ".join(f"{s}:{a * 100:.1f}" for s, a in r["curve"]) or "-"
+    if r["points"]:
+      rise = "" if r["rise"] is None else f", rise {r['rise'] * 100:+.1f} points"
+      out.append(f"{key} ({LABELS.get(r['method'], r['method'])}): best {r['best'] * 100:.1f} @{r['best_step']}, "
+                 f"final {r['final'] * 100:.1f} @{r['final_step']}{rise}; left chance plateau "
+                 f"{yn[r['left_chance_plateau']]}, stopped rising {yn[r['stopped_rising']]}; curve {curve}")
+    else:
+      out.append(f"{key}: no validation points (trained with val_every 0?)")
+  return out
 
 
 def build_report(*, job_info: Mapping[str, Any], env: Mapping[str, Any], dataset: Mapping[str, Any],
                  runs: Mapping[str, Any], evals: Mapping[str, Any], speed: Mapping[str, Any],
-                 wall: Mapping[str, float]) -> dict[str, Any]:
-  """The JSON-able report (see the module docstring)."""
+                 wall: Mapping[str, float], histories: Optional[Mapping[str, list[dict[str, Any]]]] = None,
+                 provenance: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
+  """The JSON-able report (see the module docstring). histories: each run's `read_history` (its
+  validation curve); provenance: `stts_jax.provenance.record()` (command, commit, machine, date)."""
   seeds, method, ratio = job_info["seeds"], job_info["method"], job_info["ratio"]
   rows = accuracy_rows(evals, seeds, method, ratio)
   _speeds(rows, speed)
@@ -206,13 +312,19 @@ def build_report(*, job_info: Mapping[str, Any], env: Mapping[str, Any], dataset
     for m, r in sorted(cells):
       sweep.setdefault(weights, []).append({"method": m, "ratio": r, "accuracy": _stats(
           [_metric(_cell(x, m, r), ACC_KEY) for x in res])})
+  val = validation(histories or {}, job_info["job"], method)
+  out_checks = checks(rows, job_info["job"])
+  if _job_settings(job_info["job"])["require_converged"]:
+    out_checks.append(converged_check(val))
   return {
+      **dict(provenance or {}),
       "job": dict(job_info),
       "environment": dict(env),
       "dataset": dict(dataset),
       "runs": dict(runs),
       "table": rows,
-      "checks": checks(rows, job_info["job"]),
+      "checks": out_checks,
+      "validation": val,
       "accuracy_sweep": sweep,
       "speed": {k: v for k, v in speed.items() if k != "key"},
       "eval_results": {k: os.path.join(os.path.dirname(v["checkpoint"]), f"eval_{k.split('/')[1]}", "results.json")
@@ -319,6 +431,8 @@ def console_text(report: Mapping[str, Any], files: Mapping[str, str]) -> str:
   level = _job_settings(j["job"])["confidence_level"]
   out += ["", f"Paired bootstrap over test questions ({level * 100:g}% percentile intervals):"]
   out += [f"  {line}" for line in comparison_lines(report)]
+  val = validation_lines(report)
+  out += ([""] + val[:1] + [f"  {line}" for line in val[1:]]) if val else []
   out += ["", "Checks:"]
   out += [f"  {_check_line(c)}" for c in report["checks"]]
   pre = report["speed"]["prefill"]
@@ -352,10 +466,8 @@ def _jsonable(x):
 def loss_curves_figure(histories: Mapping[str, list[dict[str, Any]]], method: str):
   curves: dict[str, list] = {}
   for key, hist in histories.items():
-    run = key.split("/")[1]
     pts = [(h["step"], h["ce"]) for h in hist if "ce" in h]
-    label = {"unpruned": "unpruned", "stts": LABELS.get(method, method)}.get(run, f"{LABELS.get(run, run)} (trained)")
-    curves.setdefault(label, []).append(([p[0] for p in pts], [p[1] for p in pts]))
+    curves.setdefault(_run_label(key.split("/")[1], method), []).append(([p[0] for p in pts], [p[1] for p in pts]))
   return viz.loss_curves(curves, title="training loss on the default dataset")
 
 
@@ -383,15 +495,54 @@ def speed_figure(report: Mapping[str, Any]):
                         title="median of interleaved rounds, same process")
 
 
+def _run_label(run: str, method: str) -> str:
+  return {"unpruned": "unpruned", "stts": LABELS.get(method, method)}.get(run, f"{LABELS.get(run, run)} (trained)")
+
+
+def val_curves_figure(histories: Mapping[str, list[dict[str, Any]]], method: str):
+  """Validation accuracy (left) and training loss (right) against the step, one line per run and
+  seed (seeds differ in line style), with the chance level."""
+  from matplotlib.figure import Figure
+  fig = Figure(figsize=(10, 3.8))
+  ax_acc, ax_ce = fig.subplots(1, 2)
+  styles = ("-", "--", ":", "-.")
+  for key, hist in sorted(histories.items()):
+    seed, run = key.split("/")
+    label, ls = f"{_run_label(run, method)} {seed}", styles[int(seed.removeprefix("seed") or 0) % len(styles)]
+    curve = val_curve(hist)
+    if curve:
+      ax_acc.plot([s for s, _ in curve], [a * 100 for _, a in curve], marker="o", ms=3, ls=ls,
+                  color=viz.color(label), label=label)
+    ce = [(h["step"], h["ce"]) for h in hist if "ce" in h]
+    if ce:
+      ax_ce.plot([s for s, _ in ce], [c for _, c in ce], ls=ls, lw=1, color=viz.color(label), label=label)
+  ax_acc.axhline(CHANCE * 100, color="grey", ls=":", lw=1, label="chance")
+  ax_acc.set(xlabel="step", ylabel="validation accuracy (%)", title="validation accuracy (own method, trained ratio)")
+  ax_ce.set(xlabel="step", ylabel="training loss (answer CE)", yscale="log", title="training loss")
+  for ax in (ax_acc, ax_ce):
+    ax.title.set_fontsize(9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  return fig
+
+
 def write_all(report: dict[str, Any], histories: Mapping[str, list[dict[str, Any]]],
               grid: Sequence[Mapping[str, Any]], workdir: str) -> dict[str, str]:
-  """report.json, table.md and plots/*.png in `workdir`; returns {name: path} of what was written."""
+  """report.json, table.md, val_curves.json (per run: val accuracy and training loss by step) and
+  plots/*.png in `workdir`; returns {name: path} of what was written."""
   plots = os.path.join(workdir, "plots")
-  files = {"loss curves": viz.save(loss_curves_figure(histories, report["job"]["method"]),
-                                   os.path.join(plots, "loss_curves.png")),
+  method = report["job"]["method"]
+  curves_path = os.path.join(workdir, "val_curves.json")
+  os.makedirs(workdir, exist_ok=True)
+  with open(curves_path, "w") as f:
+    json.dump(_jsonable({k: {"val_accuracy": val_curve(h),
+                             "train_ce": [[int(x["step"]), x["ce"]] for x in h if "ce" in x]}
+                         for k, h in histories.items()}), f, indent=1)
+  files = {"val curves": viz.save(val_curves_figure(histories, method), os.path.join(plots, "val_curves.png")),
+           "loss curves": viz.save(loss_curves_figure(histories, method), os.path.join(plots, "loss_curves.png")),
            "accuracy vs ratio": viz.save(accuracy_figure(report), os.path.join(plots, "accuracy_vs_ratio.png")),
            "speed": viz.save(speed_figure(report), os.path.join(plots, "speed.png"))}
-  method = report["job"]["method"]
   grid_meta = []
   for i, ex in enumerate(grid):
     order = [m for m in (method, "heuristic", "random") if m in ex["keep"]]
@@ -406,11 +557,13 @@ def write_all(report: dict[str, Any], histories: Mapping[str, list[dict[str, Any
                                        for m in order}})
   report["keep_mask_examples"] = grid_meta
   table_path = os.path.join(workdir, "table.md")
+  val = validation_lines(report)
   with open(table_path, "w") as f:
     f.write("\n".join(table_lines(report)) + "\n\n" + "\n".join(f"- {n}" for n in table_notes(report))
             + "\n\nPaired bootstrap:\n\n" + "\n".join(f"- {x}" for x in comparison_lines(report))
+            + (f"\n\n{val[0]}\n\n" + "\n".join(f"- {x}" for x in val[1:]) if val else "")
             + "\n\nChecks:\n\n" + "\n".join(f"- {_check_line(c)}" for c in report["checks"]) + "\n")
-  files = {"table": table_path, **files}
+  files = {"table": table_path, "val curves data": curves_path, **files}
   report["files"] = dict(files)
   json_path = os.path.join(workdir, "report.json")
   files = {"report": json_path, **files}
@@ -420,5 +573,7 @@ def write_all(report: dict[str, Any], histories: Mapping[str, list[dict[str, Any
   return files
 
 
-__all__ = ["ACC_KEY", "BASELINE_RUNS", "accuracy_rows", "build_report", "checks", "comparison_lines",
-           "compare_to_stts", "console_text", "failed_checks", "table_lines", "table_notes", "write_all"]
+__all__ = ["ACC_KEY", "BASELINE_RUNS", "CHANCE", "VAL_ACC", "accuracy_rows", "build_report", "checks",
+           "comparison_lines", "compare_to_stts", "console_text", "converged_check", "failed_checks", "plateau",
+           "table_lines", "table_notes", "val_curve", "val_curves_figure", "validation", "validation_lines",
+           "write_all"]

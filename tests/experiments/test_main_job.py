@@ -320,7 +320,8 @@ def test_report_files_and_console_text(tmp_path):
   histories = {"seed0/unpruned": [{"step": s, "ce": 1.0 / s} for s in range(10, 60, 10)],
                "seed0/stts": [{"step": s, "ce": 1.2 / s} for s in range(10, 60, 10)]}
   files = report_lib.write_all(rep, histories, grid, str(tmp_path))
-  assert set(files) == {"report", "table", "loss curves", "accuracy vs ratio", "speed", "keep masks 0"}
+  assert set(files) == {"report", "table", "val curves data", "val curves", "loss curves", "accuracy vs ratio",
+                        "speed", "keep masks 0"}
   for name, path in files.items():
     assert os.path.getsize(path) > 200, name
     if path.endswith(".png"):
@@ -351,7 +352,8 @@ def test_report_files_and_console_text(tmp_path):
 def test_main_job_runlocal_end_to_end_then_rerun_reuses_and_adds_trained_baselines(tmp_path):
   cfg = demo.get_config(f"runlocal=true,data={tmp_path}/data")
   lines = []
-  rep = main_job.run(cfg, str(tmp_path / "work"), say=lines.append, progress=False)
+  rep = main_job.run(cfg, str(tmp_path / "work"), say=lines.append, progress=False,
+                     results_dir=str(tmp_path / "results"), command="python scripts/main_job.py --smoke")
   text = "\n".join(lines)
   assert [r["status"] for r in rep["runs"].values()] == ["trained", "trained"]
   assert rep["dataset"]["status"] == "built" and rep["num_test_examples"] == 16
@@ -380,6 +382,18 @@ def test_main_job_runlocal_end_to_end_then_rerun_reuses_and_adds_trained_baselin
   assert "Paired bootstrap over test questions" in text
   assert main_job.exit_status(rep, say=lines.append) == (1 if report_lib.failed_checks(rep) else 0)
   assert main_job.exit_status(rep, strict=False, say=lines.append) == 0
+  # Validation: job.val_every (50) > 6 steps, so each run has its last-step point only; reported, not checked.
+  assert {k: [s for s, _ in v["curve"]] for k, v in rep["validation"]["runs"].items()} == {
+      "seed0/unpruned": [6], "seed0/stts": [6]}
+  assert all(v["examples"] == 14 and v["stopped_rising"] is None for v in rep["validation"]["runs"].values())
+  assert "Validation accuracy % (14 val questions, every 50 steps and the last;" in text
+  # Result files with provenance (--results_dir)
+  assert rep["command"] == "python scripts/main_job.py --smoke" and "commit" in rep and "host" in rep["machine"]
+  with open(tmp_path / "results" / "provenance.json") as f:
+    prov = json.load(f)
+  assert prov["command"] == rep["command"] and prov["wall_seconds"] > 0 and "plots/val_curves.png" in prov["files"]
+  assert {"report.json", "table.md", "speed.json", "val_curves.json"} <= set(prov["files"])
+  assert all(os.path.isfile(tmp_path / "results" / f) for f in prov["files"])
   # Second run, with the trained baselines: every stage reuses what the first one wrote, and only the
   # random- and heuristic-pruning models are trained and evaluated.
   lines2 = []
@@ -393,6 +407,8 @@ def test_main_job_runlocal_end_to_end_then_rerun_reuses_and_adds_trained_baselin
   assert [r["accuracy"] for r in rep2["table"][:6]] == [r["accuracy"] for r in rep["table"]]
   assert [r["weights"] for r in rep2["table"][6:]] == ["trained with random pruning", "trained with heuristic pruning"]
   assert rep2["checks"][1]["against"] == "random@random"
+  assert [len(v["curve"]) for v in rep2["validation"]["runs"].values()] == [1, 1, 1, 1]
+  assert rep2["validation"]["runs"]["seed0/stts"] == rep["validation"]["runs"]["seed0/stts"]   # kept, not re-run
   for run in ("random", "heuristic"):
     with open(os.path.join(tmp_path, "work", "seed0", run, "run_config.json")) as f:
       assert json.load(f)["model"]["stts"]["method"] == run
