@@ -8,7 +8,8 @@
   python scripts/benchmark.py --config configs/bench_cpu.py --attention_auto --out /tmp/auto   # auto per cell
   python scripts/benchmark.py --generation --out docs/results/generation_cpu   # TTFT + decode tok/s, tiny/demo
       [--frames 8,32,128 --repeats 20 --max_new_tokens 32 --note "shared machine"]  (unpruned vs STTS 0.5)
-Writes CSV + JSON + PNGs to --out and prints the checks (speedup / FLOP-ratio efficiency, never
+  python scripts/benchmark.py --table docs/results/bench_cpu_035ba53/bench.json   # its bench.md again
+Writes CSV + JSON + a markdown table of every cell (bench.md) + PNGs to --out and prints the checks (speedup / FLOP-ratio efficiency, never
 slower than unpruned, overhead share, XLA vs analytic FLOPs, one compilation per part); exits 1 if
 one fails. Measure on a quiet machine.
 """
@@ -41,7 +42,17 @@ flags.DEFINE_bool("generation", False, "time to first token and decode tokens/s 
 flags.DEFINE_integer("max_new_tokens", 32, "generation: tokens generated per call (no stop tokens)")
 flags.DEFINE_list("models", ["tiny", "demo"], "generation: models (tiny, demo)")
 flags.DEFINE_string("note", "", "generation: free text stored in the JSON (e.g. that the machine was shared)")
+flags.DEFINE_string("table", None, "write the markdown table of every cell of this bench.json to bench.md "
+                    "beside it (no timing)")
 FLAGS = flags.FLAGS
+
+
+def write_table(rows, out_dir: str) -> str:
+  from stts_jax.bench import report
+  path = os.path.join(out_dir, "bench.md")
+  with open(path, "w") as f:
+    f.write(report.markdown_table(rows))
+  return path
 
 
 def main(argv):
@@ -64,8 +75,13 @@ def main(argv):
                          note=FLAGS.note)
     print(json.dumps(out["checks"], indent=1), flush=True)
     sys.exit(0 if all(c["ok"] is not False for c in out["checks"].values()) else 1)
+  if FLAGS.table:
+    with open(FLAGS.table) as f:
+      rows = json.load(f)["rows"]
+    print(open(write_table(rows, os.path.dirname(os.path.abspath(FLAGS.table)))).read(), flush=True)
+    return
   if FLAGS.config is None:
-    raise app.UsageError("--config is required (except with --attention_layer or --generation)")
+    raise app.UsageError("--config is required (except with --attention_layer, --generation or --table)")
   frames = [int(x) for x in FLAGS.frames] if FLAGS.frames else None
   ratios = [float(x) for x in FLAGS.ratios] if FLAGS.ratios else None
   if FLAGS.attention_auto:
@@ -78,6 +94,7 @@ def main(argv):
     print(json.dumps(out["rows"], indent=1), flush=True)
     return
   out = bench_main.benchmark(FLAGS.config, FLAGS.out, frames=frames, ratios=ratios)
+  write_table(out["rows"], FLAGS.out)
   print(json.dumps(out["checks"], indent=1), flush=True)
   failed = report.failed(out["checks"])
   if failed:
@@ -86,5 +103,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["out"])
+  flags.register_validator("out", lambda v: v is not None or FLAGS.table is not None,
+                           message="--out is required (except with --table)")
   app.run(main)

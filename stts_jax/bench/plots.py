@@ -33,7 +33,8 @@ def _frame_axis(ax, frames: Sequence[int]) -> None:
 def _by_ratio(rows: Sequence[dict[str, Any]], key: str) -> dict[float, list[tuple[int, float, Optional[float]]]]:
   out: dict[float, list] = {}
   for r in rows:
-    if r["ratio"] > 0 and r.get(f"{key}_speedup") is not None:
+    # comparison cells (`variant`, e.g. packing=always) are drawn apart, not joined into the ratio's line
+    if r["ratio"] > 0 and not r.get("variant") and r.get(f"{key}_speedup") is not None:
       out.setdefault(r["ratio"], []).append((r["frames"], r[f"{key}_speedup"], r.get(f"{key}_flops_ratio")))
   return {k: sorted(v) for k, v in sorted(out.items())}
 
@@ -52,6 +53,11 @@ def speedup_plot(rows: Sequence[dict[str, Any]], path: str, parts: Sequence[str]
       ax.plot(frames, [p[1] for p in pts], "o-", color=color, label=f"ratio {ratio:g} measured")
       if all(p[2] is not None for p in pts):
         ax.plot(frames, [p[2] for p in pts], "--", color=color, alpha=0.6, label=f"ratio {ratio:g} FLOPs")
+      extra = [r for r in rows if r.get("variant") and r["ratio"] == ratio and r.get(f"{part}_speedup") is not None]
+      for variant in sorted({r["variant"] for r in extra}):
+        pts_v = sorted((r["frames"], r[f"{part}_speedup"]) for r in extra if r["variant"] == variant)
+        ax.plot([p[0] for p in pts_v], [p[1] for p in pts_v], "x", color=color, ms=7,
+                label=f"ratio {ratio:g} {variant}")
     ax.axhline(1.0, color="gray", lw=0.8)
     _frame_axis(ax, [r["frames"] for r in rows])
     ax.set_ylabel("speedup vs unpruned")
@@ -65,7 +71,8 @@ def breakdown_plot(rows: Sequence[dict[str, Any]], path: str, title: str = "") -
   """Stacked bars per (frames, ratio): inference prefill = ViT + LLM prefill; train step = STTS
   overhead (scorer + packing, timed alone) + the rest of the step."""
   cells = sorted(rows, key=lambda r: (r["frames"], r["ratio"]))
-  labels = [f"{r['frames']}f\n{r['ratio']:g}" for r in cells]
+  labels = [f"{r['frames']}f\n{r['ratio']:g}" + ("\n" + r["variant"].split("=")[-1] if r.get("variant") else "")
+            for r in cells]
   x = range(len(cells))
   fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(max(8, 0.55 * len(cells) * 2), 3.8))
   vision = [r.get("vision_ms", 0.0) or 0.0 for r in cells]

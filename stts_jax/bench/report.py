@@ -167,3 +167,28 @@ def write_csv(rows: Sequence[dict[str, Any]], path: str) -> None:
 def write_json(path: str, **payload: Any) -> None:
   with open(path, "w") as f:
     json.dump(payload, f, indent=1, default=str)
+
+
+def _fmt(v: Any, spec: str, suffix: str = "") -> str:
+  return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:{spec}}{suffix}"
+
+
+def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
+  """Every measured cell as one markdown table (the docs' tables are this output, verbatim)."""
+  head = ("| frames | ratio | variant | late ViT | rows (needed) | kept windows | train ms | train speedup | "
+          "FLOP ratio | eff. | vision ms | vision speedup | ttft speedup | eff. | prefill speedup | eff. | "
+          "overhead | fallback vision / train |")
+  lines = [head, "|" + "---:|" * 2 + "---|---|" + "---:|" * 14]
+  for r in sorted(rows, key=lambda r: (r["frames"], r["ratio"], r.get("variant") or "")):
+    pruned = r["ratio"] > 0
+    rows_cell = f"{r['num_rows']} ({r['rows_needed']})" if pruned and r.get("num_rows") else "-"
+    fallback = (f"{r['vision_fallback_rate']:.0%} / {r['train_fallback_rate']:.0%}" if pruned else "-")
+    lines.append("| " + " | ".join([
+        str(r["frames"]), f"{r['ratio']:g}", r.get("variant") or "-", r.get("late_vit") or "-", rows_cell,
+        str(r["kept_windows"]), _fmt(r.get("train_ms"), ".1f"), _fmt(r.get("train_speedup"), ".2f", "x"),
+        _fmt(r.get("train_flops_ratio"), ".2f", "x"), _fmt(r.get("train_efficiency"), ".2f"),
+        _fmt(r.get("vision_ms"), ".1f"), _fmt(r.get("vision_speedup"), ".2f", "x"),
+        _fmt(r.get("ttft_speedup"), ".2f", "x"), _fmt(r.get("ttft_efficiency"), ".2f"),
+        _fmt(r.get("prefill_speedup"), ".2f", "x"), _fmt(r.get("prefill_efficiency"), ".2f"),
+        _fmt(r.get("overhead_share"), ".1%") if pruned else "-", fallback]) + " |")
+  return "\n".join(lines) + "\n"

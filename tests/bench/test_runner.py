@@ -250,6 +250,22 @@ def test_report_speedups_efficiency_overhead_and_checks():
   assert report.checks(extra_rows, parts=parts)["never_slower"]["ok"]
 
 
+def test_markdown_table_lists_every_cell_with_its_numbers():
+  base = {"vision": 1.0, "prefill": 1.0, "train": 4.0}
+  fl = {"vision": 10.0, "prefill": 10.0, "train": 40.0}
+  cells = [_cell(8, 0.0, base, fl),
+           _cell(8, 0.5, {"vision": 0.8, "prefill": 0.5, "train": 2.5, "overhead": 0.05},
+                 {"vision": 7.0, "prefill": 5.0, "train": 25.0, "overhead": 1.0}),
+           _cell(8, 0.5, {"vision": 0.9, "prefill": 0.5, "train": 5.0, "overhead": 0.05},
+                 {"vision": 7.0, "prefill": 5.0, "train": 25.0, "overhead": 1.0}, variant="packing=always")]
+  table = report.markdown_table(report.summary_rows(cells)).splitlines()
+  assert len(table) == 2 + len(cells)
+  assert all(line.count("|") == table[0].count("|") for line in table)
+  pruned = table[3].split(" | ")
+  assert pruned[6:10] == ["2500.0", "1.60x", "1.60x", "1.00"]        # train ms, speedup, FLOP ratio, efficiency
+  assert "packing=always" in table[4] and "0.80x" in table[4]           # a slower cell is shown, not dropped
+
+
 def test_a_check_whose_values_are_missing_fails():
   base = {"vision": 1.0, "prefill": 1.0, "train": 4.0}
   fl = {"vision": 10.0, "prefill": 10.0, "train": 40.0}
