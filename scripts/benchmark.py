@@ -8,9 +8,9 @@
   python scripts/benchmark.py --config configs/bench_cpu.py --attention_auto --out /tmp/auto   # auto per cell
   python scripts/benchmark.py --generation --out docs/results/generation_cpu   # TTFT + decode tok/s, tiny/demo
       [--frames 8,32,128 --repeats 20 --max_new_tokens 32 --note "shared machine"]  (unpruned vs STTS 0.5)
-  python scripts/benchmark.py --table docs/results/bench_cpu_035ba53/bench.json   # its bench.md again
-Writes CSV + JSON + a markdown table of every cell (bench.md) + PNGs to --out and prints the checks (speedup / FLOP-ratio efficiency, never
-slower than unpruned, overhead share, XLA vs analytic FLOPs, one compilation per part); exits 1 if
+  python scripts/benchmark.py --table docs/results/bench_cpu_bef7f23/bench.json   # its bench.md again
+Writes CSV + JSON + a markdown table of every cell (bench.md) + PNGs to --out and prints the checks
+(speedup / FLOP-ratio efficiency, never slower than unpruned, overhead share, XLA vs analytic FLOPs, one compilation per part); exits 1 if
 one fails. Measure on a quiet machine.
 """
 
@@ -47,14 +47,6 @@ flags.DEFINE_string("table", None, "write the markdown table of every cell of th
 FLAGS = flags.FLAGS
 
 
-def write_table(rows, out_dir: str) -> str:
-  from stts_jax.bench import report
-  path = os.path.join(out_dir, "bench.md")
-  with open(path, "w") as f:
-    f.write(report.markdown_table(rows))
-  return path
-
-
 def main(argv):
   del argv
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -78,7 +70,8 @@ def main(argv):
   if FLAGS.table:
     with open(FLAGS.table) as f:
       rows = json.load(f)["rows"]
-    print(open(write_table(rows, os.path.dirname(os.path.abspath(FLAGS.table)))).read(), flush=True)
+    path = report.write_markdown(rows, os.path.join(os.path.dirname(os.path.abspath(FLAGS.table)), "bench.md"))
+    print(open(path).read(), flush=True)
     return
   if FLAGS.config is None:
     raise app.UsageError("--config is required (except with --attention_layer, --generation or --table)")
@@ -94,7 +87,6 @@ def main(argv):
     print(json.dumps(out["rows"], indent=1), flush=True)
     return
   out = bench_main.benchmark(FLAGS.config, FLAGS.out, frames=frames, ratios=ratios)
-  write_table(out["rows"], FLAGS.out)
   print(json.dumps(out["checks"], indent=1), flush=True)
   failed = report.failed(out["checks"])
   if failed:

@@ -70,13 +70,14 @@ def benchmark(config: Any, out_dir: str, *, frames: Optional[Sequence[int]] = No
   rows = report.summary_rows(cells)
   checks = report.checks(rows, parts=bench.parts, interleaved=bench.interleave_rounds > 0)
   report.write_csv(rows, os.path.join(out_dir, "bench.csv"))
+  report.write_markdown(rows, os.path.join(out_dir, "bench.md"))
   report.write_json(os.path.join(out_dir, "bench.json"), rows=rows, checks=checks, failed=report.failed(checks),
                     cells=[c.to_dict() for c in cells], bench=config_lib.to_dict(bench),
                     model=config_lib.to_dict(cfgs["model"]), environment=environment(),
                     command=" ".join([os.path.basename(sys.executable)] + sys.argv), commit=aot.git_commit(),
                     machine=aot.machine(), load_average_start_end=load, wall_s=round(time.time() - t0, 1))
   pngs = plots.write_all(rows, out_dir, title=str(cfgs.get("name", "")))
-  progress(f"wrote {out_dir}/bench.csv, bench.json, {', '.join(os.path.basename(p) for p in pngs)}")
+  progress(f"wrote {out_dir}/bench.csv, bench.md, bench.json, {', '.join(os.path.basename(p) for p in pngs)}")
   return {"rows": rows, "checks": checks, "cells": cells}
 
 

@@ -192,3 +192,9 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
         _fmt(r.get("prefill_speedup"), ".2f", "x"), _fmt(r.get("prefill_efficiency"), ".2f"),
         _fmt(r.get("overhead_share"), ".1%") if pruned else "-", fallback]) + " |")
   return "\n".join(lines) + "\n"
+
+
+def write_markdown(rows: Sequence[dict[str, Any]], path: str) -> str:
+  with open(path, "w") as f:
+    f.write(markdown_table(rows))
+  return path
