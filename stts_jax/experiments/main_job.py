@@ -140,8 +140,8 @@ def make_job(config: Any, workdir: str, *, seeds=None, steps=None, trained_basel
 # 1. dataset
 # ---------------------------------------------------------------------------------------------
 def ensure_dataset(job: Job, progress: bool = True) -> dict[str, Any]:
-  spec = default_dataset.Spec() if job.job.dataset_clips is None else \
-      default_dataset.Spec(num_clips=tuple(job.job.dataset_clips))
+  spec = default_dataset.Spec(variant=job.job.dataset_variant,
+                              **({} if job.job.dataset_clips is None else {"num_clips": tuple(job.job.dataset_clips)}))
   path = job.data.path
   meta_path = os.path.join(path, "meta.json")
   old = None

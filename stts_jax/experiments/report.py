@@ -174,10 +174,14 @@ def checks(rows: list[dict[str, Any]], job: Mapping[str, Any]) -> list[dict[str,
     return [r for r in rows[2:] if r["cell_method"] == method and r["trained_baseline"] == trained]
   which = "trained with it" if trained else "training-free, every row"
   s = stts["method"]
-  out = [_bound_check(f"{s} - unpruned >= {-j['max_accuracy_gap'] * 100:+g} points at the {lvl} lower bound",
-                      s, [unpruned], -j["max_accuracy_gap"], j["confidence_level"]),
-         _bound_check(f"{s} - random pruning ({which}) >= {j['min_gain_over_random'] * 100:+g} points at the "
-                      f"{lvl} lower bound", s, baselines("random"), j["min_gain_over_random"], j["confidence_level"])]
+  out = []
+  if j["max_accuracy_gap"] is not None:
+    out.append(_bound_check(f"{s} - unpruned >= {-j['max_accuracy_gap'] * 100:+g} points at the {lvl} lower bound",
+                            s, [unpruned], -j["max_accuracy_gap"], j["confidence_level"]))
+  if j["min_gain_over_random"] is not None:
+    out.append(_bound_check(f"{s} - random pruning ({which}) >= {j['min_gain_over_random'] * 100:+g} points at the "
+                            f"{lvl} lower bound", s, baselines("random"), j["min_gain_over_random"],
+                            j["confidence_level"]))
   if j["min_gain_over_heuristic"] is not None:
     out.append(_bound_check(f"{s} - heuristic pruning ({which}) >= {j['min_gain_over_heuristic'] * 100:+g} points "
                             f"at the {lvl} lower bound", s, baselines("heuristic"), j["min_gain_over_heuristic"],

@@ -1,6 +1,7 @@
 """The main job: config plumbing, reuse rules, the report (table, checks, JSON, plots) on synthetic
 stage outputs, the plotting helpers, and (slow) the whole job end to end under `runlocal`."""
 
+import dataclasses
 import json
 import math
 import os
@@ -258,6 +259,35 @@ def test_accuracy_checks_use_the_interval_bound_not_the_mean(tmp_path):
   heur = _report(tmp_path, min_gain_over_heuristic=0.0)["checks"][2]
   assert heur["name"].startswith("STTS - heuristic pruning (training-free, every row) >= +0 points")
   assert heur["against"] == "heuristic@stts" and heur["passed"] == (heur["value"] >= 0.0)
+
+
+def test_hard_variant_config_checks_the_heuristic_and_reports_parity(tmp_path, monkeypatch):
+  from configs import demo
+  from stts_jax.data import default_dataset
+  from stts_jax.experiments import config as job_config
+  cfg = demo.get_config("variant=hard,runlocal=true")
+  built = []
+
+  def fake_build(path, spec, **kw):
+    built.append((path, spec))
+    return {"spec": dataclasses.asdict(spec), "counts": {s: {"examples": 1} for s in default_dataset.SPLITS},
+            "oracle_keep_rate_50pct": {"test": {"heuristic": 0.5, "random": 0.5}}}
+  monkeypatch.setattr(default_dataset, "build", fake_build)
+  main_job.ensure_dataset(main_job.make_job(cfg, str(tmp_path / "w"), say=lambda s: None), progress=False)
+  assert built == [("data_cache/default_hard_runlocal", default_dataset.Spec(num_clips=(40, 8, 16), variant="hard"))]
+  cfg = demo.get_config("variant=hard")
+  job = job_config.build_job_config(cfg.job)
+  assert cfg.data.path == "data_cache/default_hard" and job.dataset_variant == "hard"
+  assert demo.get_config("").job.dataset_variant == "default"
+  with pytest.raises(ValueError, match="variant"):
+    demo.get_config("variant=easy")
+  # The hard dataset's checks: STTS - heuristic and STTS - random at the lower bound; no parity check
+  # (STTS - unpruned stays in the table and the comparison lines).
+  rep = _report(tmp_path, max_accuracy_gap=job.max_accuracy_gap, min_gain_over_heuristic=job.min_gain_over_heuristic)
+  names = [c["name"] for c in rep["checks"]]
+  assert len(names) == 3 and not any("unpruned >=" in n for n in names)
+  assert names[1].startswith("STTS - heuristic pruning") and rep["checks"][1]["bound"] == 5.0
+  assert "vs_stts" in rep["table"][0]
 
 
 def test_missing_per_question_records_fail_the_check(tmp_path):
