@@ -7,6 +7,7 @@ The other sections are the usual ones: `model` (the STTS variant; the job derive
 """
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any, Optional
 
 from stts_jax import config as config_lib
@@ -50,7 +51,7 @@ class JobConfig:
     evaluator); the points go to the run's metrics.jsonl as `eval/val_accuracy` (0: off). Decisions
     (learning rate, steps, aux weight) are made on these curves, never on the test split.
   val_examples: the first N validation questions (None: the whole split).
-  chance_margin / rise_window / rise_tolerance: the plateau rule of the report (`report.plateau`):
+  chance_margin / rise_window / rise_tolerance: the plateau rule of the report (`validation.plateau`):
     a run has left the chance plateau when its last val accuracy is above chance + chance_margin, and
     has stopped rising when the mean of its last `rise_window` val points is at most rise_tolerance
     above the mean of the `rise_window` points before them (fewer than 2 * rise_window points:
@@ -123,10 +124,15 @@ class JobConfig:
     return self
 
 
+def job_settings(job: Mapping[str, Any]) -> dict[str, Any]:
+  """A job section (dict, e.g. from report.json) with JobConfig's defaults for the keys it lacks."""
+  return {**dataclasses.asdict(JobConfig()), **job}
+
+
 def build_job_config(cfg: Any) -> JobConfig:
   return config_lib.from_dict(JobConfig, cfg, "job").validate()
 
 
 config_lib.register_section("job", build_job_config)
 
-__all__ = ["JobConfig", "build_job_config"]
+__all__ = ["JobConfig", "build_job_config", "job_settings"]

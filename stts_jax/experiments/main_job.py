@@ -17,7 +17,7 @@ Stages, each reusing finished work in `workdir`:
              With `job.trained_baselines` also `seed{s}/random` and `seed{s}/heuristic`: the STTS
              run's config with that method (same ratio, rows, steps, data order; no scorer warm-up).
              Every `job.val_every` steps and at the end, each run evaluates its own method at the
-             trained ratio on the first `job.val_examples` VALIDATION questions (`val_eval_fn`,
+             trained ratio on the first `job.val_examples` VALIDATION questions (`validation.val_eval_fn`,
              the test eval's evaluator, compiled once per run); the points go to its metrics.jsonl
              as `eval/val_accuracy` (a resumed run keeps the earlier ones).
   3 eval     per seed, on the test split (`eval.runner`), cached in `seed{s}/eval_{run}/results.json`:
@@ -53,13 +53,13 @@ from stts_jax import provenance as provenance_lib
 from stts_jax.data import default_dataset
 from stts_jax.eval import checkpoints as eval_ckpt
 from stts_jax.eval import data as eval_data
-from stts_jax.eval import evaluators as evaluators_lib
 from stts_jax.eval import generate as gen_lib
 from stts_jax.eval import predictor as predictor_lib
 from stts_jax.eval import runner
 from stts_jax.eval.config import EvalConfig
 from stts_jax.experiments import report as report_lib
 from stts_jax.experiments import speed as speed_lib
+from stts_jax.experiments import validation as validation_lib
 from stts_jax.experiments import vision_pretrain
 from stts_jax.models import vlm
 from stts_jax.experiments.config import JobConfig
@@ -296,56 +296,22 @@ def train(job: Job, seed: int, run: str,
     val_every = job.job.val_every
     result = train_main.train_and_evaluate(
         ml_collections.ConfigDict(dict(cfg, train=dict(cfg["train"], eval_every=val_every))), run_dir,
-        model_fn=model_fn, eval_fn=val_eval_fn(job, run) if val_every else None)
+        model_fn=model_fn, eval_fn=validation_lib.val_eval_fn(job, run) if val_every else None)
     seconds = time.time() - t0
     if result.preempted:
       raise KeyboardInterrupt(f"{label}: stopped by SIGTERM (checkpoint saved; re-run to resume)")
     status = "resumed" if start else "trained"
   history = read_history(run_dir)
   losses = [h for h in history if "ce" in h]
-  val = [h for h in history if report_lib.VAL_ACC in h]
+  val = [h for h in history if validation_lib.VAL_ACC in h]
   if val:
-    job.say(f"  {label}: validation accuracy " + " ".join(f"{int(h['step'])}:{h[report_lib.VAL_ACC] * 100:.1f}"
+    job.say(f"  {label}: validation accuracy " + " ".join(f"{int(h['step'])}:{h[validation_lib.VAL_ACC] * 100:.1f}"
                                                           for h in val)
             + f" % ({np.median([h['eval/val_seconds'] for h in val]):.1f} s per evaluation)")
   return {"workdir": run_dir, "status": status, "steps": steps, "seconds": round(seconds, 1),
           "final_ce": losses[-1]["ce"] if losses else None,
-          "final_val_accuracy": val[-1][report_lib.VAL_ACC] if val else None,
+          "final_val_accuracy": val[-1][validation_lib.VAL_ACC] if val else None,
           "loop_step_time_s": float(np.median([h["step_time"] for h in losses[1:]])) if len(losses) > 1 else None}
-
-
-def val_method(job: Job, run: str) -> tuple[str, float]:
-  """(method, ratio) a run is validated with: its own method at the trained ratio."""
-  if run == "unpruned":
-    return "none", 0.0
-  return (job.model.stts.method if run == "stts" else run), job.ratio
-
-
-def val_eval_fn(job: Job, run: str) -> Callable[[Any, int], dict[str, float]]:
-  """The training loop's `eval_fn(model, step)` of one run: multiple-choice likelihood accuracy of
-  `val_method(run)` on the first `job.val_examples` questions of the validation split, with the
-  evaluator and `Predictor` of the test eval (module-level jits: the first call compiles the vision
-  and prefill stages, later calls reuse them). Returns val_accuracy, val_scored (questions scored),
-  val_seconds and val_compilations (new executables in this call; 0 after the first)."""
-  method, ratio = val_method(job, run)
-  cache: dict[str, eval_data.EvalData] = {}
-
-  def eval_fn(model, step: int) -> dict[str, float]:
-    t0 = time.perf_counter()
-    if "data" not in cache:    # built on the first call: a reused run reads nothing
-      cache["data"] = _eval_data(job, "val", job.job.val_examples)
-    data = cache["data"]
-    before = predictor_lib.compile_counts()
-    # A fresh Predictor per call: it holds no reference to the training state the next step donates.
-    predictor = predictor_lib.Predictor(max_new_tokens=job.eval.max_new_tokens, mesh=job.mesh, rules=job.rules)
-    ev = evaluators_lib.from_name("multiple_choice", predictor, data=data, mesh=job.mesh, modes=("likelihood",))
-    metrics = dict(ev.run(gen_lib.model_variant(model, method=method, ratio=ratio)))
-    data.check_skipped(f"validation of {run} at step {step}")
-    after = predictor_lib.compile_counts()
-    return {"val_accuracy": metrics["likelihood_accuracy"], "val_scored": metrics["scored"],
-            "val_compilations": float(sum(after[k] - before[k] for k in after)),
-            "val_seconds": time.perf_counter() - t0}
-  return eval_fn
 
 
 # ---------------------------------------------------------------------------------------------
@@ -601,4 +567,4 @@ def exit_status(report: dict[str, Any], strict: Optional[bool] = None, say: Call
 
 __all__ = ["BASELINE_RUNS", "Job", "RUNS", "copy_results", "ensure_dataset", "eval_config_for", "evaluate",
            "exit_status", "keep_mask_examples", "latest_step", "make_job", "measure_speed", "read_history", "run",
-           "run_config", "train", "val_eval_fn", "val_method"]
+           "run_config", "train"]

@@ -21,17 +21,9 @@ every training-free row of that method (the smallest lower bound decides).
 Times are medians of interleaved rounds in one process (`speed.py`): the train step of the two
 trained models, and vision + prefill per test batch of each inference variant.
 
-Validation (`validation`): every run's curve of `eval/val_accuracy` (its own method at the trained
-ratio on the validation split, logged while training; `main_job.val_eval_fn`) with best and final
-accuracy and the plateau rule (`plateau`): LEFT THE CHANCE PLATEAU when the last val accuracy is above
-chance (25 %, 4 options) + job.chance_margin (10 points); STOPPED RISING when the mean of the last
-job.rise_window (2) val points is at most job.rise_tolerance (1 point) above the mean of the
-rise_window points before them (fewer than 2 * rise_window points: undecided, not stopped); CONVERGED
-when both hold. Reported always; a check only with job.require_converged. The test split is read only
-for the table: decisions are made on these curves.
+Validation curves and the plateau rule: `validation.py`.
 """
 
-import dataclasses
 import json
 import math
 import os
@@ -42,13 +34,12 @@ import numpy as np
 
 from stts_jax import viz
 from stts_jax.experiments import stats
-from stts_jax.experiments.config import JobConfig
+from stts_jax.experiments.config import job_settings as _job_settings
+from stts_jax.experiments.validation import (CHANCE, LABELS, converged_check, val_curve, validation,
+                                              validation_lines)
 
 ACC_KEY = "multiple_choice/likelihood_accuracy"
-VAL_ACC = "eval/val_accuracy"     # what the loop writes for main_job.val_eval_fn's val_accuracy
-CHANCE = 0.25                     # the default dataset's questions have 4 options
 KEPT_KEY = "multiple_choice/kept_tokens"
-LABELS = {"none": "unpruned", "stts": "STTS", "random": "random", "heuristic": "heuristic"}
 # Which weights a row runs on, by training run: the first two are the job's trained models (a
 # pruning method on them is training-free); the others are models trained with that method.
 WEIGHTS = {"unpruned": "unpruned-trained", "stts": "STTS-trained", "random": "trained with random pruning",
@@ -82,11 +73,6 @@ def _stats(values: Sequence[float]) -> dict[str, Any]:
     return {"mean": None, "std": None, "min": None, "max": None, "n": 0, "values": []}
   return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if v.size > 1 else 0.0, "min": float(v.min()),
           "max": float(v.max()), "n": int(v.size), "values": [float(x) for x in values]}
-
-
-def _job_settings(job: Mapping[str, Any]) -> dict[str, Any]:
-  """The job section with JobConfig's defaults for keys it lacks (one home for the defaults)."""
-  return {**dataclasses.asdict(JobConfig()), **job}
 
 
 def accuracy_rows(evals: Mapping[str, Any], seeds: Sequence[int], method: str, ratio: float) -> list[dict[str, Any]]:
@@ -204,99 +190,6 @@ def _check_line(c: Mapping[str, Any]) -> str:
   value = "missing" if c["value"] is None else fmt[c["unit"]](c["value"])
   bound = {"points": f"{c['bound']:+g} points", "x": f"{c['bound']:g}x", "runs": f"{c['bound']:g} runs"}[c["unit"]]
   return f"[{'PASS' if c['passed'] else 'FAIL'}] {c['name']}: {value} (bound {bound}; {c['detail']})"
-
-
-# ---------------------------------------------------------------------------------------------
-# validation curves
-# ---------------------------------------------------------------------------------------------
-def plateau(curve: Sequence[Sequence[float | int]], *, chance: float = CHANCE, margin: float = 0.10,
-            window: int = 2, tolerance: float = 0.01) -> dict[str, Any]:
-  """The plateau rule (module docstring) on one curve [(step, accuracy), ...] in step order.
-  left_chance_plateau: final > chance + margin. stopped_rising: mean(last `window`) - mean(the
-  `window` before) <= tolerance; None with fewer than 2 * window points. converged: both True."""
-  acc = [float(a) for _, a in curve]
-  out: dict[str, Any] = {"points": len(acc), "final": acc[-1] if acc else None,
-                         "final_step": int(curve[-1][0]) if acc else None,
-                         "best": max(acc) if acc else None,
-                         "best_step": int(curve[int(np.argmax(acc))][0]) if acc else None,
-                         "left_chance_plateau": bool(acc and acc[-1] > chance + margin),
-                         "last_mean": None, "previous_mean": None, "rise": None, "stopped_rising": None}
-  if len(acc) >= 2 * window:
-    last, prev = float(np.mean(acc[-window:])), float(np.mean(acc[-2 * window:-window]))
-    # 1e-12: a rise of exactly the tolerance counts as stopped despite float rounding
-    out.update(last_mean=last, previous_mean=prev, rise=last - prev,
-               stopped_rising=bool(last - prev <= tolerance + 1e-12))
-  out["converged"] = bool(out["left_chance_plateau"] and out["stopped_rising"])
-  why = []
-  if not acc:
-    why.append("no validation points")
-  elif not out["left_chance_plateau"]:
-    why.append(f"final {acc[-1] * 100:.1f} % <= chance + margin {(chance + margin) * 100:.1f} %")
-  if acc and out["stopped_rising"] is None:
-    why.append(f"{len(acc)} points, the rule needs {2 * window}")
-  elif out["stopped_rising"] is False:
-    why.append(f"still rising: the last {window} points average {out['rise'] * 100:+.1f} points over the {window} "
-               f"before")
-  out["reason"] = "; ".join(why)
-  return out
-
-
-def val_curve(history: Sequence[Mapping[str, Any]]) -> list[list[float | int]]:
-  """[[step, val accuracy], ...] of one run's `read_history`."""
-  return [[int(h["step"]), float(h[VAL_ACC])] for h in history if VAL_ACC in h]
-
-
-def validation(histories: Mapping[str, list[dict[str, Any]]], job: Mapping[str, Any], method: str) -> dict[str, Any]:
-  """{"rule": text, "runs": {"seed{s}/{run}": curve + `plateau` + cost}} for every run in `histories`."""
-  j = _job_settings(job)
-  kw = dict(chance=CHANCE, margin=j["chance_margin"], window=j["rise_window"], tolerance=j["rise_tolerance"])
-  runs = {}
-  for key, hist in histories.items():
-    run = key.split("/")[1]
-    pts = [h for h in hist if VAL_ACC in h]
-    curve = val_curve(hist)
-    runs[key] = {"run": run, "method": "none" if run == "unpruned" else (method if run == "stts" else run),
-                 "curve": curve, **plateau(curve, **kw),
-                 "examples": int(pts[-1]["eval/val_scored"]) if pts and "eval/val_scored" in pts[-1] else None,
-                 "seconds_per_eval": float(np.median([h["eval/val_seconds"] for h in pts]))
-                 if pts and all("eval/val_seconds" in h for h in pts) else None,
-                 # new executables after the first evaluation of the run: 0 when it compiled once
-                 "recompilations": int(sum(h.get("eval/val_compilations", 0) for h in pts[1:]))}
-  rule = (f"left the chance plateau: last val accuracy > chance {CHANCE * 100:g} % + {kw['margin'] * 100:g} points; "
-          f"stopped rising: mean of the last {kw['window']} val points <= mean of the {kw['window']} before "
-          f"+ {kw['tolerance'] * 100:g} points (needs {2 * kw['window']} points); converged: both")
-  return {"rule": rule, "val_every": j["val_every"], "val_examples": j["val_examples"], "runs": runs}
-
-
-def converged_check(val: Mapping[str, Any]) -> dict[str, Any]:
-  """job.require_converged: every run left the chance plateau and stopped rising (`plateau`)."""
-  runs = val["runs"]
-  bad = {k: r["reason"] for k, r in runs.items() if not r["converged"]}
-  return {"name": "every run left the chance plateau and stopped rising on the validation split",
-          "value": len(runs) - len(bad), "bound": len(runs), "unit": "runs", "passed": bool(runs) and not bad,
-          "detail": ("; ".join(f"{k}: {v}" for k, v in bad.items()) if bad else val["rule"])
-          if runs else "missing: no validation curves"}
-
-
-def validation_lines(report: Mapping[str, Any]) -> list[str]:
-  """One line per run: curve (step:acc %), best, final, rise, the two verdicts."""
-  val = report.get("validation") or {}
-  if not val.get("runs"):
-    return []
-  yn = {True: "yes", False: "no", None: "undecided"}
-  counts = sorted({r["examples"] for r in val["runs"].values() if r["examples"]})
-  out = [f"Validation accuracy % ({' / '.join(map(str, counts)) or '?'} val questions, every {val['val_every']} "
-         f"steps and the last; rule: {val['rule']}):"]
-  for key, r in val["runs"].items():
-    curve = " ".join(f"{s}:{a * 100:.1f}" for s, a in r["curve"]) or "-"
-    if r["points"]:
-      rise = "" if r["rise"] is None else f", rise {r['rise'] * 100:+.1f} points"
-      out.append(f"{key} ({LABELS.get(r['method'], r['method'])}): best {r['best'] * 100:.1f} @{r['best_step']}, "
-                 f"final {r['final'] * 100:.1f} @{r['final_step']}{rise}; left chance plateau "
-                 f"{yn[r['left_chance_plateau']]}, stopped rising {yn[r['stopped_rising']]}; curve {curve}")
-    else:
-      out.append(f"{key}: no validation points (trained with val_every 0?)")
-  return out
 
 
 def build_report(*, job_info: Mapping[str, Any], env: Mapping[str, Any], dataset: Mapping[str, Any],
@@ -578,6 +471,6 @@ def write_all(report: dict[str, Any], histories: Mapping[str, list[dict[str, Any
 
 
 __all__ = ["ACC_KEY", "BASELINE_RUNS", "CHANCE", "VAL_ACC", "accuracy_rows", "build_report", "checks",
-           "comparison_lines", "compare_to_stts", "console_text", "converged_check", "failed_checks", "plateau",
-           "table_lines", "table_notes", "val_curve", "val_curves_figure", "validation", "validation_lines",
+           "comparison_lines", "compare_to_stts", "console_text", "failed_checks",
+           "table_lines", "table_notes", "val_curves_figure",
            "write_all"]

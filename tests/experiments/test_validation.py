@@ -18,6 +18,7 @@ from stts_jax import provenance
 from stts_jax.eval import runner
 from stts_jax.experiments import main_job
 from stts_jax.experiments import report as report_lib
+from stts_jax.experiments import validation as validation_lib
 from stts_jax.experiments.config import JobConfig
 from stts_jax.models import vlm
 from tests.experiments import test_main_job as synthetic
@@ -30,29 +31,29 @@ def _curve(accs, every=50):
 def test_plateau_rule_on_hand_made_curves():
   rule = dict(chance=0.25, margin=0.10, window=2, tolerance=0.01)
   # rising: left chance (final 60 %) but the last two points average 20 points above the two before
-  rising = report_lib.plateau(_curve([0.25, 0.30, 0.40, 0.50, 0.60]), **rule)
+  rising = validation_lib.plateau(_curve([0.25, 0.30, 0.40, 0.50, 0.60]), **rule)
   assert rising["left_chance_plateau"] and rising["stopped_rising"] is False and not rising["converged"]
   assert rising["last_mean"] == pytest.approx(0.55) and rising["previous_mean"] == pytest.approx(0.35)
   assert rising["rise"] == pytest.approx(0.20)
   assert rising["reason"] == "still rising: the last 2 points average +20.0 points over the 2 before"
   # flat after leaving chance: converged; best and final with their steps
-  flat = report_lib.plateau(_curve([0.25, 0.50, 0.61, 0.62, 0.615, 0.62]), **rule)
+  flat = validation_lib.plateau(_curve([0.25, 0.50, 0.61, 0.62, 0.615, 0.62]), **rule)
   assert flat["left_chance_plateau"] and flat["stopped_rising"] and flat["converged"] and flat["reason"] == ""
   assert (flat["best"], flat["best_step"], flat["final"], flat["final_step"]) == (0.62, 200, 0.62, 300)
   assert flat["rise"] == pytest.approx(0.6175 - 0.615)
   # at chance: flat, so "stopped rising", but never left the plateau (35 % is not above 25 + 10)
-  at_chance = report_lib.plateau(_curve([0.26, 0.24, 0.25, 0.25, 0.35]), **rule)
+  at_chance = validation_lib.plateau(_curve([0.26, 0.24, 0.25, 0.25, 0.35]), **rule)
   assert not at_chance["left_chance_plateau"] and not at_chance["converged"]
   assert "final 35.0 % <= chance + margin 35.0 %" in at_chance["reason"]
   # a rise of exactly the tolerance has stopped; falling has stopped; too few points is undecided
-  assert report_lib.plateau(_curve([0.50, 0.50, 0.51, 0.51]), **rule)["stopped_rising"]
-  assert report_lib.plateau(_curve([0.70, 0.70, 0.60, 0.60]), **rule)["converged"]
-  short = report_lib.plateau(_curve([0.5, 0.6, 0.6]), **rule)
+  assert validation_lib.plateau(_curve([0.50, 0.50, 0.51, 0.51]), **rule)["stopped_rising"]
+  assert validation_lib.plateau(_curve([0.70, 0.70, 0.60, 0.60]), **rule)["converged"]
+  short = validation_lib.plateau(_curve([0.5, 0.6, 0.6]), **rule)
   assert short["stopped_rising"] is None and not short["converged"] and "3 points, the rule needs 4" in short["reason"]
-  empty = report_lib.plateau([], **rule)
+  empty = validation_lib.plateau([], **rule)
   assert empty["points"] == 0 and not empty["converged"] and empty["reason"] == "no validation points"
   # the window and tolerance are the job's
-  assert report_lib.plateau(_curve([0.4, 0.5, 0.6]), chance=0.25, margin=0.1, window=1, tolerance=0.2)["converged"]
+  assert validation_lib.plateau(_curve([0.4, 0.5, 0.6]), chance=0.25, margin=0.1, window=1, tolerance=0.2)["converged"]
 
 
 def test_job_config_validation_fields():
@@ -71,7 +72,7 @@ def _histories():
   def hist(accs, ce0):
     out = [{"step": s, "ce": ce0 / s} for s in range(10, 310, 10)]
     for (s, a) in _curve(accs):
-      out[s // 10 - 1].update({report_lib.VAL_ACC: a, "eval/val_scored": 256.0, "eval/val_seconds": 2.0 + s / 1000,
+      out[s // 10 - 1].update({validation_lib.VAL_ACC: a, "eval/val_scored": 256.0, "eval/val_seconds": 2.0 + s / 1000,
                                "eval/val_compilations": 2.0 if s == 50 else 0.0})
     return out
   # 3 of 4 converged: seed 0's STTS run still rises (last two 59.0 vs 52.5 before)
@@ -161,10 +162,10 @@ def test_val_eval_fn_compiles_once_and_matches_the_test_evaluator(tmp_path):
   cfg.job.val_examples, cfg.job.dataset_workers = 10, 1      # 1 worker: no fork() of this JAX process
   job = main_job.make_job(cfg, str(tmp_path / "work"), say=lambda s: None, trained_baselines=True)
   main_job.ensure_dataset(job, progress=False)
-  assert [main_job.val_method(job, r) for r in job.runs] == [("none", 0.0), ("stts", 0.5), ("random", 0.5),
+  assert [validation_lib.val_method(job, r) for r in job.runs] == [("none", 0.0), ("stts", 0.5), ("random", 0.5),
                                                               ("heuristic", 0.5)]
   model = vlm.Molmo2(main_job.model_config_of(main_job.run_config(job, 0, "stts")), rngs=nnx.Rngs(0))
-  fn = main_job.val_eval_fn(job, "stts")
+  fn = validation_lib.val_eval_fn(job, "stts")
   with jax.set_mesh(job.mesh):      # as the training loop calls it
     outs = [fn(model, step) for step in (2, 4, 6)]
   assert [o["val_scored"] for o in outs] == [10, 10, 10]
@@ -189,10 +190,10 @@ def test_runlocal_every_run_logs_its_val_curve_and_a_resume_keeps_it(tmp_path):
   for run in job.runs:
     summary = main_job.train(job, 0, run)
     hist = main_job.read_history(job.run_dir(0, run))
-    val = [h for h in hist if report_lib.VAL_ACC in h]
+    val = [h for h in hist if validation_lib.VAL_ACC in h]
     assert [h["step"] for h in val] == [2, 4, 6], run       # every val_every steps and the last
     assert [h["eval/val_compilations"] for h in val[1:]] == [0.0, 0.0], run
-    assert all(h["eval/val_scored"] == 14 for h in val) and summary["final_val_accuracy"] == val[-1][report_lib.VAL_ACC]
+    assert all(h["eval/val_scored"] == 14 for h in val) and summary["final_val_accuracy"] == val[-1][validation_lib.VAL_ACC]
     with open(os.path.join(job.run_dir(0, run), "run_config.json")) as f:
       assert json.load(f)["train"]["eval_every"] == 0        # the cadence is not part of the run's identity
   # Interrupted after the step-3 checkpoint: the resumed run re-logs 4 and 6 and keeps 2.
@@ -201,9 +202,9 @@ def test_runlocal_every_run_logs_its_val_curve_and_a_resume_keeps_it(tmp_path):
   shutil.rmtree(os.path.join(stts_dir, "checkpoints", "6"))
   assert main_job.train(job, 0, "stts")["status"] == "resumed"
   again = main_job.read_history(stts_dir)
-  assert [h["step"] for h in again if report_lib.VAL_ACC in h] == [2, 4, 6]
-  assert again[[h["step"] for h in again].index(2)][report_lib.VAL_ACC] == first[[h["step"] for h in first].index(2)][
-      report_lib.VAL_ACC]
+  assert [h["step"] for h in again if validation_lib.VAL_ACC in h] == [2, 4, 6]
+  assert again[[h["step"] for h in again].index(2)][validation_lib.VAL_ACC] == first[[h["step"] for h in first].index(2)][
+      validation_lib.VAL_ACC]
   histories = {f"seed0/{r}": main_job.read_history(job.run_dir(0, r)) for r in job.runs}
-  val = report_lib.validation(histories, config_lib.to_dict(job.job), "stts")
+  val = validation_lib.validation(histories, config_lib.to_dict(job.job), "stts")
   assert all(r["points"] == 3 and r["recompilations"] == 0 for r in val["runs"].values())
