@@ -49,6 +49,14 @@ class DataConfig:
                                     # steps, after >= 20 examples) and evaluation (after each cell),
                                     # listing the files; 1.0 never stops
   seek_gap: int = 96                # decode: seek when the next wanted frame is this far ahead
+  # Example packing of the training stream (stts_jax/data/example_packing.py, docs/example_packing.md):
+  # whole examples share rows, placed by their *pruned* LLM length; batch_size then counts packed rows.
+  # seq_len / max_frames stay the longest single example (unpruned); the row sizes are separate.
+  pack_examples: bool = False
+  pack_seq_len: int = 0             # pruned LLM tokens per packed row; 0 -> seq_len
+  pack_max_frames: int = 0          # frame budget per packed row (the ViT's frames); 0 -> max_frames
+  pack_max_videos: int = 8          # most examples per packed row
+  pack_lookahead: int = 8           # examples that may wait for a later step (first fit over the stream)
 
   @property
   def grid(self) -> int:
@@ -58,6 +66,16 @@ class DataConfig:
   def windows_per_frame(self) -> int:
     """W: pooled LLM tokens per frame (ceil division, padded windows count)."""
     return -(-self.grid // self.pool[0]) * -(-self.grid // self.pool[1])
+
+  @property
+  def packed_seq_len(self) -> int:
+    """Pruned LLM tokens per packed row."""
+    return self.pack_seq_len or self.seq_len
+
+  @property
+  def packed_max_frames(self) -> int:
+    """Frame budget per packed row."""
+    return self.pack_max_frames or self.max_frames
 
   @property
   def tokenizer_path(self) -> str:
@@ -84,6 +102,11 @@ class DataConfig:
       raise ValueError(f"data.max_fps must be positive or None, got {self.max_fps}")
     if min(self.num_workers, self.num_threads, self.prefetch_buffer) < 0:
       raise ValueError("data.num_workers / num_threads / prefetch_buffer must be >= 0")
+    if self.pack_seq_len < 0 or self.pack_max_videos < 1 or self.pack_lookahead < 0:
+      raise ValueError("data.pack_seq_len must be >= 0, pack_max_videos >= 1, pack_lookahead >= 0")
+    if self.pack_max_frames and self.pack_max_frames < self.max_frames:
+      raise ValueError(f"data.pack_max_frames {self.pack_max_frames} < max_frames {self.max_frames}: the "
+                       f"longest example could never be packed")
     min_len = 1 + self.max_frames * (self.windows_per_frame + 2)
     if self.seq_len < min_len:
       raise ValueError(f"data.seq_len {self.seq_len} cannot hold {self.max_frames} frames of "

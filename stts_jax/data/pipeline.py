@@ -38,6 +38,7 @@ import grain
 import numpy as np
 
 from stts_jax import config as config_lib
+from stts_jax.data import example_packing
 from stts_jax.data import manifest as manifest_lib
 from stts_jax.data import preprocess
 from stts_jax.data import prompt as prompt_lib
@@ -302,12 +303,23 @@ def _batches(ds: grain.MapDataset, cfg: DataConfig, processor: ExampleProcessor,
   return it
 
 
+def pack_spec(cfg: DataConfig, rows: int, llm_drop_ratio: float, pad_id: int) -> example_packing.PackSpec:
+  """The static packed-row sizes of `cfg` (`example_packing.PackSpec`)."""
+  return example_packing.PackSpec(rows=rows, seq_len=cfg.packed_seq_len, max_frames=cfg.packed_max_frames,
+                                  max_videos=cfg.pack_max_videos, windows=cfg.windows_per_frame,
+                                  llm_drop_ratio=llm_drop_ratio, lookahead=cfg.pack_lookahead, pad_id=pad_id)
+
+
 def train_dataset(cfg: DataConfig, source, processor: ExampleProcessor, *, process_index: int = 0,
-                  process_count: int = 1) -> grain.IterDataset:
+                  process_count: int = 1, llm_drop_ratio: Optional[float] = None
+                  ) -> Union[grain.IterDataset, example_packing.ExamplePacker]:
   """Shuffled (reshuffled every epoch), repeated `cfg.num_epochs` times (None: forever) batches.
 
   Every process takes a disjoint, equally long slice `[process_index::process_count]` of the
   first `len - len % process_count` records, so all hosts run the same number of steps.
+  With `cfg.pack_examples`: an `example_packing.ExamplePacker` over the processed examples, emitting
+  `batch_size / process_count` packed rows per step; `llm_drop_ratio` (the model's LLM-side pruning
+  ratio, 0 when the LLM sequence is not pruned: `models.example_packing.llm_drop_ratio`) sizes each example's row space.
   """
   batch = cfg.per_process_batch(process_count)
   n = (len(source) // process_count) * process_count
@@ -315,7 +327,16 @@ def train_dataset(cfg: DataConfig, source, processor: ExampleProcessor, *, proce
     raise ValueError(f"split has {len(source)} examples: too few for {process_count} process(es) x batch {batch}")
   ds = grain.MapDataset.source(source)[:n][process_index::process_count]
   ds = ds.shuffle(seed=cfg.shuffle_seed).repeat(cfg.num_epochs)
-  return _batches(ds, cfg, processor, batch, drop_remainder=True)
+  if not cfg.pack_examples:
+    return _batches(ds, cfg, processor, batch, drop_remainder=True)
+  if llm_drop_ratio is None:
+    raise ValueError("data.pack_examples: pass llm_drop_ratio (the model's LLM-side pruning ratio) to size rows")
+  it = ds.map(processor).to_iter_dataset(grain.ReadOptions(num_threads=cfg.num_threads,
+                                                           prefetch_buffer_size=cfg.prefetch_buffer))
+  if cfg.num_workers > 0:
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
+  return example_packing.ExamplePacker(iter(it), pack_spec(cfg, batch, llm_drop_ratio, processor.ids.pad),
+                                       on_error=cfg.on_error)
 
 
 def eval_dataset(cfg: DataConfig, source, processor: ExampleProcessor, *, process_index: int = 0,
@@ -335,7 +356,7 @@ def eval_dataset(cfg: DataConfig, source, processor: ExampleProcessor, *, proces
 class DataIterator:
   """Iterates batches; counts examples read and skipped; state = grain state + counters (JSON-able)."""
 
-  def __init__(self, dataset: grain.IterDataset, source, manifest_errors: Optional[list[str]] = None, *,
+  def __init__(self, dataset: Union[grain.IterDataset, example_packing.ExamplePacker], source, manifest_errors: Optional[list[str]] = None, *,
                max_skipped_fraction: float = 1.0):
     self.dataset = dataset
     self.source = source
@@ -409,10 +430,12 @@ def make_processor(cfg: DataConfig, token_ids: config_lib.TokenIds,
 
 
 def train_iterator(cfg: DataConfig, token_ids: config_lib.TokenIds, *, process_index: int = 0,
-                   process_count: int = 1, tok: Optional[tokenizer_lib.Tokenizer] = None) -> DataIterator:
+                   process_count: int = 1, tok: Optional[tokenizer_lib.Tokenizer] = None,
+                   llm_drop_ratio: Optional[float] = None) -> DataIterator:
+  """Training batches (`train_dataset`); `llm_drop_ratio` is needed with `cfg.pack_examples`."""
   source, errors = open_source(cfg, cfg.train_split)
   ds = train_dataset(cfg, source, make_processor(cfg, token_ids, tok), process_index=process_index,
-                     process_count=process_count)
+                     process_count=process_count, llm_drop_ratio=llm_drop_ratio)
   return DataIterator(ds, source, errors, max_skipped_fraction=cfg.max_skipped_fraction)
 
 

@@ -26,32 +26,41 @@ def window_vectors(patch_features: Float[Array, "*B T P D"], grid_hw: tuple[int,
 
 
 def cosine_to_previous(patch_features: Float[Array, "*B T P D"], grid_hw: tuple[int, int],
-                       window: tuple[int, int]) -> Float[Array, "*B T W"]:
-  """cos(v[t-1, w], v[t, w]) per window; 0 for frame 0."""
+                       window: tuple[int, int], first: Optional[Bool[Array, "*B T"]] = None) -> Float[Array, "*B T W"]:
+  """cos(v[t-1, w], v[t, w]) per window; 0 for frame 0 (and for every frame in `first`: the first
+  frames of the videos of a packed row, whose previous frame belongs to another video)."""
   v = window_vectors(patch_features, grid_hw, window)
   cos = jnp.sum(v[..., 1:, :, :] * v[..., :-1, :, :], axis=-1)
   zeros = jnp.zeros((*cos.shape[:-2], 1, cos.shape[-1]), cos.dtype)
-  return jnp.concatenate([zeros, cos], axis=-2)
+  out = jnp.concatenate([zeros, cos], axis=-2)
+  if first is not None:
+    out = jnp.where(first[..., None], jnp.zeros((), out.dtype), out)
+  return out
 
 
 def heuristic_scores(patch_features: Float[Array, "*B T P D"], grid_hw: tuple[int, int],
-                     window: tuple[int, int]) -> Float[Array, "*B T W"]:
-  """Training-free baseline: 1 - cosine to the same window of the previous frame (1 for frame 0)."""
-  return 1.0 - cosine_to_previous(patch_features, grid_hw, window)
+                     window: tuple[int, int], first: Optional[Bool[Array, "*B T"]] = None) -> Float[Array, "*B T W"]:
+  """Training-free baseline: 1 - cosine to the same window of the previous frame (1 for frame 0 and
+  for the frames in `first`)."""
+  return 1.0 - cosine_to_previous(patch_features, grid_hw, window, first)
 
 
 def temporal_aux_loss_batched(scores: Float[Array, "B T W"], patch_features: Float[Array, "B T P D"],
                               frame_mask: Bool[Array, "B T"], grid_hw: tuple[int, int],
                               window: tuple[int, int],
-                              prunable: Optional[Bool[Array, "B"]] = None) -> Float[Array, ""]:
+                              prunable: Optional[Bool[Array, "B"]] = None,
+                              first: Optional[Bool[Array, "B T"]] = None) -> Float[Array, ""]:
   """Mean of (s - (1 - cos))^2 over every real (t >= 1, w) pair of the batch; 0 if there is none.
 
-  A pair counts when frames t-1 and t are both real. The target is *not* detached, so the loss also
-  trains the ViT blocks that produce `patch_features`.
+  A pair counts when frames t-1 and t are both real (and, with `first` for packed rows of several
+  videos, t does not start a video). The target is *not* detached, so the loss also trains the ViT
+  blocks that produce `patch_features`.
   """
   t = scores.shape[1]
-  target_btw = heuristic_scores(patch_features, grid_hw, window)
+  target_btw = heuristic_scores(patch_features, grid_hw, window, first)
   pair_bt = frame_mask & jnp.roll(frame_mask, 1, axis=1) & (jnp.arange(t) >= 1)
+  if first is not None:
+    pair_bt = pair_bt & ~first
   if prunable is not None:
     pair_bt = pair_bt & prunable[:, None]
   sq_btw = jnp.square(scores.astype(jnp.float32) - target_btw)

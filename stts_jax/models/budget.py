@@ -112,3 +112,48 @@ def pruned_seq_len(seq_len: int, num_frames: int, windows: int, ratio: float) ->
   if out <= 0:
     raise ValueError(f"sequence length {seq_len} too short for {num_frames} frames of {windows} tokens")
   return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Example packing (several videos per LLM row; stts_jax/models/example_packing.py, DESIGN.md 7)
+# ----------------------------------------------------------------------------------------------
+# A packed row holds up to V videos with F frames in all. Every video keeps its own budget
+# (dropped(t_v) above), so the row's static sizes are bounds over all the ways to split F frames
+# between at most V videos.
+
+def packed_dropped_bound(frames: int, windows: int, ratio: float) -> int:
+  """Most windows the videos of one packed row (F frames in all) can drop: floor(ratio * W * F).
+
+  sum_v dropped(t_v) <= sum_v floor(r W t_v) <= floor(r W sum_v t_v) <= floor(r W F). The host puts
+  the row's *unpruned* tokens into `seq_len + packed_dropped_bound(F)` slots and the model compacts
+  them back to `seq_len`: both sides use this one number."""
+  if frames < 0 or windows <= 0:
+    raise ValueError(f"frames must be >= 0 and windows > 0, got {frames}, {windows}")
+  return math.floor(_ratio(ratio) * windows * frames)
+
+
+def packed_kept_bound(frames: int, videos: int, windows: int, ratio: float) -> int:
+  """Most windows the videos of one packed row can keep: max over splits of <= F frames into <= V
+  videos of sum_v kept(t_v) (a small dynamic programme; kept(t) is not linear in t: a 1-frame
+  video keeps all W). The adapter pools this many window slots per row."""
+  if frames < 0 or videos < 1:
+    raise ValueError(f"frames must be >= 0 and videos >= 1, got {frames}, {videos}")
+  kept = [num_kept(t, windows, ratio) for t in range(frames + 1)]
+  best = [0] * (frames + 1)            # best[f]: most kept with at most f frames, videos so far
+  for _ in range(videos):
+    best = [max(best[f - t] + kept[t] for t in range(f + 1)) for f in range(frames + 1)]
+  return best[frames]
+
+
+def packed_num_rows(frames: int, videos: int, windows: int, ratio: float, per_video_rows: Optional[int],
+                    slack: float = 0.125) -> int:
+  """Packed ViT rows of one packed LLM row (F frames of up to V videos).
+
+  per_video_rows None (the config asks for the proven bound): F rows, which always suffice (each
+  frame with a kept window takes at most one row). Otherwise a speed-oriented count like
+  `typical_num_rows`: ceil(kept bound / W) plus `slack` * F, at most F; a row that needs more takes
+  the exact dense fallback, as for single videos."""
+  if per_video_rows is None:
+    return frames
+  least = -(-packed_kept_bound(frames, videos, windows, ratio) // windows)
+  return min(frames, least + math.ceil(slack * frames))

@@ -18,7 +18,7 @@ Assignment runs over T candidate rows, so it always succeeds; if a video needs m
 use them (`video_forward` switches to the exact dense masked path; nothing kept is ever lost).
 """
 
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -46,33 +46,49 @@ class PackPlan:
     return ~jnp.any(self.overflow_b)
 
 
-def ffd_assign(counts_t: Int[Array, "T"], capacity: int) -> tuple[Int[Array, "T"], Int[Array, "T"]]:
+def ffd_assign(counts_t: Int[Array, "T"], capacity: int,
+               video_t: Optional[Int[Array, "T"]] = None) -> tuple[Int[Array, "T"], Int[Array, "T"]]:
   """First-fit decreasing: (row of each frame or -1 if empty, start slot in its row).
 
   Frames are taken by decreasing count, ties by increasing frame index; each goes to the first of
   T candidate rows where it fits (one always exists: at most T frames of size <= capacity).
+  video_t (example-packed rows: several videos, contiguous along T): each video is packed on its own,
+  in video order, into rows after the previous videos' rows, so a video's rows (and which of its
+  frames end up alone and refilled) are exactly those it gets as the only video of a row, shifted.
   """
   t = counts_t.shape[0]
   order = jnp.argsort(-counts_t, stable=True)
+  if video_t is not None:
+    # Lexicographic (video, -count, frame): a stable sort by video of the count order.
+    order = order[jnp.argsort(video_t[order], stable=True)]
+    video_o = video_t[order].astype(jnp.int32)
+  else:
+    video_o = jnp.zeros((t,), jnp.int32)
 
-  def place(fill_r, frame):
+  def place(carry, xs):
+    fill_r, base, current, used_rows = carry
+    frame, video = xs
     c = counts_t[frame]
-    row = jnp.argmax(fill_r + c <= capacity)
+    # A new video starts on the first row no earlier video uses (one video: base stays 0).
+    base = jnp.where(video != current, used_rows, base)
+    row = jnp.argmax((jnp.arange(t) >= base) & (fill_r + c <= capacity))
     start = fill_r[row]
     used = c > 0
     fill_r = fill_r.at[row].add(jnp.where(used, c, 0))
-    return fill_r, (jnp.where(used, row, -1), jnp.where(used, start, 0))
+    used_rows = jnp.where(used, jnp.maximum(used_rows, row + 1), used_rows)
+    return (fill_r, base, video, used_rows), (jnp.where(used, row, -1), jnp.where(used, start, 0))
 
-  _, (row_o, start_o) = jax.lax.scan(place, jnp.zeros((t,), counts_t.dtype), order)
+  init = (jnp.zeros((t,), counts_t.dtype), jnp.zeros((), jnp.int32), video_o[0], jnp.zeros((), jnp.int32))
+  _, (row_o, start_o) = jax.lax.scan(place, init, (order, video_o))
   row_t = jnp.zeros((t,), jnp.int32).at[order].set(row_o.astype(jnp.int32))
   start_t = jnp.zeros((t,), jnp.int32).at[order].set(start_o.astype(jnp.int32))
   return row_t, start_t
 
 
-def _plan_one(keep_tp: Bool[Array, "T P"], num_rows: int):
+def _plan_one(keep_tp: Bool[Array, "T P"], num_rows: int, video_t: Optional[Int[Array, "T"]] = None):
   t, p = keep_tp.shape
   counts_t = jnp.sum(keep_tp, axis=-1, dtype=jnp.int32)
-  row_t, start_t = ffd_assign(counts_t, p)
+  row_t, start_t = ffd_assign(counts_t, p, video_t)
   placed_t = row_t >= 0
   frames_per_row = jnp.zeros((t,), jnp.int32).at[jnp.where(placed_t, row_t, t)].add(1, mode="drop")
   lone_t = placed_t & (frames_per_row[jnp.clip(row_t, 0)] == 1)
@@ -90,11 +106,19 @@ def _plan_one(keep_tp: Bool[Array, "T P"], num_rows: int):
           rows_used > num_rows)
 
 
-def make_plan(keep_patch_mask: Bool[Array, "B T P"], num_rows: int) -> PackPlan:
-  """Plans the packing of a batch of videos into `num_rows` rows each (see module docstring)."""
+def make_plan(keep_patch_mask: Bool[Array, "B T P"], num_rows: int,
+              video_ids: Optional[Int[Array, "B T"]] = None) -> PackPlan:
+  """Plans the packing of a batch of videos into `num_rows` rows each (see module docstring).
+
+  video_ids: for example-packed rows (several videos along T, -1 on padding frames): each video is
+  planned on its own (`ffd_assign`), its rows following the previous videos' rows."""
   if num_rows < 1:
     raise ValueError(f"packing needs at least one row, got num_rows={num_rows}")
-  src, seg, dest, attend, used, over = jax.vmap(lambda k: _plan_one(k, num_rows))(keep_patch_mask)
+  if video_ids is None:
+    src, seg, dest, attend, used, over = jax.vmap(lambda k: _plan_one(k, num_rows))(keep_patch_mask)
+  else:
+    src, seg, dest, attend, used, over = jax.vmap(lambda k, v: _plan_one(k, num_rows, v))(
+        keep_patch_mask, jnp.asarray(video_ids, jnp.int32))
   return PackPlan(src_brp=src, segment_ids_brp=seg, dest_btp=dest, keep_btp=keep_patch_mask,
                   attend_btp=attend, rows_used_b=used, overflow_b=over)
 

@@ -77,13 +77,17 @@ def rescale_scores(scores: Float[Array, "*B T W"], grid_hw: tuple[int, int], win
 def scores_to_patch_bias_batched(scores: Float[Array, "B T W"], frame_mask: Bool[Array, "B T"],
                                  grid_hw: tuple[int, int], window: tuple[int, int],
                                  scope: str = "window_row",
-                                 prunable: Optional[Bool[Array, "B"]] = None) -> Float[Array, "B T P"]:
+                                 prunable: Optional[Bool[Array, "B"]] = None,
+                                 first: Optional[Bool[Array, "B T"]] = None) -> Float[Array, "B T P"]:
   """Additive key bias log(s') per patch for block prune_at+1 (DESIGN.md 3.6).
 
-  Frame 0, padding frames and non-prunable samples get bias 0 (s' = 1)."""
+  Frame 0 (every frame in `first`: the first frame of each video of a packed row), padding frames and
+  non-prunable samples get bias 0 (s' = 1)."""
   t = scores.shape[1]
   s_btw = rescale_scores(scores, grid_hw, window, scope)
   biased_bt = frame_mask & (jnp.arange(t) >= 1)
+  if first is not None:
+    biased_bt = biased_bt & ~first
   if prunable is not None:
     biased_bt = biased_bt & prunable[:, None]
   bias_btw = jnp.where(biased_bt[:, :, None], jnp.log(s_btw), 0.0)

@@ -14,11 +14,12 @@ a=-2, b=2), all biases zero.
 """
 
 import math
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jaxtyping import Array, Float
+from jaxtyping import Array, Bool, Float
 
 from stts_jax.config import STTSConfig
 from stts_jax.models import partitioning
@@ -80,9 +81,15 @@ class WindowScorer(nnx.Module):
     out = jnp.einsum("...nm,...mnh->...nh", probs, v).reshape(*lead, n * h)
     return self.o_proj(out)
 
-  def score_windows(self, features: Float[Array, "*B T W D"]) -> Float[Array, "*B T W"]:
-    """Temporal context + MLP + sigmoid on pooled window features of consecutive frames."""
+  def score_windows(self, features: Float[Array, "*B T W D"],
+                    first: Optional[Bool[Array, "*B T"]] = None) -> Float[Array, "*B T W"]:
+    """Temporal context + MLP + sigmoid on pooled window features of consecutive frames.
+
+    first: frames that start a video (zeros as their previous frame); default frame 0 only. Packed
+    rows (several videos along T) pass each video's first frame, so no video sees another's frame."""
     prev = jnp.concatenate([jnp.zeros_like(features[..., :1, :, :]), features[..., :-1, :, :]], axis=-3)
+    if first is not None:
+      prev = jnp.where(first[..., None, None], jnp.zeros((), prev.dtype), prev)
     x = jnp.concatenate([prev, features], axis=-1)
     x = jax.nn.silu(self.fc1(x))
     x = jax.nn.silu(self.fc2(x))
@@ -90,17 +97,18 @@ class WindowScorer(nnx.Module):
     return jax.nn.sigmoid(logit)
 
   def __call__(self, hidden: Float[Array, "*B T P D"], grid_hw: tuple[int, int],
-               window: tuple[int, int]) -> Float[Array, "*B T W"]:
+               window: tuple[int, int], first: Optional[Bool[Array, "*B T"]] = None) -> Float[Array, "*B T W"]:
     idx_wm = jnp.asarray(windows_lib.window_patch_index(grid_hw, window))
     patches = jnp.take(hidden, idx_wm, axis=-2)        # [.., T, W, M, D]
-    return self.score_windows(self.pool(patches))
+    return self.score_windows(self.pool(patches), first)
 
 
 def window_scores(scorer: WindowScorer, hidden: Float[Array, "*B T P D"], grid_hw: tuple[int, int],
-                  window: tuple[int, int]) -> Float[Array, "*B T W"]:
+                  window: tuple[int, int], first: Optional[Bool[Array, "*B T"]] = None) -> Float[Array, "*B T W"]:
   """Scores in (0, 1) of every window; `hidden` is the ViT output of block `prune_at`.
 
-  With a leading batch axis each video gets zeros as the previous frame of its own frame 0."""
+  With a leading batch axis each video gets zeros as the previous frame of its own frame 0 (of each
+  frame in `first`, for packed rows of several videos)."""
   if hidden.shape[-1] != scorer.hidden_size:
     raise ValueError(f"window_scores: hidden width {hidden.shape[-1]} != scorer width {scorer.hidden_size}")
-  return scorer(hidden, grid_hw, window)
+  return scorer(hidden, grid_hw, window, first)

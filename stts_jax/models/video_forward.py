@@ -25,6 +25,10 @@ LLM side (`llm_forward`): the `<im_patch>` tokens of dropped windows leave the s
   explains why every sample of the bucket fits); feature j of a sample is added to its j-th
   remaining `<im_patch>`. Without pruning (or with `stts.llm_prune=False`) the sequence is unchanged.
 
+Example-packed rows (several examples per row, `models/example_packing.py`): the same path with T the
+row's frame budget F; frames know their video (`frame_example`), so the scorer, budget, aux loss, bias
+and packed ViT rows work per video, and the LLM sees each example within its own segment.
+
 Randomness: method "random" draws from `rng` (one key, or a `[B]` array of keys: one per video), or
 from `stts.random_seed` when `rng` is None.
 Molmo2 has no dropout; `deterministic=False` only makes a missing `rng` an error for "random".
@@ -40,6 +44,7 @@ from jaxtyping import Array, Bool, Float, Int, Shaped
 from stts_jax.models import adapter as adapter_lib
 from stts_jax.models import aux_loss as aux_lib
 from stts_jax.models import budget
+from stts_jax.models import example_packing
 from stts_jax.models import packing
 from stts_jax.models import partitioning
 from stts_jax.models import pruning
@@ -72,6 +77,7 @@ class VideoOutput:
   num_kept: Any   # int32 [B]; kept windows per video
   num_truncated: Any   # int32 [B]; LLM tokens cut by the static length (0 for valid data)
   packed: Any   # bool scalar
+  example_ids: Any = None   # int32 [B, S]; example slot of each token (example-packed rows only, -1 padding)
   hidden: Any = None   # float [B, S, E]; final-normed decoder output (logits=False only)
   lm_head: Any = None   # float [E, V]; the LM head kernel, logits = hidden @ lm_head (logits=False only)
 
@@ -90,15 +96,15 @@ def _check_batch(batch: dict[str, Any]):
     raise KeyError(f"forward_video: batch is missing {missing}; needs {list(BATCH_KEYS)}")
 
 
-def _scores(model, method: str, hidden_btpd, rng, grid_hw, window, deterministic: bool):
+def _scores(model, method: str, hidden_btpd, rng, grid_hw, window, deterministic: bool, first=None):
   b, t = hidden_btpd.shape[:2]
   w = windows_lib.window_patch_index(grid_hw, window).shape[0]
   if method == "stts":
     if model.scorer is None:
       raise ValueError("stts.method is 'stts' but the model has no scorer (build Molmo2 with that config)")
-    return scorer_lib.window_scores(model.scorer, hidden_btpd, grid_hw, window)
+    return scorer_lib.window_scores(model.scorer, hidden_btpd, grid_hw, window, first)
   if method == "heuristic":
-    return aux_lib.heuristic_scores(hidden_btpd, grid_hw, window)
+    return aux_lib.heuristic_scores(hidden_btpd, grid_hw, window, first)
   if method == "random":
     if rng is None:
       if not deterministic:
@@ -150,8 +156,11 @@ def run_vit_rows(model, hidden_bnpd: Float[Array, "B N P D"], start: int, stop: 
 
 
 def vit_features_video(model, patches: Shaped[Array, "B T P I"], frame_mask: Bool[Array, "B T"],
-                       rng: Optional[jax.Array] = None, *, deterministic: bool = True) -> VisionOutput:
-  """The ViT half of the STTS forward (module docstring): features for the adapter plus the keep mask."""
+                       rng: Optional[jax.Array] = None, *, deterministic: bool = True,
+                       video_ids: Optional[Int[Array, "B T"]] = None, num_videos: int = 1) -> VisionOutput:
+  """The ViT half of the STTS forward (module docstring): features for the adapter plus the keep mask.
+
+  video_ids / num_videos: example-packed rows (`frame_example`, V); None: one video per row."""
   cfg = model.config
   st = cfg.stts
   b, t, p, i = patches.shape
@@ -171,25 +180,35 @@ def vit_features_video(model, patches: Shaped[Array, "B T P I"], frame_mask: Boo
 
   soft = st.prune_at + 1
   hidden_btpd, outs = run_vit_rows(model, hidden, 0, soft, taps=taps)
-  scores = _scores(model, st.method, hidden_btpd, rng, grid_hw, window, deterministic)
-  keep = pruning.budget_keep_mask_batched(scores, frame_mask, st.ratio)
+  # Example-packed rows: the first frame of every video plays frame 0's part (no previous frame).
+  first = None if video_ids is None else example_packing.first_frames(frame_mask, video_ids)
+  scores = _scores(model, st.method, hidden_btpd, rng, grid_hw, window, deterministic, first)
+  if video_ids is None:
+    keep = pruning.budget_keep_mask_batched(scores, frame_mask, st.ratio)
+  else:
+    keep = example_packing.budget_keep_mask_packed(scores, frame_mask, video_ids, num_videos, st.ratio)
   if st.method == "stts":
-    aux = aux_lib.temporal_aux_loss_batched(scores, hidden_btpd, frame_mask, grid_hw, window)
-    key_bias = pruning.scores_to_patch_bias_batched(scores, frame_mask, grid_hw, window, st.bias_rescale_scope)
+    aux = aux_lib.temporal_aux_loss_batched(scores, hidden_btpd, frame_mask, grid_hw, window, first=first)
+    key_bias = pruning.scores_to_patch_bias_batched(scores, frame_mask, grid_hw, window, st.bias_rescale_scope,
+                                                    first=first)
   else:
     aux, key_bias = jnp.zeros((), jnp.float32), None
   hidden_btpd, soft_outs = run_vit_rows(model, hidden_btpd, soft, soft + 1, taps=taps, key_bias_bnp=key_bias)
   outs.update(soft_outs)
 
-  rows = budget.num_rows(t, w, st.ratio, st.num_rows)
-  post, fits = vit_after_prune(model, hidden_btpd, keep, num_rows=rows)
+  if video_ids is None:
+    rows = budget.num_rows(t, w, st.ratio, st.num_rows)
+  else:
+    rows = example_packing.vit_rows(cfg, t, num_videos)
+  post, fits = vit_after_prune(model, hidden_btpd, keep, num_rows=rows, video_ids=video_ids)
   outs.update(post)
   features = adapter_lib.concat_taps(outs, taps)
   return VisionOutput(features, keep, scores.astype(jnp.float32), aux, fits)
 
 
 def vit_after_prune(model, hidden_btpd: Float[Array, "B T P D"], keep_mask: Bool[Array, "B T W"], *,
-                    num_rows: int) -> tuple[dict[int, Float[Array, "B T P D"]], Bool[Array, ""]]:
+                    num_rows: int, video_ids: Optional[Int[Array, "B T"]] = None
+                    ) -> tuple[dict[int, Float[Array, "B T P D"]], Bool[Array, ""]]:
   """Blocks prune_at+2 .. max(taps) on the kept patches -> ({tap: [B, T, P, D], zeros at dropped}, packed).
 
   Packed into `num_rows` rows per video when every video fits, else (same batch, exact same
@@ -199,13 +218,14 @@ def vit_after_prune(model, hidden_btpd: Float[Array, "B T P D"], keep_mask: Bool
   "always", the frames then run as they are, one per row with the plan's attention sets, chosen
   statically: no pack/unpack, no `cond`, no fallback (docs/benchmark.md compares both at ratio 0.3).
   `packed` is then True as well: it means "not the dense fallback".
+  video_ids: example-packed rows; each video is planned on its own (`packing.make_plan`).
   """
   cfg = model.config
   b, t, p, d = hidden_btpd.shape
   grid_hw, window = (cfg.vit.grid, cfg.vit.grid), tuple(cfg.stts.window)
   start, last = cfg.stts.prune_at + 2, max(cfg.adapter.vit_layers) + 1
   post_taps = tuple(x for x in cfg.adapter.vit_layers if x >= start)
-  plan = packing.make_plan(pruning.keep_patch_mask(keep_mask, grid_hw, window), num_rows)
+  plan = packing.make_plan(pruning.keep_patch_mask(keep_mask, grid_hw, window), num_rows, video_ids)
 
   def packed_path(hidden_btpd):
     rows_brpd = packing.pack(hidden_btpd, plan)
@@ -261,7 +281,7 @@ def pool_windows(model, vision: VisionOutput, num_slots: int) -> tuple[Float[Arr
   return feats.reshape(b, num_slots, -1), valid_bk
 
 
-def llm_window_features(model, vision: VisionOutput) -> Float[Array, "B K E"]:
+def llm_window_features(model, vision: VisionOutput, num_slots: Optional[int] = None) -> Float[Array, "B K E"]:
   """Pooled window features in the order of the LLM sequence's `<im_patch>` tokens (feature j goes to
   the j-th one, `merge_per_sample`).
 
@@ -269,8 +289,11 @@ def llm_window_features(model, vision: VisionOutput) -> Float[Array, "B K E"]:
   windows compacted in (t, w) order (K = num_kept(T)). `stts.llm_prune=False`: every window keeps its
   token (K = T*W), so kept window (t, w) must land on token t*W + w and a dropped window's token gets a
   zero feature; compacted features would shift later windows onto earlier, dropped windows' tokens.
+  num_slots: static slots (default `num_llm_slots` of the T bucket; example-packed rows pass
+  `example_packing.llm_slots`).
   """
-  num_slots = num_llm_slots(model.config, vision.keep_mask_btw.shape[1])
+  if num_slots is None:
+    num_slots = num_llm_slots(model.config, vision.keep_mask_btw.shape[1])
   feats, _ = pool_windows(model, vision, num_slots)
   st = model.config.stts
   if st.prunes and not st.llm_prune:
@@ -312,14 +335,20 @@ class DecoderInputs:
   target_ids: Any   # int32 [B, S'] (zeros when no targets were given)
   loss_mask: Any   # bool [B, S']
   num_truncated: Any   # int32 [B]; tokens cut by the static length (0 for valid data)
+  example_ids: Any = None   # int32 [B, S']; example slot of each token (example-packed rows; -1 padding)
 
 
 def decoder_inputs(model, input_ids: Int[Array, "B S"], token_mask: Bool[Array, "B S"],
                    keep_mask_btw: Bool[Array, "B T W"], feats_bke: Float[Array, "B K E"],
                    target_ids: Optional[Int[Array, "B S"]] = None,
-                   loss_mask: Optional[Bool[Array, "B S"]] = None) -> DecoderInputs:
+                   loss_mask: Optional[Bool[Array, "B S"]] = None,
+                   example_ids: Optional[Int[Array, "B S"]] = None) -> DecoderInputs:
   """Drops pruned windows' `<im_patch>` tokens (static S' = S - dropped(T)), merges the kept
-  windows' features and builds positions and the vision mask. Shared by training and generation."""
+  windows' features and builds positions and the vision mask. Shared by training and generation.
+
+  example_ids: example-packed rows (`token_example`): the row is compacted to
+  S' = S - `budget.packed_dropped_bound(F)` instead, the ids follow their tokens, and positions
+  restart at 0 for every example (`example_packing.segment_positions`)."""
   cfg = model.config
   st = cfg.stts
   ids, token_mask = jnp.asarray(input_ids, jnp.int32), jnp.asarray(token_mask, bool)
@@ -328,18 +357,27 @@ def decoder_inputs(model, input_ids: Int[Array, "B S"], token_mask: Bool[Array, 
   b, s = ids.shape
   t = keep_mask_btw.shape[1]
   truncated = jnp.zeros((b,), jnp.int32)
+  ex = None if example_ids is None else jnp.where(token_mask, jnp.asarray(example_ids, jnp.int32), -1)
   if st.prunes and st.llm_prune:
-    out_len = budget.pruned_seq_len(s, t, cfg.windows_per_frame, st.ratio)
+    if ex is None:
+      out_len = budget.pruned_seq_len(s, t, cfg.windows_per_frame, st.ratio)
+    else:
+      out_len = s - example_packing.llm_dropped(cfg, t)
     comp = sequence.prune_sequence(ids, token_mask, targets, loss_mask, keep_mask_btw,
                                    cfg.tokens.image_patch, out_len, cfg.tokens.pad)
     ids, token_mask = comp.input_ids_bs, comp.token_mask_bs
     targets, loss_mask, truncated = comp.target_ids_bs, comp.loss_mask_bs, comp.num_truncated_b
+    if ex is not None:
+      ex = jnp.where(token_mask, jnp.take_along_axis(ex, jnp.clip(comp.src_bs, 0), axis=1), -1)
     s = out_len
   embeds = merge_per_sample(model.llm.embed(ids), ids, token_mask, feats_bke, cfg.tokens.image_patch)
-  positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+  if ex is None:
+    positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+  else:
+    positions = example_packing.segment_positions(ex)
   return DecoderInputs(input_ids=ids, embeds=embeds, positions=positions, token_mask=token_mask,
                        vision_mask=vision_token_mask(ids, cfg.tokens), target_ids=targets,
-                       loss_mask=loss_mask, num_truncated=truncated)
+                       loss_mask=loss_mask, num_truncated=truncated, example_ids=ex)
 
 
 def llm_forward(model, batch: dict[str, Any], vision: VisionOutput, *, logits: bool = True) -> VideoOutput:
@@ -348,26 +386,41 @@ def llm_forward(model, batch: dict[str, Any], vision: VisionOutput, *, logits: b
   logits=False: no LM head; the output carries the final hidden states [B, S, E] and the head kernel
   [E, V] instead, for a loss that needs logits at a few positions only (train/loss.py).
   """
-  feats = llm_window_features(model, vision)
+  packed_rows = example_packing.is_packed(batch)
+  if packed_rows:
+    frames, videos = vision.keep_mask_btw.shape[1], batch["example_frames"].shape[1]
+    feats = llm_window_features(model, vision, example_packing.llm_slots(model.config, frames, videos))
+  else:
+    feats = llm_window_features(model, vision)
   dec = decoder_inputs(model, batch["input_ids"], batch["token_mask"], vision.keep_mask_btw, feats,
-                       batch["target_ids"], batch["loss_mask"])
-  hidden, _ = model.llm(dec.embeds, dec.positions, dec.token_mask, dec.vision_mask)
+                       batch["target_ids"], batch["loss_mask"],
+                       example_ids=batch["token_example"] if packed_rows else None)
+  hidden, _ = model.llm(dec.embeds, dec.positions, dec.token_mask, dec.vision_mask, example_ids_bs=dec.example_ids)
   head = dict(logits=model.llm.logits(hidden)) if logits else dict(
       logits=None, hidden=hidden, lm_head=model.llm.lm_head.kernel[...])
   return VideoOutput(
       target_ids=dec.target_ids, loss_mask=dec.loss_mask,
       token_mask=dec.token_mask, aux_loss=vision.aux_loss, keep_mask=vision.keep_mask_btw,
       scores=vision.scores_btw, num_kept=pruning.num_kept(vision.keep_mask_btw),
-      num_truncated=dec.num_truncated, packed=vision.packed, **head)
+      num_truncated=dec.num_truncated, packed=vision.packed, example_ids=dec.example_ids, **head)
 
 
 def forward_video(model, batch: dict[str, Any], *, rng: Optional[jax.Array] = None,
                   deterministic: bool = True, logits: bool = True) -> VideoOutput:
   """The full STTS video forward (module docstring). Static shapes: one compilation per (B, T, S).
+  Example-packed batches (`token_example` present; `models/example_packing.py`) take the packed path.
 
   logits=False: hidden states and the LM head kernel instead of [B, S, V] logits (`llm_forward`)."""
   _check_batch(batch)
   patches = jnp.asarray(batch["patches"])
   frame_mask = jnp.asarray(batch["frame_mask"], bool)
-  vision = vit_features_video(model, patches, frame_mask, rng, deterministic=deterministic)
+  if example_packing.is_packed(batch):
+    missing = [k for k in example_packing.PACKED_KEYS if k not in batch]
+    if missing:
+      raise KeyError(f"forward_video: example-packed batch is missing {missing}")
+    vision = vit_features_video(model, patches, frame_mask, rng, deterministic=deterministic,
+                                video_ids=jnp.asarray(batch["frame_example"], jnp.int32),
+                                num_videos=batch["example_frames"].shape[1])
+  else:
+    vision = vit_features_video(model, patches, frame_mask, rng, deterministic=deterministic)
   return llm_forward(model, batch, vision, logits=logits)

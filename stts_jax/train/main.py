@@ -72,8 +72,10 @@ def train_and_evaluate(config: Any, workdir: str, *, data_iter: Any = None,
     from stts_jax.data import pipeline
     data_cfg = cfgs["data"]
     data_cfg.check_model(model_cfg)
+    from stts_jax.models import example_packing
     data_iter = pipeline.train_iterator(data_cfg, model_cfg.tokens, process_index=jax.process_index(),
-                                        process_count=jax.process_count())
+                                        process_count=jax.process_count(),
+                                        llm_drop_ratio=example_packing.llm_drop_ratio(model_cfg))
   data_cfg = cfgs.get("data")
   if data_cfg is not None and jax.process_index() == 0 and os.path.isfile(data_cfg.tokenizer_path):
     # What `stts_jax.inference.Pipeline` needs to ask the run's checkpoints about new videos.
