@@ -7,6 +7,8 @@ TensorBoard (`workdir/tb`) and the progress bar to stderr, from process 0 only; 
 `workdir/checkpoints` (written by all processes). With `log_example_ids`, every process appends
 `{"step", "example_id"}` lines for its own rows to `workdir/example_ids/process_{i}-of-{n}.jsonl`
 (provenance of the data each host read; `example_id` -1 marks padding slots).
+Example-packed batches (`data.pack_examples`) add pack_fill, pack_frame_fill, pack_examples_per_row
+and examples_per_s to the logged metrics (`_PackStats`).
 """
 
 import dataclasses
@@ -220,6 +222,37 @@ def _data_counts(data_iter: Any) -> Optional[tuple[int, int]]:
   return int(counts[0]), int(counts[1])
 
 
+class _PackStats:
+  """Fill of example-packed rows (`pack_tokens` / `pack_capacity` host fields) over a log window:
+  pack_fill (pruned tokens placed / row capacity), pack_frame_fill (real frames / frame budget),
+  pack_examples_per_row, examples_per_s (all processes, assuming each packs alike; this process's rows
+  are what is measured). Nothing is logged for unpacked batches."""
+
+  def __init__(self):
+    self.reset()
+
+  def reset(self) -> None:
+    self.rows = self.examples = 0
+    self.tokens = self.capacity = self.frames = self.frame_slots = 0
+
+  def add(self, host_batch: Mapping[str, np.ndarray]) -> None:
+    if "pack_tokens" not in host_batch:
+      return
+    self.rows += int(np.shape(host_batch["pack_tokens"])[0])
+    self.examples += int(np.sum(np.asarray(host_batch["valid"]) | np.asarray(host_batch["skipped"])))
+    self.tokens += int(np.sum(host_batch["pack_tokens"]))
+    self.capacity += int(np.sum(host_batch["pack_capacity"]))
+    self.frames += int(np.sum(host_batch["frame_mask"]))
+    self.frame_slots += int(np.size(host_batch["frame_mask"]))
+
+  def scalars(self, elapsed: float) -> dict[str, float]:
+    if not self.rows:
+      return {}
+    return {"pack_fill": self.tokens / max(self.capacity, 1), "pack_frame_fill": self.frames / max(self.frame_slots, 1),
+            "pack_examples_per_row": self.examples / self.rows,
+            "examples_per_s": self.examples * jax.process_count() / max(elapsed, 1e-9)}
+
+
 def _scalars(metrics: Mapping[str, jax.Array]) -> dict[str, float]:
   return {k: float(v) for k, v in jax.device_get(dict(metrics)).items()}
 
@@ -276,6 +309,7 @@ def run(model_fn: Callable[[], nnx.Module], data_iter: Iterator[Mapping[str, np.
   try:
     with _Preemption() as preemption, jax.set_mesh(mesh):
       window_start, window_steps, window_tokens = time.perf_counter(), 0, 0.0
+      pack_stats = _PackStats()
       for step in range(start, cfg.num_steps):
         host_batch = next(data_iter)
         id_log.write(step + 1, host_batch)
@@ -291,6 +325,7 @@ def run(model_fn: Callable[[], nnx.Module], data_iter: Iterator[Mapping[str, np.
         state, metrics = step_fn(state, batch)
         window_steps += 1
         window_tokens += float(np.sum(host_batch["token_mask"])) * jax.process_count()
+        pack_stats.add(host_batch)
         done = step + 1
         if on_step is not None:
           on_step(done)
@@ -301,6 +336,7 @@ def run(model_fn: Callable[[], nnx.Module], data_iter: Iterator[Mapping[str, np.
           elapsed = time.perf_counter() - window_start
           scalars["step_time"] = elapsed / window_steps
           scalars["tokens_per_s"] = window_tokens / max(elapsed, 1e-9)
+          scalars.update(pack_stats.scalars(elapsed))
           data_counts = _data_counts(data_iter)
           if data_counts is not None:
             scalars["data_skipped"] = float(data_counts[0])
@@ -313,6 +349,7 @@ def run(model_fn: Callable[[], nnx.Module], data_iter: Iterator[Mapping[str, np.
           if progress is not None:
             progress.set_postfix(loss=f"{scalars['loss']:.4f}", skipped=int(scalars["skipped_total"]))
           window_start, window_steps, window_tokens = time.perf_counter(), 0, 0.0
+          pack_stats.reset()
         if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.num_steps:
           evaluate(done)
         boundary = (done % cfg.log_every == 0 or done == cfg.num_steps

@@ -26,13 +26,16 @@ import optax
 from flax import nnx
 
 from stts_jax.models import aux_loss as aux_lib
+from stts_jax.models import example_packing
 from stts_jax.models import scorer as scorer_lib
 from stts_jax.models import video_forward as vf
 
 
-def scorer_aux_loss(model: nnx.Module, patches: jax.Array, frame_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+def scorer_aux_loss(model: nnx.Module, patches: jax.Array, frame_mask: jax.Array,
+                    frame_example: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
   """(aux loss, scores [B, T, W]) of `model.scorer` on ViT block `prune_at` features, which are
-  treated as constants (no gradient reaches the ViT). patches [B, T, P, I] (uint8 or float pixels)."""
+  treated as constants (no gradient reaches the ViT). patches [B, T, P, I] (uint8 or float pixels).
+  frame_example [B, T]: example-packed rows (each video's first frame has no previous frame)."""
   cfg = model.config
   st = cfg.stts
   b, t, p, i = patches.shape
@@ -40,16 +43,17 @@ def scorer_aux_loss(model: nnx.Module, patches: jax.Array, frame_mask: jax.Array
   hidden = model.vit.embed(vf.normalize_patches(patches).reshape(b * t, p, i))
   hidden, _ = model.vit.run_blocks(hidden, 0, st.prune_at + 1)
   hidden = jax.lax.stop_gradient(hidden.reshape(b, t, p, -1))
-  scores = scorer_lib.window_scores(model.scorer, hidden, grid_hw, window)
-  return aux_lib.temporal_aux_loss_batched(scores, hidden, frame_mask, grid_hw, window), scores
+  first = None if frame_example is None else example_packing.first_frames(frame_mask, frame_example)
+  scores = scorer_lib.window_scores(model.scorer, hidden, grid_hw, window, first)
+  return aux_lib.temporal_aux_loss_batched(scores, hidden, frame_mask, grid_hw, window, first=first), scores
 
 
 SCORER_PARAMS = nnx.All(nnx.Param, nnx.PathContains("scorer"))
 
 
 @nnx.jit
-def _step(model, optimizer, patches, frame_mask):
-  loss_fn = lambda m: scorer_aux_loss(m, patches, frame_mask)[0]
+def _step(model, optimizer, patches, frame_mask, frame_example=None):
+  loss_fn = lambda m: scorer_aux_loss(m, patches, frame_mask, frame_example)[0]
   loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, SCORER_PARAMS))(model)
   optimizer.update(model, grads)
   return loss
@@ -79,11 +83,14 @@ def warm_up_scorer(model: nnx.Module, batches: Iterable[Mapping[str, Any]], *, s
     except StopIteration:
       raise ValueError(f"scorer warm-up: the data ran out after {len(losses)} of {steps} batches") from None
     fields = {"patches": batch["patches"], "frame_mask": batch["frame_mask"]}
+    if "frame_example" in batch:   # example-packed rows
+      fields["frame_example"] = batch["frame_example"]
     fields = shard(fields) if shard is not None else {k: jnp.asarray(v) for k, v in fields.items()}
+    args = (fields["patches"], fields["frame_mask"], fields.get("frame_example"))
     if barrier is not None and not losses:
-      _step.lower(model, optimizer, fields["patches"], fields["frame_mask"]).compile()
+      _step.lower(model, optimizer, *args).compile()
       barrier()
-    losses.append(_step(model, optimizer, fields["patches"], fields["frame_mask"]))
+    losses.append(_step(model, optimizer, *args))
     if progress is not None:
       progress(1)
   losses = [float(x) for x in jax.device_get(losses)]
