@@ -19,6 +19,11 @@ hopping to a different window every frame (faces in frames of other colours, unf
 contrast-stretched textures). The yellow frame stays the only cue. The pixel 1 - cos heuristic
 keeps the event window at ratio 0.5 in about half of the clips (random: about 55 %; default
 variant: about 89 %). Its clips come from their own random stream; the default's are unchanged.
+`Spec(variant="varlen")` (build_dataset.py --variant varlen, into data_cache/default_varlen) renders
+the default task (same sources, splits, questions, distractors) on clips of 4 to 32 frames
+(`VARLEN_FRAMES`, uniform per clip; quarters of the clip's own length answer WHEN), to exercise
+example packing (docs/example_packing.md). Its frames array is padded to 32 frames per clip; each
+manifest line records `num_frames`, which the "arrays" format reads back. Its own random stream too.
 Splits share no source material: videos are split by time range (70/15/15 %), photos and LFW
 faces (140/30/30) by identity. Stored under `out_dir`:
   clips/{split}/*.mp4  H.264 (yuv420p, crf 18) encoded with PyAV
@@ -64,7 +69,9 @@ MOVERS_P = (0.35, 0.25, 0.2, 0.1, 0.1)   # P(0..4 irrelevant moving objects)
 DECOYS, DECOYS_P = (0, 1, 2, 4, 6, 8), (0.3, 0.15, 0.15, 0.15, 0.15, 0.1)   # flashing unframed objects
 FLICKER_P = 0.35     # clips with global brightness/contrast jumps
 ALIGN_P = 0.6        # clips with cuts/flicker whose event starts on such a frame
-VARIANTS = ("default", "hard")
+VARIANTS = ("default", "hard", "varlen")
+VARLEN_FRAMES = (4, 32)   # varlen: frames per clip, uniform in [lo, hi]
+VARLEN_STREAM = 2    # the varlen clips' random stream: default_rng([seed, split, index, VARLEN_STREAM])
 # The hard variant (tuned so that the pixel heuristic keeps the event about as often as random):
 HARD_CAMERA_PROBS = (0.10, 0.0, 0.20, 0.25, 0.20, 0.25)   # over synth.CAMERA_MODES: no static camera
 HARD_JUMP_P, HARD_JUMPS = 0.9, (3, 8)   # clips with light jumps; their count [lo, hi)
@@ -205,10 +212,83 @@ def _render_hard(split: str, index: int, spec: Spec) -> tuple[np.ndarray, dict[s
   return clip, meta
 
 
+def stored_frames(spec: Spec) -> int:
+  """Frames per clip in `{split}_frames.npy` (varlen: the longest clip; shorter ones are zero-padded)."""
+  return VARLEN_FRAMES[1] if spec.variant == "varlen" else spec.num_frames
+
+
+def _place_event_n(rng: np.random.Generator, grid_w: int, busy: list[int], align_p: float,
+                   n: int) -> tuple[int, bool, int, list[int]]:
+  """`_place_event` for a clip of n frames: quarter q spans frames [q*n//4, (q+1)*n//4)."""
+  corner = rng.random() < 0.5
+  windows = CORNERS if corner else tuple(w for w in range(grid_w * grid_w) if w not in CORNERS)
+  window = int(rng.choice(windows))
+  duration = int(rng.integers(1, 3))
+  quarter = int(rng.integers(0, 4))
+  lo, hi = quarter * n // 4, (quarter + 1) * n // 4
+  first = int(rng.integers(lo, max(hi - duration, lo) + 1))
+  if busy and rng.random() < align_p:
+    first = int(rng.choice(busy))
+  # The event stays inside one quarter (the answer to WHEN is that quarter).
+  quarter = max(q for q in range(4) if q * n // 4 <= first)
+  end = (quarter + 1) * n // 4
+  duration = max(1, min(duration, end - first))
+  return window, corner, quarter, list(range(first, first + duration))
+
+
+def _render_varlen(split: str, index: int, spec: Spec) -> tuple[np.ndarray, dict[str, Any]]:
+  """The varlen variant's clip: the default recipe on n in `VARLEN_FRAMES` frames."""
+  src = load_sources()[split]
+  rng = np.random.default_rng([spec.seed, SPLITS.index(split), index, VARLEN_STREAM])
+  n = int(rng.integers(VARLEN_FRAMES[0], VARLEN_FRAMES[1] + 1))
+  size = spec.size
+  grid_w = size // spec.patch_size // spec.pool[0]
+  window_px = size // grid_w
+  while True:
+    try:   # a split's video range can be shorter than n frames: draw again (deterministic)
+      clip, camera, cuts = synth.background(rng, src["shots"], n, size, calm=not spec.distractors)
+      break
+    except ValueError:
+      continue
+  clip = np.ascontiguousarray(clip)
+  meta: dict[str, Any] = {"camera": camera}
+  num_movers = int(rng.choice(len(MOVERS_P), p=MOVERS_P)) if spec.distractors else 0
+  for _ in range(num_movers):
+    synth.add_mover(rng, clip, src["shots"][int(rng.integers(len(src["shots"])))].array(0))
+  meta["movers"] = num_movers
+  flicker = spec.distractors and rng.random() < FLICKER_P
+  meta["flicker_frames"] = synth.add_flicker(rng, clip) if flicker else []
+  if spec.background_contrast != 1.0:
+    clip[:] = synth.reduce_contrast(clip, spec.background_contrast)
+  window, corner, quarter, event_frames = _place_event_n(
+      rng, grid_w, sorted(set(cuts) | set(meta["flicker_frames"])), ALIGN_P, n)
+  face_idx = int(rng.integers(len(src["faces"])))
+  decoys = []
+  # Decoys as in the default clips, as many per frame on average (8 frames -> n frames).
+  for _ in range(int(rng.choice(DECOYS, p=DECOYS_P)) * n // 8 if spec.distractors else 0):
+    t = int(rng.integers(n))
+    w = int(rng.choice([v for v in range(grid_w * grid_w) if v != window or t not in event_frames]))
+    side = int(rng.integers(22, 33))
+    patch = synth.face_rgb(src["faces"][int(rng.integers(len(src["faces"])))], side,
+                           rng.integers(80, 256, 3).astype(np.float32))
+    synth.paste_in_window(rng, clip[t], patch, w, grid_w, window_px)
+    decoys.append([t, w])
+  meta["decoys"] = decoys
+  sticker = synth.framed_sticker(src["faces"][face_idx])
+  for t in event_frames:
+    synth.paste_in_window(rng, clip[t], sticker, window, grid_w, window_px)
+  meta.update(event_frames=event_frames, event_window=window, quarter=quarter,
+              corner=CORNERS.index(window) if corner else -1, face=src["face_base"] + face_idx,
+              source=camera, num_frames=n)
+  return clip, meta
+
+
 def render_clip(split: str, index: int, spec: Spec) -> tuple[np.ndarray, dict[str, Any]]:
   """Clip `index` of `split`: frames uint8 [F, S, S, 3] and its metadata (deterministic)."""
   if spec.variant == "hard":
     return _render_hard(split, index, spec)
+  if spec.variant == "varlen":
+    return _render_varlen(split, index, spec)
   src = load_sources()[split]
   rng = np.random.default_rng([spec.seed, SPLITS.index(split), index])
   n, size = spec.num_frames, spec.size
@@ -282,9 +362,9 @@ def _work(args: tuple[str, int, Spec, str]) -> tuple[int, dict[str, Any]]:
   rel = os.path.join("clips", split, f"{split}-{index:05d}.mp4")
   path = os.path.join(out_dir, rel)
   encode_mp4(frames, path, spec.fps, spec.crf)
-  decoded = video_lib.decode_frames(path, np.arange(spec.num_frames))
+  decoded = video_lib.decode_frames(path, np.arange(frames.shape[0]))
   arr = np.load(os.path.join(out_dir, f"{split}_frames.npy"), mmap_mode="r+")
-  arr[index] = decoded
+  arr[index, :frames.shape[0]] = decoded
   arr.flush()
   del arr
   meta["video"] = rel
@@ -298,6 +378,8 @@ def examples_for(split: str, index: int, meta: dict[str, Any], spec: Spec) -> li
            "event_window": meta["event_window"], "camera": meta["camera"], "movers": meta["movers"],
            "flicker_frames": meta["flicker_frames"], "decoys": meta["decoys"],
            "face": meta["face"]}
+  if spec.variant == "varlen":
+    extra["num_frames"] = meta["num_frames"]
   out = []
   for qtype, answer in (("when", meta["quarter"]), ("where", meta["corner"])):
     if answer < 0:
@@ -331,7 +413,7 @@ def oracle_rates(out_dir: str, split: str, spec: Spec, *, limit: Optional[int] =
     if row in seen:
       continue
     seen.add(row)
-    clips.append(np.asarray(frames[row]))
+    clips.append(np.asarray(frames[row][:int(ex.extra.get("num_frames", frames.shape[1]))]))
     events.append(oracle.event_from_extra(ex.extra))
     if limit and len(clips) >= limit:
       break
@@ -372,7 +454,7 @@ def build(out_dir: str, spec: Spec = Spec(), *, workers: int = 2, with_tfds: boo
   tok.save(os.path.join(out_dir, "tokenizer.json"))
   for split, n in zip(SPLITS, spec.num_clips):
     arr = np.lib.format.open_memmap(os.path.join(out_dir, f"{split}_frames.npy"), mode="w+", dtype=np.uint8,
-                                    shape=(n, spec.num_frames, spec.size, spec.size, 3))
+                                    shape=(n, stored_frames(spec), spec.size, spec.size, 3))
     del arr
   jobs = [(split, i, spec, out_dir) for split, n in zip(SPLITS, spec.num_clips) for i in range(n)]
   metas: dict[str, dict[int, dict]] = {s: {} for s in SPLITS}
@@ -419,5 +501,5 @@ def build(out_dir: str, spec: Spec = Spec(), *, workers: int = 2, with_tfds: boo
   return meta
 
 
-__all__ = ["Spec", "SPLITS", "VARIANTS", "QUESTIONS", "data_config", "build_tokenizer", "render_clip", "encode_mp4",
+__all__ = ["Spec", "SPLITS", "VARIANTS", "VARLEN_FRAMES", "stored_frames", "QUESTIONS", "data_config", "build_tokenizer", "render_clip", "encode_mp4",
            "examples_for", "oracle_rates", "build", "tiny_token_ids"]

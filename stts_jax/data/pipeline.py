@@ -109,18 +109,20 @@ class ManifestSource:
 
 
 class ArraysSource(ManifestSource):
-  """Manifest records with all frames of every video pre-decoded into one uint8 .npy [N, F, H, W, 3].
+  """Manifest records with all frames of every video pre-decoded into one uint8 .npy [N, F, H, W, 3]
+  (`lengths`: real frames per record when clips of different lengths were padded to F).
 
   `fps` is the frame rate of the encoded videos; sampling then applies the same
   `video.sample_indices` rule to the stored frames as decoding the files would.
   """
 
   def __init__(self, examples: list[manifest_lib.Example], frames_path: str, fps: float,
-               rows: Optional[list[int]] = None):
+               rows: Optional[list[int]] = None, lengths: Optional[list[Optional[int]]] = None):
     super().__init__(examples)
     self.frames_path = frames_path
     self.fps = float(fps)
     self.rows = rows if rows is not None else list(range(len(examples)))
+    self.lengths = lengths          # real frames of each example's row (None: all stored frames)
     self._frames = None
 
   def __getstate__(self):
@@ -132,7 +134,10 @@ class ArraysSource(ManifestSource):
     if self._frames is None:
       self._frames = np.load(self.frames_path, mmap_mode="r")
     rec = super().__getitem__(i)
-    rec["frames"] = np.asarray(self._frames[self.rows[i]])
+    frames = self._frames[self.rows[i]]
+    if self.lengths is not None and self.lengths[i] is not None:
+      frames = frames[:int(self.lengths[i])]
+    rec["frames"] = np.asarray(frames)
     rec["fps"] = self.fps
     return rec
 
@@ -291,7 +296,10 @@ def open_source(cfg: DataConfig, split: str):
   if len(fps) != 1 or 0.0 in fps:
     raise ValueError(f"{cfg.path}/{split}.jsonl: format 'arrays' needs one positive 'fps' in every line, got {fps}")
   rows = [int(ex.extra["row"]) for ex in examples]
-  return ArraysSource(examples, frames_path, fps.pop(), rows=rows), errors
+  # Datasets of clips of different lengths (default_dataset varlen) pad the array; `num_frames` says how many are real.
+  lengths = [ex.extra.get("num_frames") for ex in examples]
+  return ArraysSource(examples, frames_path, fps.pop(), rows=rows,
+                      lengths=lengths if any(x is not None for x in lengths) else None), errors
 
 
 def _batches(ds: grain.MapDataset, cfg: DataConfig, processor: ExampleProcessor, batch: int,

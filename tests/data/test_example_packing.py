@@ -168,3 +168,16 @@ def test_pipeline_packing_resumes_exactly(dataset_dir):  # noqa: F811
   assert it3.num_seen == sum(int(np.sum(b["valid"] | b["skipped"])) for b in ref)
   with pytest.raises(ValueError, match="llm_drop_ratio"):
     pipeline.train_iterator(cfg, IDS)
+
+
+def test_evaluation_never_packs(dataset_dir):  # noqa: F811
+  """Generation and evaluation read `eval_iterator`, which ignores data.pack_examples: the same
+  unpacked batches with packing on as off, so generation is unaffected."""
+  on = cfg_for(dataset_dir, pack_examples=True, pack_seq_len=200, pack_max_frames=16)
+  off = cfg_for(dataset_dir)
+  a = list(pipeline.eval_iterator(on, IDS, "train"))
+  b = list(pipeline.eval_iterator(off, IDS, "train"))
+  assert len(a) == len(b) and "token_example" not in a[0]
+  for x, y in zip(a, b):
+    for key in x:
+      np.testing.assert_array_equal(x[key], y[key], err_msg=key)
