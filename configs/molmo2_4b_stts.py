@@ -21,7 +21,12 @@ keep their offsets from the top), `freeze` (one regex over parameter paths, e.g.
 `accum_dtype` (float32 | bfloat16: the gradient accumulator across microbatches, train.accum_dtype),
 `vit_chunk` (model.vit_chunk: ViT rows of each example per rematerialised chunk, 0 = all at once; 16 by
 default: at 64 frames per device the ViT backward otherwise sets the step's peak, see docs/real_scale.md).
-AOT table of this recipe (before/after memory): `scripts/aot_table.py`, docs/real_scale.md.
+`pack` (true: example packing, the authors' recipe; false: every example padded to `seq`), `pack_frames`
+(frame budget of a packed row: the ViT's frames per row, 128), `pack_videos` (most examples per row, 8).
+With packing, `seq` is the length of a packed row in *pruned* tokens (what the LLM runs on; 9686 at 64
+frames) and `batch` counts packed rows; data.seq_len stays the longest single example (unpruned).
+AOT table of this recipe (before/after memory): `scripts/aot_table.py`, docs/real_scale.md;
+with packing: docs/example_packing.md.
 The learning rates are our choice (DESIGN.md does not give the authors').
 """
 
@@ -39,7 +44,8 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   arg = common.parse_arg(arg, data="", ratio=0.5, method="stts", frames=64, batch=64, accum=8, seq=0,
                          dtype="bfloat16", remat="full", fsdp=-1, tensor=1, rows="typical", attention="auto",
                          loss="answer", answer=256, block=512, vit_layers=0, llm_layers=0,
-                         freeze="", accum_dtype="float32", vit_chunk=16)
+                         freeze="", accum_dtype="float32", vit_chunk=16, pack=True, pack_frames=128,
+                         pack_videos=8)
   if arg.rows not in ("typical", "bound"):
     raise ValueError(f"rows must be 'typical' or 'bound', got {arg.rows!r}")
   if arg.method not in ("stts", "none"):
@@ -66,7 +72,8 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
                         num_rows=num_rows if arg.method != "none" else None)
   cfg.data = dict(path=arg.data, format="tfds", image_size=378, patch_size=14, pool=(3, 3),
                   max_frames=arg.frames, max_fps=2.0, seq_len=seq, batch_size=arg.batch,
-                  num_workers=8)
+                  num_workers=8, pack_examples=bool(arg.pack), pack_seq_len=seq,
+                  pack_max_frames=max(arg.pack_frames, arg.frames), pack_max_videos=arg.pack_videos)
   cfg.train = dict(
       num_steps=6250, grad_accum=arg.accum, accum_dtype=arg.accum_dtype, aux_weight=0.5, log_every=10, checkpoint_every=500,
       max_to_keep=3, loss=arg.loss, max_answer_tokens=arg.answer,

@@ -256,7 +256,8 @@ def _render_varlen(split: str, index: int, spec: Spec) -> tuple[np.ndarray, dict
   for _ in range(num_movers):
     synth.add_mover(rng, clip, src["shots"][int(rng.integers(len(src["shots"])))].array(0))
   meta["movers"] = num_movers
-  flicker = spec.distractors and rng.random() < FLICKER_P
+  # add_flicker changes up to 5 frames: shorter clips get none.
+  flicker = spec.distractors and rng.random() < FLICKER_P and n > 5
   meta["flicker_frames"] = synth.add_flicker(rng, clip) if flicker else []
   if spec.background_contrast != 1.0:
     clip[:] = synth.reduce_contrast(clip, spec.background_contrast)

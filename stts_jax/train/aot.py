@@ -109,6 +109,24 @@ def abstract_batch(model_cfg: config_lib.ModelConfig, *, batch_size: int, num_fr
           "loss_mask": sds((b, s), jnp.bool_)}
 
 
+def abstract_packed_batch(model_cfg: config_lib.ModelConfig, *, rows: int, max_frames: int, seq_len: int,
+                          max_videos: int, max_options: int = 6) -> dict[str, jax.ShapeDtypeStruct]:
+  """Global-shape ShapeDtypeStructs of the device fields of an example-packed batch
+  (`data/example_packing.py`): `rows` rows of `max_frames` frames, `seq_len` pruned tokens
+  (S_in = seq_len + `budget.packed_dropped_bound`) and up to `max_videos` examples each."""
+  from stts_jax.models import example_packing
+  s_in = seq_len + example_packing.llm_dropped(model_cfg, max_frames)
+  out = abstract_batch(model_cfg, batch_size=rows, num_frames=max_frames, seq_len=s_in)
+  sds = jax.ShapeDtypeStruct
+  b, v = rows, max_videos
+  out.update({"frame_example": sds((b, max_frames), jnp.int32), "token_example": sds((b, s_in), jnp.int32),
+              "positions": sds((b, s_in), jnp.int32), "example_frames": sds((b, v), jnp.int32),
+              "example_tokens": sds((b, v), jnp.int32), "answer_index": sds((b, v), jnp.int32),
+              "option_ids": sds((b, v, max_options), jnp.int32), "prompt_len": sds((b, v), jnp.int32),
+              "valid": sds((b, v), jnp.bool_), "skipped": sds((b, v), jnp.bool_)})
+  return out
+
+
 def _lower(model_fn: Callable[[], nnx.Module], cfg: TrainConfig, mesh: jax.sharding.Mesh,
            rules: Sequence[tuple[str, Any]], batch: Mapping[str, jax.ShapeDtypeStruct],
            forward: Optional[step_lib.Forward]):

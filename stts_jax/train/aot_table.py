@@ -22,11 +22,16 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
+from stts_jax.models import budget
+
 GIB = 1024 ** 3
-BEFORE = "attention=xla,loss=full,vit_chunk=0"
+# The before/after cells pad every example to `seq` (pack=false: the layout they were measured with).
+BEFORE = "attention=xla,loss=full,vit_chunk=0,pack=false"
 # block 128: on CPU the ViT's attention runs blockwise in place of the fused kernel it gets on GPU/TPU;
 # with 64 frames per device a 512 x 512 block is already [64, 16, 512, 512] float32 = 1 GiB.
-AFTER = "attention=auto,loss=answer,block=128,vit_chunk=16"
+AFTER = "attention=auto,loss=answer,block=128,vit_chunk=16,pack=false"
+# Example packing (issue 20, the config's default): packed rows of `seq` pruned tokens, 128 frames, 8 examples.
+PACKED = AFTER.replace("pack=false", "pack=true")
 MESH_8 = "fsdp=8,batch=64,accum=8"
 MESH_64 = "fsdp=64,batch=64,accum=1"
 
@@ -36,7 +41,7 @@ class Cell:
   name: str
   devices: int
   arg: str          # the configs/molmo2_4b_stts.py arg string
-  role: str         # "table" or "breakdown"
+  role: str         # "table", "packed" or "breakdown"
 
 
 def _recipe(method: str, frames: int) -> str:
@@ -52,6 +57,8 @@ def cells() -> list[Cell]:
         out.append(Cell(f"{method}{frames}_{when}_8dev", 8, f"{_recipe(method, frames)},{arg},{MESH_8}", "table"))
   for when, arg in (("after", AFTER), ("before", BEFORE)):
     out.append(Cell(f"stts64_{when}_64dev", 64, f"{_recipe('stts', 64)},{arg},{MESH_64}", "table"))
+  for method in ("stts", "none"):
+    out.append(Cell(f"{method}64_packed_8dev", 8, f"{_recipe(method, 64)},{PACKED},{MESH_8}", "packed"))
   base = f"{_recipe('stts', 64)},{AFTER}"
   out += [
       # Loss: the after cell with full logits (attention unchanged).
@@ -201,6 +208,21 @@ def markdown(results: Mapping[str, Mapping[str, Any]]) -> str:
                    f"{'met' if v <= 14 else 'NOT met'}")
   if targets:
     out += ["### Targets", "", *targets, ""]
+  packed = [(m, results[f"{m}64_packed_8dev"]) for m in ("stts", "none") if f"{m}64_packed_8dev" in results]
+  if packed:
+    out += ["### With example packing (8 devices, micro-batch 1 packed row per device)", "",
+            "| method | packed row: pruned tokens | frames | examples | row input tokens | args | temps | sum | "
+            "unpacked after: sum |", "|" + "---|" * 9]
+    for method, r in packed:
+      d = r["config"]["data"]
+      unpacked = results.get(f"{method}64_after_8dev")
+      ref = "n/a" if unpacked is None else f"{_gib(unpacked, 'argument_plus_temp'):.2f}"
+      st = r["config"]["model"]["stts"]
+      ratio = st["ratio"] if st["method"] != "none" else 0.0
+      row_in = d["pack_seq_len"] + budget.packed_dropped_bound(d["pack_max_frames"], 81, ratio)
+      out.append(f"| {method} | {d['pack_seq_len']} | {d['pack_max_frames']} | {d['pack_max_videos']} | {row_in} | "
+                 f"{_gib(r, 'argument'):.2f} | {_gib(r, 'temp'):.2f} | {_gib(r, 'argument_plus_temp'):.2f} | {ref} |")
+    out.append("")
   bd = breakdown(results)
   if bd is not None:
     out += ["### Breakdown: 8 devices, STTS 64 frames, after (GiB per device)", "",

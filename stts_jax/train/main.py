@@ -98,8 +98,15 @@ def aot_from_config(config: Any, *, batch_size: Optional[int] = None, num_frames
   pick = lambda given, name: given if given is not None else getattr(data_cfg, name)
   if data_cfg is None and None in (batch_size, num_frames, seq_len):
     raise ValueError("aot: config has no data section; pass batch_size, num_frames and seq_len")
-  batch = aot.abstract_batch(model_cfg, batch_size=pick(batch_size, "batch_size"),
-                             num_frames=pick(num_frames, "max_frames"), seq_len=pick(seq_len, "seq_len"))
+  if data_cfg is not None and data_cfg.pack_examples:
+    # Example-packed rows (data.pack_examples): frames = the row's frame budget, seq_len = its pruned tokens.
+    batch = aot.abstract_packed_batch(model_cfg, rows=pick(batch_size, "batch_size"),
+                                      max_frames=num_frames or data_cfg.packed_max_frames,
+                                      seq_len=seq_len or data_cfg.packed_seq_len,
+                                      max_videos=data_cfg.pack_max_videos, max_options=data_cfg.max_options)
+  else:
+    batch = aot.abstract_batch(model_cfg, batch_size=pick(batch_size, "batch_size"),
+                               num_frames=pick(num_frames, "max_frames"), seq_len=pick(seq_len, "seq_len"))
   mesh = mesh_lib.make_mesh(mesh_cfg)
   return aot.compile_train_step(model_cfg, train_cfg, mesh, sharding.make_rules(mesh_cfg), batch,
                                 model_fn=lambda c: model_builder(c, train_cfg.seed)(),
