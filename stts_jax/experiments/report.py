@@ -252,13 +252,18 @@ def _fmt_vs(r: Mapping[str, Any]) -> str:
   return f"{_pts(pooled['mean'])} [{_pts(pooled['lo'])}, {_pts(pooled['hi'])}]"
 
 
+def split_of(report: Mapping[str, Any]) -> str:
+  """The split the table was evaluated on ("test" unless a tuning run set eval.split)."""
+  return ((report["job"].get("config") or {}).get("eval") or {}).get("split", "test")
+
+
 def table_lines(report: Mapping[str, Any]) -> list[str]:
   """The table as aligned markdown."""
   n = len(report["job"]["seeds"])
   speed = report["speed"]
   level = _job_settings(report["job"]["job"])["confidence_level"]
   stts = report["table"][1]["method"]
-  head = ["method", "weights", "kept tokens", f"test acc % ({'mean ± sd, ' if n > 1 else ''}{n} seed{'s' * (n > 1)})"]
+  head = ["method", "weights", "kept tokens", f"{split_of(report)} acc % ({'mean ± sd, ' if n > 1 else ''}{n} seed{'s' * (n > 1)})"]
   head += ["seeds " + " / ".join(str(s) for s in report["job"]["seeds"])] if n > 1 else []
   head += [f"{stts} - row, points ({level * 100:g}% CI)",
            f"train step ms (B={speed['train_step'].get('batch_size', '?')})",
@@ -292,10 +297,11 @@ def table_notes(report: Mapping[str, Any]) -> list[str]:
            + ".",
            f"Only {stts} has a soft bias (log s' on the keys of the block after the scorer); random and heuristic "
            "run that block without one.",
-           f"{stts} - row: paired bootstrap over the {report['num_test_examples']} test questions (same question, "
+           f"{stts} - row: paired bootstrap over the {report['num_test_examples']} {split_of(report)} questions (same "
+           f"question, "
            f"same seed), pooled over {len(report['job']['seeds'])} seed(s), {j['bootstrap_resamples']} resamples of "
            f"questions (numpy seed {j['bootstrap_seed']}): mean difference [{j['confidence_level'] * 100:g}% "
-           "percentile interval], in points. It covers the draw of test questions, not training variance across "
+           "percentile interval], in points. It covers the draw of questions, not training variance across "
            "seeds (see the per-seed values)."]
   return notes
 
@@ -319,14 +325,14 @@ def comparison_lines(report: Mapping[str, Any]) -> list[str]:
 
 def console_text(report: Mapping[str, Any], files: Mapping[str, str]) -> str:
   j = report["job"]
-  out = ["", f"Results: {report['num_test_examples']} test examples, 4-way multiple choice (chance 25 %), "
+  out = ["", f"Results: {report['num_test_examples']} {split_of(report)} examples, 4-way multiple choice (chance 25 %), "
              f"{j['steps']} training steps per model, train batch {j['train_batch']}"
              + (f", every model from a vision tower pretrained for {j['vision_tower']['steps']} steps (stage 0)"
                 if j.get("vision_tower") else "") + ".", ""]
   out += table_lines(report)
   out += [""] + [f"  {n}" for n in table_notes(report)]
   level = _job_settings(j["job"])["confidence_level"]
-  out += ["", f"Paired bootstrap over test questions ({level * 100:g}% percentile intervals):"]
+  out += ["", f"Paired bootstrap over {split_of(report)} questions ({level * 100:g}% percentile intervals):"]
   out += [f"  {line}" for line in comparison_lines(report)]
   val = validation_lines(report)
   out += ([""] + val[:1] + [f"  {line}" for line in val[1:]]) if val else []
@@ -381,7 +387,8 @@ def accuracy_figure(report: Mapping[str, Any]):
       if pts:
         series.append(viz.Series(f"{LABELS.get(m, m)} ({WEIGHTS[weights]})", [p["ratio"] for p in pts],
                                  [p["accuracy"]["values"] for p in pts], linestyle=style))
-  return viz.accuracy_vs_ratio(series, chance=0.25, title="test accuracy vs pruned fraction (ratio 0: unpruned)")
+  return viz.accuracy_vs_ratio(series, chance=0.25,
+                               title=f"{split_of(report)} accuracy vs pruned fraction (ratio 0: unpruned)")
 
 
 def speed_figure(report: Mapping[str, Any]):
