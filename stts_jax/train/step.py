@@ -117,7 +117,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, cfg: TrainConf
 
   batch: the device batch (global arrays), fields as the data pipeline's (`input_ids [B, S]`,
   `loss_mask [B, S]`, `frame_mask [B, T]`, `patches [B, T, P, 588]`, ...). `loss_mask` counts the
-  answer tokens that normalise the loss (pruning never removes answer tokens).
+  answer tokens that normalise the loss (pruning never removes answer tokens). Example-packed rows
+  (`data.pack_examples`: several examples per row, `token_example`, `frame_example`, per-slot `[B, V]`
+  fields) run through the same step: the loss stays per token over the whole batch.
   forward: `forward(model, batch, *, rng, deterministic)` returning an object with `logits`,
   `target_ids`, `loss_mask`, `aux_loss`, `keep_mask`, `num_truncated` (as
   `video_forward.VideoOutput`); default `video_forward.forward_video`.
