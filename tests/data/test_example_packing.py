@@ -181,3 +181,12 @@ def test_evaluation_never_packs(dataset_dir):  # noqa: F811
   for x, y in zip(a, b):
     for key in x:
       np.testing.assert_array_equal(x[key], y[key], err_msg=key)
+
+
+def test_recipe_config_packs_rows_of_9686_pruned_tokens():
+  from configs import molmo2_4b_stts
+  from stts_jax.data.config import build_data_config
+  d = build_data_config(molmo2_4b_stts.get_config().data)
+  assert d.pack_examples and d.packed_seq_len == 9686 and d.seq_len == 9686
+  assert d.packed_max_frames == 128 and d.pack_max_videos == 8 and d.max_frames == 64
+  assert not build_data_config(molmo2_4b_stts.get_config("pack=false").data).pack_examples

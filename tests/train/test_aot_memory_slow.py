@@ -20,7 +20,7 @@ GIB = 1024 ** 3
 def _report(arg: str):
   sys.path.insert(0, ".")
   from configs import molmo2_4b_stts
-  cfg = molmo2_4b_stts.get_config(f"frames=16,seq=2048,vit_layers=14,llm_layers=2,fsdp=8,batch=8,accum=1,{arg}")
+  cfg = molmo2_4b_stts.get_config(f"frames=16,seq=2048,vit_layers=14,llm_layers=2,fsdp=8,batch=8,accum=1,pack=false,{arg}")
   return train_main.aot_from_config(cfg, count_flops=False)
 
 
