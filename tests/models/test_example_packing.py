@@ -202,3 +202,19 @@ def test_packed_bounds():
   assert budget.packed_kept_bound(4, 3, 9, 0.5) == max(
       kept[a] + kept[b] + kept[4 - a - b] for a in range(5) for b in range(5 - a))
   assert budget.packed_num_rows(8, 3, 9, 0.5, None) == 8
+
+
+def test_ffd_per_video_rows_are_each_video_alone_shifted():
+  """Two videos in one row of frames: each video's first-fit rows are its own rows, after the
+  previous video's, so lone (refilled) frames are those of the video packed alone."""
+  from stts_jax.models import packing
+  a, b = [9, 3, 5, 0, 4], [9, 6, 2, 2]
+  row, start = packing.ffd_assign(jnp.asarray(a + b + [0], jnp.int32), 9,
+                                  jnp.asarray([0] * 5 + [1] * 4 + [-1], jnp.int32))
+  ra, sa = packing.ffd_assign(jnp.asarray(a, jnp.int32), 9)
+  rb, sb = packing.ffd_assign(jnp.asarray(b, jnp.int32), 9)
+  used_a = int(np.max(ra)) + 1
+  np.testing.assert_array_equal(np.asarray(row[:5]), np.asarray(ra))
+  np.testing.assert_array_equal(np.asarray(row[5:9]), np.where(np.asarray(rb) >= 0, np.asarray(rb) + used_a, -1))
+  np.testing.assert_array_equal(np.asarray(start[:9]), np.concatenate([np.asarray(sa), np.asarray(sb)]))
+  assert int(row[9]) == -1
