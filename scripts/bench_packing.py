@@ -5,6 +5,7 @@
 The demo model (configs/demo.py) unpruned and at STTS 0.5 on the varlen dataset (4-32 frames per clip);
 `stts_jax/bench/example_packing.py` says what is timed. Writes <out>/bench.json (command, commit,
 machine inside) and <out>/bench.md; ~15-25 min on 2 CPU cores (10 train-step compiles).
+  .venv/bin/python scripts/bench_packing.py --out docs/results/example_packing --table   # re-render bench.md
 """
 
 import json
@@ -28,29 +29,41 @@ flags.DEFINE_integer("pack_frames", 40, "frames per packed row")
 flags.DEFINE_integer("rows", 8, "packed rows per step")
 flags.DEFINE_integer("batch", 8, "padding: examples per step")
 flags.DEFINE_integer("lookahead", 16, "packing: examples that may wait for a later step")
+flags.DEFINE_bool("table", False, "only re-render <out>/bench.md from <out>/bench.json")
 FLAGS = flags.FLAGS
+
+
+def render(result):
+  """bench.md: the table from the result dict plus where it came from."""
+  from stts_jax.bench import example_packing
+  md = example_packing.markdown(result)
+  prov = result["provenance"]
+  return md + (f"\nCommand: `{prov['command']}`; commit {prov['commit']['commit'][:12]}"
+               f"{' (dirty)' if prov['commit']['dirty'] else ''}; machine {prov['machine']['host']} "
+               f"({prov['machine']['cpu_count']} CPUs, jax {prov['machine']['jax']}); {prov['date']}.\n")
 
 
 def main(argv):
   del argv
-  from configs import demo
-  from stts_jax import provenance
-  from stts_jax.bench import example_packing
-  from stts_jax.data import default_dataset
-  data_cfg = default_dataset.data_config(FLAGS.data, max_frames=32, seq_len=768, on_error="raise", num_threads=1)
-  s = example_packing.Settings(num_examples=FLAGS.examples, batch=FLAGS.batch, rows=FLAGS.rows,
-                               pack_seq_len=FLAGS.pack_seq_len, pack_frames=FLAGS.pack_frames,
-                               lookahead=FLAGS.lookahead)
-  result = example_packing.run(demo.model_config, data_cfg, s, ratio=FLAGS.ratio, log=lambda m: print(m, flush=True))
-  result["provenance"] = provenance.record()
-  os.makedirs(FLAGS.out, exist_ok=True)
-  with open(os.path.join(FLAGS.out, "bench.json"), "w") as f:
-    json.dump(result, f, indent=1, default=str)
-  md = example_packing.markdown(result)
-  prov = result["provenance"]
-  md += (f"\nCommand: `{prov['command']}`; commit {prov['commit']['commit'][:12]}"
-         f"{' (dirty)' if prov['commit']['dirty'] else ''}; machine {prov['machine']['host']} "
-         f"({prov['machine']['cpu_count']} CPUs, jax {prov['machine']['jax']}); {prov['date']}.\n")
+  if FLAGS.table:
+    with open(os.path.join(FLAGS.out, "bench.json")) as f:
+      result = json.load(f)
+  else:
+    from configs import demo
+    from stts_jax import provenance
+    from stts_jax.bench import example_packing
+    from stts_jax.data import default_dataset
+    data_cfg = default_dataset.data_config(FLAGS.data, max_frames=32, seq_len=768, on_error="raise", num_threads=1)
+    s = example_packing.Settings(num_examples=FLAGS.examples, batch=FLAGS.batch, rows=FLAGS.rows,
+                                 pack_seq_len=FLAGS.pack_seq_len, pack_frames=FLAGS.pack_frames,
+                                 lookahead=FLAGS.lookahead)
+    result = example_packing.run(demo.model_config, data_cfg, s, ratio=FLAGS.ratio,
+                                 log=lambda m: print(m, flush=True))
+    result["provenance"] = provenance.record()
+    os.makedirs(FLAGS.out, exist_ok=True)
+    with open(os.path.join(FLAGS.out, "bench.json"), "w") as f:
+      json.dump(result, f, indent=1, default=str)
+  md = render(result)
   with open(os.path.join(FLAGS.out, "bench.md"), "w") as f:
     f.write(md)
   print(md)
