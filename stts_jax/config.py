@@ -244,6 +244,7 @@ class TokenIds:
 
 PRUNING_METHODS = ("none", "random", "heuristic", "stts")
 PACKING_MODES = ("auto", "always")
+BUDGET_MODES = ("fixed", "adaptive")     # stts.budget
 
 
 @dataclasses.dataclass(frozen=True)
@@ -266,8 +267,13 @@ class STTSConfig:
   # "always" packs even then (kept to measure what packing costs when it saves nothing).
   packing: str = "auto"
   random_seed: int = 0                   # for method 'random'
+  # "fixed": every video drops `ratio`. "adaptive" (inference/evaluation only, issue 22): a ratio
+  # per video from static buckets (stts_jax/eval/adaptive_budget.py); training rejects it.
+  budget: str = "fixed"
 
   def validate(self):
+    if self.budget not in BUDGET_MODES:
+      raise ValueError(f"stts.budget must be one of {BUDGET_MODES}, got {self.budget!r}")
     if self.method not in PRUNING_METHODS:
       raise ValueError(f"stts.method must be one of {PRUNING_METHODS}, got {self.method!r}")
     if not 0.0 <= self.ratio < 1.0:

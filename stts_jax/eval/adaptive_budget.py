@@ -1,0 +1,211 @@
+"""Adaptive budget (issue 22): per video, a drop ratio from a small static set of buckets.
+
+STTS drops the same fraction of every video (`stts.budget = "fixed"`). With `"adaptive"` (inference
+and evaluation only) each video's ratio is the *largest* bucket at which every window scoring above a
+per-method threshold is kept. Shapes stay static: the videos are scored first (one compiled score
+pass per frame count), grouped by bucket, and each group runs the ordinary fixed-ratio predictor
+(`generate.model_variant(model, ratio=bucket)`) on a batch of the full size, the other rows filled
+with copies of the group's first video and marked invalid. So there is one compilation per
+(bucket, frame count) per stage, and a video's outputs never depend on its batch-mates.
+
+The rule (`choose_buckets`), for a video with t real frames and W windows per frame:
+  candidates   = the windows of real frames 1..t-1 (frame 0 is never dropped; `pruning` module)
+  n_low        = candidates with score <= threshold
+  bucket       = max { r in buckets valid at T : dropped(t, r) <= n_low }
+The budget drops the dropped(t, r) lowest-scoring candidates. A window scoring above the threshold
+ranks above every candidate scoring <= threshold, so none of it is among the dropped ones exactly
+when dropped(t, r) <= n_low (ties among windows above the threshold do not matter).
+"Never loses a kept window" therefore means: at the chosen bucket, every real window with score >
+threshold is in the keep mask (`budget_keep_mask_batched`); and the next larger valid bucket would
+drop at least one of them (the choice is the largest that keeps them all). When not even the
+smallest bucket keeps them all, the video gets the smallest bucket and `satisfied` is False (put
+0.0 into the buckets for an always-satisfiable set: ratio 0 runs the video unpruned).
+
+Buckets valid at a frame count T (`valid_buckets`): a ratio whose budget is capped at T
+(floor(r W T) > W (T - 1): more than all windows but frame 0's) or that drops no more windows at T
+than a smaller bucket adds nothing there and is left out. E.g. 8 frames x 9 windows: at most 63
+of 72 can go; 0.85 drops 61.
+
+Scores have method-specific scales (sigmoid of the STTS scorer in (0, 1); 1 - cosine of the
+heuristic in [0, 2], mostly near 0 for static content), hence one threshold per method.
+`random` has no meaningful score and is rejected.
+"""
+
+import dataclasses
+import fractions
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from stts_jax.eval import generate as gen_lib
+from stts_jax.eval import predictor as predictor_lib
+from stts_jax.models import budget
+from stts_jax.models import video_forward as vf
+from stts_jax.models import vlm
+
+DEFAULT_BUCKETS = (0.3, 0.5, 0.7, 0.85)
+DEFAULT_THRESHOLDS = {"stts": 0.5, "heuristic": 0.05}
+METHODS = ("stts", "heuristic")
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaptiveRule:
+  """Threshold rule: `threshold` on the method's window scores, `buckets` (drop ratios)."""
+  threshold: float
+  buckets: tuple[float, ...] = DEFAULT_BUCKETS
+
+  def __post_init__(self):
+    if not self.buckets:
+      raise ValueError("adaptive budget: no buckets")
+    for r in self.buckets:
+      if not 0.0 <= r < 1.0:
+        raise ValueError(f"adaptive budget: bucket ratios must be in [0, 1), got {r}")
+    if len(set(self.buckets)) != len(self.buckets):
+      raise ValueError(f"adaptive budget: duplicate buckets {self.buckets}")
+
+
+def rule_for(method: str, threshold: Optional[float] = None,
+             buckets: Sequence[float] = DEFAULT_BUCKETS) -> AdaptiveRule:
+  if method not in METHODS:
+    raise ValueError(f"adaptive budget works with methods {METHODS}, got {method!r}")
+  return AdaptiveRule(DEFAULT_THRESHOLDS[method] if threshold is None else float(threshold),
+                      tuple(float(b) for b in buckets))
+
+
+def valid_buckets(num_frames: int, windows: int, buckets: Sequence[float]) -> tuple[float, ...]:
+  """The buckets (ascending) that mean something at `num_frames` frames (module docstring)."""
+  out: list[float] = []
+  last = -1
+  for r in sorted(buckets):
+    d = budget.num_dropped(num_frames, windows, r)
+    uncapped = d == math.floor(fractions.Fraction(str(r)) * windows * num_frames)
+    if uncapped and d > last:
+      out.append(r)
+      last = d
+  if not out:
+    raise ValueError(f"adaptive budget: no bucket of {tuple(buckets)} is valid at {num_frames} frames")
+  return tuple(out)
+
+
+def choose_buckets(scores_btw: np.ndarray, frame_mask_bt: np.ndarray, rule: AdaptiveRule
+                   ) -> tuple[np.ndarray, np.ndarray]:
+  """Host-side rule -> (ratio per video [B] float64, satisfied [B] bool); see the module docstring.
+
+  Buckets are filtered at the batch's frame dimension T (the compiled shape); each video's counts
+  use its real frame count t <= T, as the fixed budget does."""
+  scores = np.asarray(scores_btw)
+  thr = np.asarray(rule.threshold, scores.dtype)          # compare in the scores' own precision
+  fm = np.asarray(frame_mask_bt, bool)
+  b, t_max, w = scores.shape
+  valid = valid_buckets(t_max, w, rule.buckets)
+  ratios = np.empty(b, np.float64)
+  satisfied = np.empty(b, bool)
+  for i in range(b):
+    t = int(fm[i].sum())
+    cand = fm[i].copy()
+    cand[0] = False
+    n_low = int(np.sum(scores[i][cand] <= thr))
+    ok = [r for r in valid if budget.num_dropped(t, w, r) <= n_low]
+    ratios[i] = ok[-1] if ok else valid[0]
+    satisfied[i] = bool(ok)
+  return ratios, satisfied
+
+
+# ----------------------------------------------------------------------------------------------
+# Inference: score once, one fixed-ratio pass per bucket
+# ----------------------------------------------------------------------------------------------
+
+def _score_pure(graphdef, state, patches, frame_mask):
+  """Window scores of the method (ViT blocks 0..prune_at, then the scorer or the heuristic)."""
+  model = nnx.merge(graphdef, state)
+  cfg = model.config
+  b, t, p, i = patches.shape
+  hidden = model.vit.embed(vf.normalize_patches(patches).reshape(b * t, p, i))
+  hidden = hidden.reshape(b, t, p, hidden.shape[-1])
+  hidden, _ = vf.run_vit_rows(model, hidden, 0, cfg.stts.prune_at + 1)
+  scores = vf._scores(model, cfg.stts.method, hidden, None, (cfg.vit.grid, cfg.vit.grid),
+                      tuple(cfg.stts.window), True)
+  return jnp.where(frame_mask[:, :, None], scores.astype(jnp.float32), 0.0)
+
+
+_score_jit = jax.jit(_score_pure, static_argnames=("graphdef",))
+
+
+def compile_counts() -> dict[str, int]:
+  """`predictor.compile_counts()` plus the score pass."""
+  return dict(predictor_lib.compile_counts(), score=_score_jit._cache_size())
+
+
+def score_videos(model: vlm.Molmo2, batch: Mapping[str, Any]) -> np.ndarray:
+  """Window scores [B, T, W] (host) of the model's method, zeros at padding frames."""
+  graphdef, state = nnx.split(model)
+  return np.asarray(_score_jit(graphdef, state, jnp.asarray(batch["patches"]),
+                               jnp.asarray(batch["frame_mask"], bool)))
+
+
+class AdaptivePredictor:
+  """`adaptive(model, batch, generate=..., step=...)` -> the `Predictor` outputs of every video at its
+  own bucket, in the batch's order, plus `bucket` [B] (drop ratio), `budget_satisfied` [B],
+  `vision_tokens` [B] (kept windows = LLM vision tokens) and `adaptive_scores` [B, T, W].
+
+  `model` is the fixed-ratio model (its ratio is ignored); variants per bucket are cached."""
+
+  def __init__(self, predictor: predictor_lib.Predictor, rule: AdaptiveRule):
+    if predictor.mesh is not None:
+      raise NotImplementedError("adaptive budget: sharded (mesh) evaluation is not supported yet")
+    self.predictor = predictor
+    self.rule = rule
+    self._variants: dict[tuple[int, float], vlm.Molmo2] = {}
+
+  @property
+  def times(self):
+    return self.predictor.times
+
+  def reset_times(self) -> None:
+    self.predictor.reset_times()
+
+  def _variant(self, model: vlm.Molmo2, ratio: float) -> vlm.Molmo2:
+    key = (id(model), ratio)
+    if key not in self._variants:
+      self._variants[key] = gen_lib.model_variant(model, ratio=ratio, budget="fixed")
+    return self._variants[key]
+
+  def __call__(self, model: vlm.Molmo2, batch: Mapping[str, np.ndarray], *, generate: bool = True,
+               step: int = 0) -> dict[str, np.ndarray]:
+    method = model.config.stts.method
+    if method not in METHODS:
+      raise ValueError(f"adaptive budget works with methods {METHODS}, got {method!r}")
+    scores = score_videos(self._variant(model, self.rule.buckets[0]), batch)
+    ratios, satisfied = choose_buckets(scores, batch["frame_mask"], self.rule)
+    b = scores.shape[0]
+    valid = np.asarray(batch.get("valid", np.ones(b, bool)), bool)
+    if valid.any():   # padding rows ride along with a real video's bucket (their outputs are unused)
+      ratios = np.where(valid, ratios, ratios[np.argmax(valid)])
+    out: dict[str, np.ndarray] = {}
+    for r in sorted(set(ratios.tolist())):
+      rows = np.flatnonzero(ratios == r)
+      fill = np.full(b, rows[0])
+      fill[rows] = rows
+      sub = {k: (np.asarray(v)[fill] if np.ndim(v) >= 1 and np.shape(v)[0] == b else v) for k, v in batch.items()}
+      sub["valid"] = np.isin(np.arange(b), rows) & valid
+      res = self.predictor(self._variant(model, r), sub, generate=generate, step=step)
+      for k, v in res.items():
+        v = np.asarray(v)
+        if v.ndim >= 1 and v.shape[0] == b:
+          if k not in out:
+            out[k] = np.zeros_like(v)
+          out[k][rows] = v[rows]
+        else:
+          out[k] = np.logical_or(out.get(k, False), v) if v.dtype == bool else v
+    out.update(bucket=ratios, budget_satisfied=satisfied, vision_tokens=out["num_kept"].copy(),
+               adaptive_scores=scores)
+    return out
+
+
+__all__ = ["AdaptivePredictor", "AdaptiveRule", "DEFAULT_BUCKETS", "DEFAULT_THRESHOLDS", "choose_buckets",
+           "compile_counts", "rule_for", "score_videos", "valid_buckets"]

@@ -1,0 +1,114 @@
+"""Adaptive budget (issue 22): the bucket rule (pure, fast) and the grouped inference path."""
+import numpy as np
+import jax.numpy as jnp
+import pytest
+
+from stts_jax import config as config_lib
+from stts_jax.eval import adaptive_budget as ab
+from stts_jax.eval import predictor as predictor_lib
+from stts_jax.models import budget
+from stts_jax.models import pruning
+from tests.eval import helpers
+
+
+def test_valid_buckets_at_frame_count():
+  # 8 frames x 9 windows: at most 63 of 72 can go; 0.85 drops floor(61.2) = 61 -> valid.
+  assert ab.valid_buckets(8, 9, (0.3, 0.5, 0.7, 0.85)) == (0.3, 0.5, 0.7, 0.85)
+  # 4 frames x 9: 0.85 would be capped at 27 (floor(30.6) = 30 > 27): left out.
+  assert ab.valid_buckets(4, 9, (0.85, 0.3, 0.5, 0.7)) == (0.3, 0.5, 0.7)
+  # 2 frames x 1 window: 0.3 and 0.5 both drop... 0 and 1; 0.7 would need 1 too (duplicate) -> out.
+  assert ab.valid_buckets(2, 1, (0.3, 0.5, 0.7)) == (0.3, 0.5)
+  with pytest.raises(ValueError):
+    ab.valid_buckets(1, 9, (0.3,))
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_chosen_bucket_keeps_every_window_above_threshold_and_is_largest(seed):
+  rng = np.random.default_rng(seed)
+  b, t, w = 6, int(rng.integers(2, 9)), int(rng.integers(1, 10))
+  scores = rng.random((b, t, w)).round(1).astype(np.float32)   # coarse values: many ties
+  frames = rng.integers(1, t + 1, size=b)
+  frames[0] = t
+  fm = np.arange(t)[None] < frames[:, None]
+  thr = float(rng.choice([0.2, 0.5, 0.7, 0.9]))
+  buckets = (0.0, 0.3, 0.5, 0.7, 0.85) if seed % 2 else ab.DEFAULT_BUCKETS
+  try:
+    valid = ab.valid_buckets(t, w, buckets)
+  except ValueError:
+    return
+  rule = ab.AdaptiveRule(thr, buckets)
+  ratios, sat = ab.choose_buckets(scores, fm, rule)
+  above = (scores > thr) & fm[:, :, None]
+  for i in range(b):
+    assert ratios[i] in valid
+    keep = np.asarray(pruning.budget_keep_mask_batched(jnp.asarray(scores[i:i + 1]), jnp.asarray(fm[i:i + 1]),
+                                                       float(ratios[i])))[0]
+    # "Never loses a kept window": every real window above the threshold is in the chosen keep mask.
+    assert sat[i] == bool(np.all(keep[above[i]]))
+    if 0.0 in buckets:
+      assert sat[i]
+    # Largest such bucket: the next valid bucket that drops more windows at this video's t loses one.
+    for r in valid:
+      if r > ratios[i] and budget.num_dropped(int(frames[i]), w, r) > budget.num_dropped(int(frames[i]), w,
+                                                                                          float(ratios[i])):
+        k2 = np.asarray(pruning.budget_keep_mask_batched(jnp.asarray(scores[i:i + 1]), jnp.asarray(fm[i:i + 1]),
+                                                         r))[0]
+        if sat[i]:
+          assert not np.all(k2[above[i]])
+
+
+def test_static_content_gets_the_largest_bucket():
+  scores = np.zeros((2, 8, 9), np.float32)
+  scores[1] = 1.0                                       # every window busy
+  fm = np.ones((2, 8), bool)
+  ratios, sat = ab.choose_buckets(scores, fm, ab.AdaptiveRule(0.5))
+  assert ratios.tolist() == [0.85, 0.3] and sat.tolist() == [True, False]
+
+
+def test_budget_config_field():
+  assert config_lib.STTSConfig().budget == "fixed"
+  config_lib.STTSConfig(budget="adaptive").validate()
+  with pytest.raises(ValueError, match="stts.budget"):
+    config_lib.STTSConfig(budget="dynamic").validate()
+  with pytest.raises(ValueError):
+    ab.rule_for("random")
+
+
+def test_adaptive_outputs_independent_of_batch_mates_one_compile_per_bucket(stts_model):
+  model = stts_model
+  cfg = model.config
+  t = 4
+  # 5 rows: a batch shape no other test compiles, so the compile counts below are this test's own.
+  a = helpers.video_batch(cfg, [4, 4, 3, 4, 4], t, seed=1)
+  other = helpers.video_batch(cfg, [4, 2, 4, 4, 3], t, seed=2)
+  mates = {k: np.concatenate([a[k][:1], other[k][1:]]) for k in a}   # video 0 with other batch-mates
+  scores = ab.score_videos(model, a)
+  cand = np.concatenate([scores[i, 1:int(a["frame_mask"][i].sum())].ravel() for i in range(5)])
+  thr = next(q for q in np.quantile(cand, np.linspace(0.2, 0.8, 13))
+             if len(set(ab.choose_buckets(scores, a["frame_mask"], ab.AdaptiveRule(float(q)))[0])) >= 2)
+  pred = ab.AdaptivePredictor(predictor_lib.Predictor(max_new_tokens=3), ab.AdaptiveRule(float(thr)))
+  before = ab.compile_counts()
+  out_a = pred(model, a, generate=True)
+  mid = ab.compile_counts()
+  out_m = pred(model, mates, generate=True)
+  after = ab.compile_counts()
+  buckets = set(out_a["bucket"].tolist()) | set(out_m["bucket"].tolist())
+  n_a = len(set(out_a["bucket"].tolist()))
+  assert n_a >= 2
+  for stage in predictor_lib.STAGES:          # one compilation per (bucket, frame count), never again
+    assert mid[stage] - before[stage] == n_a
+    assert after[stage] - before[stage] == len(buckets)
+  assert after["score"] - before["score"] <= 1
+  # video 0: same bucket, same kept windows, same answer and option scores whatever its batch-mates.
+  assert out_a["bucket"][0] == out_m["bucket"][0]
+  assert np.array_equal(out_a["keep_mask"][0], out_m["keep_mask"][0])
+  assert np.array_equal(out_a["tokens"][0], out_m["tokens"][0])
+  np.testing.assert_allclose(out_a["option_logprobs"][0], out_m["option_logprobs"][0], atol=1e-5)
+  # each video's keep mask is the fixed budget at its bucket; nothing above the threshold is lost.
+  w = cfg.windows_per_frame
+  for i in range(5):
+    n = int(a["frame_mask"][i].sum())
+    assert out_a["vision_tokens"][i] == budget.num_kept(n, w, float(out_a["bucket"][i]))
+    above = (out_a["adaptive_scores"][i] > thr) & a["frame_mask"][i][:, None]
+    if out_a["budget_satisfied"][i]:
+      assert np.all(out_a["keep_mask"][i][above])
