@@ -6,6 +6,10 @@
   (an HF Molmo2 directory works as --checkpoint too; results go to <workdir>/eval/results.{json,md})
   Multi-process: as scripts/train.py (--coordinator/--num_processes/--process_id or --distributed),
   e.g. python scripts/launch_local.py -n 2 -- scripts/evaluate.py --config ... --checkpoint ...
+Adaptive budget (issue 22, docs/adaptive_budget.md): fixed ratios vs one adaptive point per threshold,
+  python scripts/evaluate.py --config configs/demo.py --checkpoint RUN --split val --budget adaptive \
+      --adaptive_method stts --thresholds 0.2,0.4,0.6 --ratios 0.3,0.5,0.7 --out DIR
+  writes DIR/adaptive.{json,md,png} (accuracy vs mean kept windows, per camera type, paired bootstrap).
 The config's `eval` section (stts_jax/eval/config.py) sets the defaults; these flags override it.
 """
 
@@ -30,6 +34,10 @@ flags.DEFINE_string("split", None, "data split (default: eval.split)")
 flags.DEFINE_integer("max_examples", None, "evaluate only the first N examples")
 flags.DEFINE_integer("step", None, "Orbax step (default: latest)")
 flags.DEFINE_string("out", None, "output directory for results.json / results.md")
+flags.DEFINE_enum("budget", "fixed", ["fixed", "adaptive"], "fixed: the usual cells; adaptive: threshold sweep")
+flags.DEFINE_string("thresholds", None, "--budget adaptive: comma-separated score thresholds")
+flags.DEFINE_string("buckets", None, "--budget adaptive: drop-ratio buckets (default 0.3,0.5,0.7,0.85)")
+flags.DEFINE_string("adaptive_method", "stts", "--budget adaptive: stts | heuristic (whose scores)")
 flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() from the cluster env")
 flags.DEFINE_string("coordinator", None, "multi-process: coordinator host:port")
 flags.DEFINE_integer("num_processes", None, "multi-process: number of processes")
@@ -49,6 +57,20 @@ def main(argv):
   from stts_jax.eval import main as eval_main
   logging.info("jax %s, backend %s, %d processes, devices: %s", jax.__version__, jax.default_backend(),
                jax.process_count(), jax.devices())
+  if FLAGS.budget == "adaptive":
+    import json
+    from stts_jax import provenance
+    if not FLAGS.thresholds:
+      raise app.UsageError("--budget adaptive needs --thresholds")
+    extra = {"provenance": provenance.record()}
+    _, paths = eval_main.adaptive_from_config(
+        FLAGS.config, FLAGS.checkpoint, method=FLAGS.adaptive_method,
+        thresholds=eval_main.parse_list(FLAGS.thresholds, float), buckets=eval_main.parse_list(FLAGS.buckets, float),
+        ratios=eval_main.parse_list(FLAGS.ratios, float), split=FLAGS.split, max_examples=FLAGS.max_examples,
+        step=FLAGS.step, out_dir=FLAGS.out, extra=json.loads(json.dumps(extra, default=str)))
+    print(open(paths[1]).read(), flush=True)
+    print("results: " + "\n         ".join(paths), flush=True)
+    return
   with distributed.Supervisor():
     results, json_path, md_path = eval_main.evaluate_from_config(
         FLAGS.config, FLAGS.checkpoint, methods=eval_main.parse_list(FLAGS.methods, str),

@@ -76,6 +76,7 @@ class Evaluator(abc.ABC):
       for acc in accs.values():
         acc.skip(err.split(": ", 1)[0], err)
     kept, prompt, truncated = [], [], 0
+    per_example: dict[str, dict[str, float]] = {}   # vision tokens (and adaptive bucket) per example id
     for host, preds in self._passes(model):
       for i in range(host["valid"].shape[0]):
         row = int(host["example_id"][i])
@@ -90,6 +91,9 @@ class Evaluator(abc.ABC):
         self._score_row(accs, info, host, preds, i)
         if "num_kept" in preds:
           kept.append(int(preds["num_kept"][i]))
+          per_example[info.id] = {"vision_tokens": int(preds["num_kept"][i])}
+          if "bucket" in preds:
+            per_example[info.id]["bucket"] = float(preds["bucket"][i])
         if "prompt_tokens" in preds:
           prompt.append(int(preds["prompt_tokens"][i]))
         truncated += int(preds["num_truncated"][i]) if "num_truncated" in preds else 0
@@ -99,7 +103,7 @@ class Evaluator(abc.ABC):
                   "prompt_tokens": float(np.mean(prompt)) if prompt else float("nan"),
                   "truncated_tokens": truncated}
     self.details = {"records": {k: [dataclasses.asdict(r) for r in a.records] for k, a in accs.items()},
-                    "skipped_examples": first.skipped_examples()}
+                    "skipped_examples": first.skipped_examples(), "per_example": per_example}
     for key, acc in accs.items():
       yield f"{key}_accuracy", acc.accuracy
       yield f"{key}_correct", acc.num_correct

@@ -79,4 +79,37 @@ def evaluate_from_config(config: Any, checkpoint: str, *, methods: Optional[Sequ
   return results, json_path, md_path
 
 
-__all__ = ["evaluate_from_config", "parse_list"]
+def adaptive_from_config(config: Any, checkpoint: str, *, method: str, thresholds: Sequence[float],
+                         buckets: Optional[Sequence[float]] = None, ratios: Optional[Sequence[float]] = None,
+                         split: Optional[str] = None, max_examples: Optional[int] = None,
+                         step: Optional[int] = None, out_dir: Optional[str] = None,
+                         extra: Optional[dict[str, Any]] = None) -> tuple[dict[str, Any], list[str]]:
+  """`--budget adaptive`: fixed ratios vs adaptive thresholds (`adaptive_eval.sweep`), single device;
+  writes adaptive.{json,md,png} to `out_dir` (default <workdir>/eval_adaptive)."""
+  from stts_jax.eval import adaptive_budget as ab
+  from stts_jax.eval import adaptive_eval
+  if not isinstance(config, ml_collections.ConfigDict):
+    config = ml_collections.ConfigDict(dict(config))
+  cfgs = config_lib.build(config)
+  eval_cfg: EvalConfig = cfgs.get("eval") or EvalConfig()
+  overrides = {k: v for k, v in dict(ratios=tuple(ratios) if ratios else None, split=split,
+                                     max_examples=max_examples).items() if v is not None}
+  eval_cfg = dataclasses.replace(eval_cfg, **overrides).validate()
+  model_cfg = cfgs["model"]
+  if method == "stts" and checkpoints.is_hf_dir(checkpoint):
+    model_cfg = checkpoints.with_scorer_config(model_cfg)
+  model, info = checkpoints.load_model(checkpoint, model_cfg, step=step)
+  if method == "stts" and info["fresh_scorer"]:
+    raise ValueError("adaptive budget with method 'stts' needs a checkpoint with scorer weights")
+  results = adaptive_eval.sweep(model, cfgs["data"], eval_cfg, method=method, thresholds=thresholds,
+                                buckets=tuple(buckets) if buckets else ab.DEFAULT_BUCKETS,
+                                checkpoint=os.path.abspath(checkpoint))
+  results["checkpoint_info"] = {k: v for k, v in info.items() if isinstance(v, (str, int, float, bool))}
+  if not out_dir:
+    base = os.path.dirname(info["directory"]) if info["format"] == "orbax" else info["directory"]
+    out_dir = os.path.join(base, "eval_adaptive")
+  paths = adaptive_eval.write(results, out_dir, extra)
+  return results, paths
+
+
+__all__ = ["adaptive_from_config", "evaluate_from_config", "parse_list"]

@@ -1,0 +1,209 @@
+"""Adaptive vs fixed budget sweep (issue 22): accuracy vs mean kept windows, per camera type.
+
+`sweep(model, data_cfg, eval_cfg, method=..., thresholds=..., buckets=...)` evaluates, on the same
+examples of `eval_cfg.split`, the fixed ratios `eval_cfg.ratios` and one adaptive point per
+threshold (`adaptive_budget.AdaptivePredictor`), all with `method`'s scores. "Kept tokens" are kept
+vision windows (= LLM vision tokens) per video. It returns a JSON-able dict with
+  fixed / adaptive   one point each: accuracy, mean kept windows, per camera type (accuracy, kept,
+                     for adaptive the bucket histogram), compilations; adaptive points add the
+                     share of videos whose bucket kept every window above the threshold,
+  matched            per fixed ratio: the adaptive point whose mean kept windows is the closest
+                     *not above* the fixed ratio's (None if none is), adaptive - fixed accuracy with
+                     the paired bootstrap over questions (`experiments.stats`),
+  vs_fixed_05        per adaptive point: % fewer kept windows than fixed 0.5, accuracy difference and
+                     its paired interval,
+and `plot(results, path)` draws both curves (all clips and one panel per camera type).
+Camera types come from the manifest's `camera` field (the default dataset's clip metadata).
+"""
+
+import json
+import os
+from collections.abc import Sequence
+from typing import Any, Optional
+
+import numpy as np
+
+from stts_jax.data.config import DataConfig
+from stts_jax.eval import adaptive_budget as ab
+from stts_jax.eval import data as data_lib
+from stts_jax.eval import evaluators as evaluators_lib
+from stts_jax.eval import generate as gen_lib
+from stts_jax.eval import predictor as predictor_lib
+from stts_jax.eval.config import EvalConfig
+from stts_jax.experiments import stats
+from stts_jax.models import vlm
+
+
+def _cameras(data_cfg: DataConfig, split: str) -> dict[str, str]:
+  path = os.path.join(data_cfg.path, f"{split}.jsonl")
+  out: dict[str, str] = {}
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        if line.strip():
+          ex = json.loads(line)
+          out[ex["id"]] = str(ex.get("camera", "unknown"))
+  return out
+
+
+def _point(model: vlm.Molmo2, data: data_lib.EvalData, eval_cfg: EvalConfig, predict_fn, metric: str,
+           cameras: dict[str, str]) -> dict[str, Any]:
+  name, mode = metric.split("/", 1)
+  mode = mode[:-len("_accuracy")]
+  kw = {"modes": tuple(eval_cfg.mc_modes)} if name == "multiple_choice" else {}
+  before = ab.compile_counts()
+  ev = evaluators_lib.from_name(name, predict_fn, data=data, **kw)
+  metrics = dict(ev.run(model))
+  after = ab.compile_counts()
+  correct = {r["example_id"]: bool(r["correct"]) for r in ev.details["records"][mode] if r["status"] == "scored"}
+  per = ev.details["per_example"]
+  by_cam: dict[str, dict[str, Any]] = {}
+  for cam in sorted(set(cameras.get(q, "unknown") for q in correct)):
+    ids = [q for q in correct if cameras.get(q, "unknown") == cam]
+    row = {"n": len(ids), "accuracy": float(np.mean([correct[q] for q in ids])),
+           "kept_windows": float(np.mean([per[q]["vision_tokens"] for q in ids]))}
+    if ids and "bucket" in per[ids[0]]:
+      bk = [per[q]["bucket"] for q in ids]
+      row["buckets"] = {f"{b:g}": int(sum(x == b for x in bk)) for b in sorted(set(bk))}
+      row["mean_bucket"] = float(np.mean(bk))
+    by_cam[cam] = row
+  out = {"accuracy": float(metrics[f"{mode}_accuracy"]), "kept_windows": float(metrics["kept_tokens"]),
+         "scored": int(metrics["scored"]), "by_camera": by_cam,
+         "compilations": {k: after[k] - before[k] for k in after}, "correct": correct,
+         "per_example": per}
+  return out
+
+
+def sweep(model: vlm.Molmo2, data_cfg: DataConfig, eval_cfg: EvalConfig, *, method: str,
+          thresholds: Sequence[float], buckets: Sequence[float] = ab.DEFAULT_BUCKETS,
+          metric: str = "multiple_choice/likelihood_accuracy", tokenizer=None, resamples: int = 10000,
+          checkpoint: str = "") -> dict[str, Any]:
+  """Fixed ratios and adaptive thresholds on the same examples (module docstring)."""
+  if eval_cfg.batch_size is not None:
+    import dataclasses
+    data_cfg = dataclasses.replace(data_cfg, batch_size=eval_cfg.batch_size)
+  data = data_lib.EvalData(data_cfg, model.config.tokens, eval_cfg.split, tokenizer=tokenizer,
+                           max_examples=eval_cfg.max_examples)
+  cameras = _cameras(data_cfg, eval_cfg.split)
+  predictor = predictor_lib.Predictor(max_new_tokens=eval_cfg.max_new_tokens, temperature=eval_cfg.temperature,
+                                      stop_ids=eval_cfg.stop, seed=eval_cfg.seed)
+  fixed = []
+  for r in sorted(set(eval_cfg.ratios)):
+    variant = gen_lib.model_variant(model, method=method if r > 0 else "none", ratio=r, budget="fixed")
+    fixed.append({"ratio": r, **_point(variant, data, eval_cfg, predictor, metric, cameras)})
+  adaptive = []
+  base = gen_lib.model_variant(model, method=method, ratio=0.5, budget="adaptive")   # ratio: per bucket
+  for thr in thresholds:
+    rule = ab.rule_for(method, thr, buckets)
+    ad = ab.AdaptivePredictor(predictor, rule)
+    pt = _point(base, data, eval_cfg, ad, metric, cameras)
+    pt["threshold"] = float(thr)
+    adaptive.append(pt)
+  seeds = [0]
+
+  def compare(a, b):
+    return stats.paired_bootstrap([a["correct"]], [b["correct"]], seeds, resamples=resamples)["pooled"]
+
+  matched = []
+  for f in fixed:
+    below = [a for a in adaptive if a["kept_windows"] <= f["kept_windows"] + 1e-9]
+    a = max(below, key=lambda x: x["kept_windows"]) if below else None
+    matched.append({"fixed_ratio": f["ratio"], "fixed_kept": f["kept_windows"],
+                    "adaptive_threshold": a["threshold"] if a else None,
+                    "adaptive_kept": a["kept_windows"] if a else None,
+                    "adaptive_minus_fixed": compare(a, f) if a else None})
+  f05 = next((f for f in fixed if abs(f["ratio"] - 0.5) < 1e-9), None)
+  vs05 = []
+  if f05 is not None:
+    for a in adaptive:
+      vs05.append({"threshold": a["threshold"], "kept_windows": a["kept_windows"],
+                   "fewer_windows_pct": 100.0 * (1.0 - a["kept_windows"] / f05["kept_windows"]),
+                   "adaptive_minus_fixed05": compare(a, f05)})
+  return {"split": eval_cfg.split, "method": method, "metric": metric, "buckets": list(buckets),
+          "thresholds": list(thresholds), "num_examples": len(data), "checkpoint": checkpoint,
+          "fixed": fixed, "adaptive": adaptive, "matched": matched, "vs_fixed_05": vs05}
+
+
+def plot(results: dict[str, Any], path: str) -> str:
+  """Accuracy vs mean kept windows: fixed ratios and adaptive thresholds, all clips + per camera."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  cams = sorted({c for p in results["fixed"] + results["adaptive"] for c in p["by_camera"]})
+  panels = [("all clips", None)] + [(c, c) for c in cams]
+  n = len(panels)
+  cols = min(n, 4)
+  rows = -(-n // cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.3 * rows), squeeze=False)
+  for ax, (title, cam) in zip(axes.ravel(), panels):
+    for pts, label, style in ((results["fixed"], "fixed ratio", "o-"), (results["adaptive"], "adaptive", "s--")):
+      if cam is None:
+        xs = [p["kept_windows"] for p in pts]
+        ys = [100 * p["accuracy"] for p in pts]
+      else:
+        xs = [p["by_camera"][cam]["kept_windows"] for p in pts if cam in p["by_camera"]]
+        ys = [100 * p["by_camera"][cam]["accuracy"] for p in pts if cam in p["by_camera"]]
+      order = np.argsort(xs)
+      ax.plot(np.asarray(xs)[order], np.asarray(ys)[order], style, label=label)
+    ax.set_title(title)
+    ax.set_xlabel("mean kept windows per video")
+    ax.set_ylabel("accuracy %")
+    ax.grid(alpha=0.3)
+  for ax in axes.ravel()[n:]:
+    ax.axis("off")
+  axes[0, 0].legend()
+  fig.suptitle(f"{results['method']} on {results['split']}: fixed vs adaptive budget")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
+def markdown(results: dict[str, Any]) -> str:
+  def iv(x):
+    return "-" if not x else f"{100 * x['mean']:+.1f} [{100 * x['lo']:+.1f}, {100 * x['hi']:+.1f}]"
+  lines = [f"Split `{results['split']}`, method `{results['method']}`, {results['num_examples']} examples, "
+           f"buckets {results['buckets']}; kept = vision windows per video.", "",
+           "| point | accuracy % | kept windows | " + " | ".join(
+               f"{c} acc / kept / bucket" for c in sorted(results['adaptive'][0]['by_camera'])) + " |"
+           if results["adaptive"] else "| point | accuracy % | kept windows |"]
+  cams = sorted(results["adaptive"][0]["by_camera"]) if results["adaptive"] else []
+  lines.append("|" + "---|" * (3 + len(cams)))
+  for p in results["fixed"] + results["adaptive"]:
+    name = f"fixed {p['ratio']:g}" if "ratio" in p else f"adaptive thr {p['threshold']:g}"
+    cells = []
+    for c in cams:
+      q = p["by_camera"].get(c)
+      cells.append("-" if q is None else f"{100 * q['accuracy']:.1f} / {q['kept_windows']:.1f} / "
+                   f"{q.get('mean_bucket', p.get('ratio', float('nan'))):.2f}")
+    lines.append(f"| {name} | {100 * p['accuracy']:.1f} | {p['kept_windows']:.1f} | " + " | ".join(cells) + " |")
+  lines += ["", "Matched kept windows (adaptive point with the most kept windows not above the fixed ratio's):", "",
+            "| fixed ratio | fixed kept | adaptive thr | adaptive kept | adaptive - fixed, points [95% paired CI] |",
+            "|---|---|---|---|---|"]
+  for m in results["matched"]:
+    lines.append(f"| {m['fixed_ratio']:g} | {m['fixed_kept']:.1f} | {m['adaptive_threshold']} | "
+                 f"{'-' if m['adaptive_kept'] is None else format(m['adaptive_kept'], '.1f')} | "
+                 f"{iv(m['adaptive_minus_fixed'])} |")
+  if results["vs_fixed_05"]:
+    lines += ["", "Against fixed 0.5:", "", "| adaptive thr | kept | fewer windows % | adaptive - fixed 0.5 [95% CI] |",
+              "|---|---|---|---|"]
+    for v in results["vs_fixed_05"]:
+      lines.append(f"| {v['threshold']:g} | {v['kept_windows']:.1f} | {v['fewer_windows_pct']:.1f} | "
+                   f"{iv(v['adaptive_minus_fixed05'])} |")
+  return "\n".join(lines) + "\n"
+
+
+def write(results: dict[str, Any], out_dir: str, extra: Optional[dict[str, Any]] = None) -> list[str]:
+  """adaptive.json (+ provenance in `extra`), adaptive.md, adaptive.png in `out_dir`."""
+  os.makedirs(out_dir, exist_ok=True)
+  res = dict(results, **(extra or {}))
+  paths = [os.path.join(out_dir, n) for n in ("adaptive.json", "adaptive.md", "adaptive.png")]
+  with open(paths[0], "w") as f:
+    json.dump(res, f, indent=1)
+  with open(paths[1], "w") as f:
+    f.write(markdown(res))
+  plot(res, paths[2])
+  return paths
+
+
+__all__ = ["markdown", "plot", "sweep", "write"]
