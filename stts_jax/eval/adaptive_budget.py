@@ -116,6 +116,13 @@ def choose_buckets(scores_btw: np.ndarray, frame_mask_bt: np.ndarray, rule: Adap
   return ratios, satisfied
 
 
+def check_not_training(model_cfg) -> None:
+  """Training runs fixed budgets only: raises on `stts.budget == "adaptive"` (call from a trainer)."""
+  if model_cfg.stts.budget != "fixed":
+    raise ValueError(f"stts.budget={model_cfg.stts.budget!r} is for inference and evaluation only; training "
+                     "uses the fixed ratio stts.ratio (set stts.budget='fixed')")
+
+
 # ----------------------------------------------------------------------------------------------
 # Inference: score once, one fixed-ratio pass per bucket
 # ----------------------------------------------------------------------------------------------
@@ -161,6 +168,8 @@ class AdaptivePredictor:
     self.predictor = predictor
     self.rule = rule
     self._variants: dict[tuple[int, float], vlm.Molmo2] = {}
+    # seconds of each stage per bucket pass (a full-size batch at that ratio): {ratio: {stage: [s, ...]}}
+    self.bucket_times: dict[float, dict[str, list[float]]] = {}
 
   @property
   def times(self):
@@ -194,6 +203,10 @@ class AdaptivePredictor:
       sub = {k: (np.asarray(v)[fill] if np.ndim(v) >= 1 and np.shape(v)[0] == b else v) for k, v in batch.items()}
       sub["valid"] = np.isin(np.arange(b), rows) & valid
       res = self.predictor(self._variant(model, r), sub, generate=generate, step=step)
+      times = self.bucket_times.setdefault(float(r), {})
+      for stage, ts in self.predictor.times.items():
+        if ts:
+          times.setdefault(stage, []).append(ts[-1])
       for k, v in res.items():
         v = np.asarray(v)
         if v.ndim >= 1 and v.shape[0] == b:
@@ -207,5 +220,5 @@ class AdaptivePredictor:
     return out
 
 
-__all__ = ["AdaptivePredictor", "AdaptiveRule", "DEFAULT_BUCKETS", "DEFAULT_THRESHOLDS", "choose_buckets",
+__all__ = ["AdaptivePredictor", "AdaptiveRule", "check_not_training", "DEFAULT_BUCKETS", "DEFAULT_THRESHOLDS", "choose_buckets",
            "compile_counts", "rule_for", "score_videos", "valid_buckets"]

@@ -18,6 +18,7 @@ Camera types come from the manifest's `camera` field (the default dataset's clip
 
 import json
 import os
+import statistics
 from collections.abc import Sequence
 from typing import Any, Optional
 
@@ -87,10 +88,26 @@ def sweep(model: vlm.Molmo2, data_cfg: DataConfig, eval_cfg: EvalConfig, *, meth
   cameras = _cameras(data_cfg, eval_cfg.split)
   predictor = predictor_lib.Predictor(max_new_tokens=eval_cfg.max_new_tokens, temperature=eval_cfg.temperature,
                                       stop_ids=eval_cfg.stop, seed=eval_cfg.seed)
+  # Warm-up (untimed): compile every fixed ratio and bucket once on the first batch, so the medians
+  # below time execution only (a bucket may be used by few batches).
+  batches = data.batches()
+  first = next(batches)
+  if hasattr(batches, "close"):
+    batches.close()
+  before = ab.compile_counts()
+  frames = int(np.asarray(first["frame_mask"]).shape[1])
+  for r in sorted(set(eval_cfg.ratios) | set(ab.valid_buckets(frames, model.config.windows_per_frame, buckets))):
+    predictor(gen_lib.model_variant(model, method=method if r > 0 else "none", ratio=r, budget="fixed"), first,
+              generate=False)
+  ab.score_videos(gen_lib.model_variant(model, method=method, ratio=0.5), first)
+  after = ab.compile_counts()
+  warmup_compilations = {k: after[k] - before[k] for k in after}
   fixed = []
   for r in sorted(set(eval_cfg.ratios)):
     variant = gen_lib.model_variant(model, method=method if r > 0 else "none", ratio=r, budget="fixed")
-    fixed.append({"ratio": r, **_point(variant, data, eval_cfg, predictor, metric, cameras)})
+    predictor.reset_times()
+    fixed.append({"ratio": r, **_point(variant, data, eval_cfg, predictor, metric, cameras),
+                  "seconds_per_batch": {st: statistics.median(v) for st, v in predictor.times.items() if v}})
   adaptive = []
   base = gen_lib.model_variant(model, method=method, ratio=0.5, budget="adaptive")   # ratio: per bucket
   for thr in thresholds:
@@ -98,6 +115,8 @@ def sweep(model: vlm.Molmo2, data_cfg: DataConfig, eval_cfg: EvalConfig, *, meth
     ad = ab.AdaptivePredictor(predictor, rule)
     pt = _point(base, data, eval_cfg, ad, metric, cameras)
     pt["threshold"] = float(thr)
+    pt["seconds_per_bucket_pass"] = {f"{r:g}": {st: statistics.median(v) for st, v in ts.items()}
+                                     for r, ts in sorted(ad.bucket_times.items())}
     adaptive.append(pt)
   seeds = [0]
 
@@ -120,6 +139,7 @@ def sweep(model: vlm.Molmo2, data_cfg: DataConfig, eval_cfg: EvalConfig, *, meth
                    "fewer_windows_pct": 100.0 * (1.0 - a["kept_windows"] / f05["kept_windows"]),
                    "adaptive_minus_fixed05": compare(a, f05)})
   return {"split": eval_cfg.split, "method": method, "metric": metric, "buckets": list(buckets),
+          "batch_size": data_cfg.batch_size, "warmup_compilations": warmup_compilations,
           "thresholds": list(thresholds), "num_examples": len(data), "checkpoint": checkpoint,
           "fixed": fixed, "adaptive": adaptive, "matched": matched, "vs_fixed_05": vs05}
 
@@ -190,6 +210,19 @@ def markdown(results: dict[str, Any]) -> str:
     for v in results["vs_fixed_05"]:
       lines.append(f"| {v['threshold']:g} | {v['kept_windows']:.1f} | {v['fewer_windows_pct']:.1f} | "
                    f"{iv(v['adaptive_minus_fixed05'])} |")
+  rows = []
+  for p in results["fixed"]:
+    t = p.get("seconds_per_batch") or {}
+    rows.append((f"fixed {p['ratio']:g}", t))
+  for p in results["adaptive"]:
+    for r, t in (p.get("seconds_per_bucket_pass") or {}).items():
+      rows.append((f"adaptive thr {p['threshold']:g}, bucket {r}", t))
+  if rows:
+    lines += ["", f"Seconds per pass of a full batch ({results.get('batch_size')} videos; median; every ratio and bucket "
+              "compiled in an untimed warm-up):", "",
+              "| pass | vision ms | prefill ms |", "|---|---|---|"]
+    for name, t in rows:
+      lines.append(f"| {name} | {1e3 * t.get('vision', float('nan')):.1f} | {1e3 * t.get('prefill', float('nan')):.1f} |")
   return "\n".join(lines) + "\n"
 
 

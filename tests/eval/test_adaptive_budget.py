@@ -112,3 +112,23 @@ def test_adaptive_outputs_independent_of_batch_mates_one_compile_per_bucket(stts
     above = (out_a["adaptive_scores"][i] > thr) & a["frame_mask"][i][:, None]
     if out_a["budget_satisfied"][i]:
       assert np.all(out_a["keep_mask"][i][above])
+
+
+def test_sweep_report_markdown_and_plot(tmp_path):
+  from stts_jax.eval import adaptive_eval
+  cam = lambda a, k, b=None: {"n": 2, "accuracy": a, "kept_windows": k, **({"mean_bucket": b} if b else {})}  # noqa: E731
+  ci = {"mean": -0.01, "lo": -0.05, "hi": 0.02, "n_questions": 4, "n_pairs": 4}
+  res = {"split": "val", "method": "stts", "num_examples": 4, "buckets": [0.3, 0.5], "batch_size": 2,
+         "fixed": [{"ratio": 0.5, "accuracy": 0.75, "kept_windows": 36.0, "seconds_per_batch": {"vision": 0.01},
+                    "by_camera": {"static": cam(1.0, 36.0), "cuts": cam(0.5, 36.0)}}],
+         "adaptive": [{"threshold": 0.1, "accuracy": 0.75, "kept_windows": 30.0,
+                       "seconds_per_bucket_pass": {"0.5": {"vision": 0.01, "prefill": 0.02}},
+                       "by_camera": {"static": cam(1.0, 20.0, 0.7), "cuts": cam(0.5, 40.0, 0.3)}}],
+         "matched": [{"fixed_ratio": 0.5, "fixed_kept": 36.0, "adaptive_threshold": 0.1, "adaptive_kept": 30.0,
+                      "adaptive_minus_fixed": ci}],
+         "vs_fixed_05": [{"threshold": 0.1, "kept_windows": 30.0, "fewer_windows_pct": 16.7,
+                          "adaptive_minus_fixed05": ci}]}
+  paths = adaptive_eval.write(res, str(tmp_path), {"provenance": {"commit": "x"}})
+  md = open(paths[1]).read()
+  assert "| fixed 0.5 | 75.0 | 36.0 |" in md and "-1.0 [-5.0, +2.0]" in md and "bucket 0.5" in md
+  assert (tmp_path / "adaptive.png").stat().st_size > 0
