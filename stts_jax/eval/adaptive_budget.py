@@ -168,7 +168,8 @@ class AdaptivePredictor:
 
   def __init__(self, predictor: predictor_lib.Predictor, rule: AdaptiveRule):
     if predictor.mesh is not None:
-      raise NotImplementedError("adaptive budget: sharded (mesh) evaluation is not supported yet")
+      raise ValueError("--budget adaptive evaluates on one device: run it without a mesh (a single device); "
+                       "sharded adaptive evaluation is not offered")
     self.predictor = predictor
     self.rule = rule
     self._variants: dict[tuple[int, float], vlm.Molmo2] = {}
