@@ -116,13 +116,6 @@ def choose_buckets(scores_btw: np.ndarray, frame_mask_bt: np.ndarray, rule: Adap
   return ratios, satisfied
 
 
-def check_not_training(model_cfg) -> None:
-  """Training runs fixed budgets only: raises on `stts.budget == "adaptive"` (call from a trainer)."""
-  if model_cfg.stts.budget != "fixed":
-    raise ValueError(f"stts.budget={model_cfg.stts.budget!r} is for inference and evaluation only; training "
-                     "uses the fixed ratio stts.ratio (set stts.budget='fixed')")
-
-
 # ----------------------------------------------------------------------------------------------
 # Inference: score once, one fixed-ratio pass per bucket
 # ----------------------------------------------------------------------------------------------
@@ -225,5 +218,5 @@ class AdaptivePredictor:
     return out
 
 
-__all__ = ["AdaptivePredictor", "AdaptiveRule", "check_not_training", "DEFAULT_BUCKETS", "DEFAULT_THRESHOLDS", "choose_buckets",
+__all__ = ["AdaptivePredictor", "AdaptiveRule", "DEFAULT_BUCKETS", "DEFAULT_THRESHOLDS", "choose_buckets",
            "compile_counts", "rule_for", "score_videos", "valid_buckets"]

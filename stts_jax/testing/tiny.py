@@ -4,6 +4,9 @@
 """
 
 import dataclasses
+import functools
+
+from flax import nnx
 
 from stts_jax import config as config_lib
 
@@ -22,3 +25,18 @@ def tiny_model_config(**stts_overrides) -> config_lib.ModelConfig:
   tokens = config_lib.TokenIds.for_vocab(TINY_VOCAB, chat_start=TINY_VOCAB - 3, chat_end=TINY_VOCAB - 2,
                                          pad=TINY_VOCAB - 1)
   return config_lib.ModelConfig(vit=vit, adapter=adapter, llm=llm, stts=stts, tokens=tokens).validate()
+
+
+@functools.lru_cache(maxsize=None)
+def _shared_stts_model():
+  from stts_jax.models.vlm import Molmo2   # models import this module's siblings; keep import-time light
+  return Molmo2(tiny_model_config(method="stts", ratio=0.5), rngs=nnx.Rngs(0))
+
+
+def tiny_stts_model(**stts):
+  """A copy of one shared tiny STTS 0.5 model (seed 0) with other STTS settings (`stts` overrides):
+  initialising a Molmo2 costs seconds of CPU, the STTS config is static metadata."""
+  model = nnx.clone(_shared_stts_model())
+  cfg = model.config
+  model.config = dataclasses.replace(cfg, stts=dataclasses.replace(cfg.stts, **stts)).validate()
+  return model

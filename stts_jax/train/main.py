@@ -52,6 +52,13 @@ def model_builder(model_cfg: config_lib.ModelConfig, seed: int) -> Callable[[], 
   return lambda: vlm.Molmo2(model_cfg, rngs=nnx.Rngs(seed))
 
 
+def check_fixed_budget(model_cfg: config_lib.ModelConfig) -> None:
+  """Training runs the fixed ratio only; `stts.budget="adaptive"` is an inference/evaluation mode."""
+  if model_cfg.stts.budget != "fixed":
+    raise ValueError(f"model.stts.budget={model_cfg.stts.budget!r} is for inference and evaluation only; training "
+                     "uses the fixed ratio model.stts.ratio (set model.stts.budget='fixed')")
+
+
 def train_and_evaluate(config: Any, workdir: str, *, data_iter: Any = None,
                        model_fn: Optional[Callable[[], nnx.Module]] = None,
                        forward: Optional[Callable[..., Any]] = None,
@@ -61,6 +68,7 @@ def train_and_evaluate(config: Any, workdir: str, *, data_iter: Any = None,
   resuming from its latest checkpoint. Each process reads its own shard of the training data."""
   cfgs = _sections(config)
   model_cfg, train_cfg, mesh_cfg = cfgs["model"], cfgs["train"], cfgs["mesh"]
+  check_fixed_budget(model_cfg)
   if train_cfg.scorer_warmup_steps and model_cfg.stts.method != "stts":
     raise ValueError(f"train.scorer_warmup_steps={train_cfg.scorer_warmup_steps} needs an STTS scorer, but "
                      f"model.stts.method is {model_cfg.stts.method!r}; set it to 0")
@@ -94,6 +102,7 @@ def aot_from_config(config: Any, *, batch_size: Optional[int] = None, num_frames
   Batch shape: the `data` section's (global batch_size, max_frames, seq_len) unless given."""
   cfgs = _sections(config)
   model_cfg, train_cfg, mesh_cfg = cfgs["model"], cfgs["train"], cfgs["mesh"]
+  check_fixed_budget(model_cfg)
   data_cfg = cfgs.get("data")
   pick = lambda given, name: given if given is not None else getattr(data_cfg, name)
   if data_cfg is None and None in (batch_size, num_frames, seq_len):

@@ -72,6 +72,15 @@ def test_budget_config_field():
     config_lib.STTSConfig(budget="dynamic").validate()
   with pytest.raises(ValueError):
     ab.rule_for("random")
+  # training and train-step sizing refuse it before building anything
+  from configs import demo
+  from stts_jax.train import main as train_main
+  cfg = demo.get_config("runlocal=true")
+  cfg.model.stts.budget = "adaptive"
+  with pytest.raises(ValueError, match="model.stts.budget='adaptive' is for inference and evaluation only"):
+    train_main.train_and_evaluate(cfg, "/nonexistent/never_created")
+  with pytest.raises(ValueError, match="model.stts.budget='adaptive'"):
+    train_main.aot_from_config(cfg)
 
 
 def test_adaptive_outputs_independent_of_batch_mates_one_compile_per_bucket(stts_model):

@@ -37,7 +37,7 @@ def test_demo_config_builds_and_traces():
   assert jax.tree.leaves(nnx.state(abstract, nnx.Param))
   built = config_lib.build(cfg)
   assert set(built) >= {"model", "data", "train", "mesh", "eval", "job"}
-  assert built["data"].seq_len == demo.SEQ_LEN and built["train"].num_steps == 400
+  assert built["data"].seq_len == demo.SEQ_LEN and built["train"].num_steps == 600
   # The tower is pretrained (stage 0) and fine-tuned at a tenth of the LLM's rate, never frozen:
   # a frozen tower would let the unpruned run skip the ViT backward that STTS's scorer still needs.
   assert built["job"].vision_pretrain_steps == 200 and not built["train"].optim.freeze

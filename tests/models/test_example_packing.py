@@ -5,8 +5,6 @@ Exactness: per-example answer losses, keep masks, scores and the gradients of th
 same (float rounding only) whether the examples run one per row or several per packed row, pruned
 (STTS 0.5, with the per-video packed ViT rows and without) and unpruned.
 """
-import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -18,8 +16,7 @@ from stts_jax.data import example_packing as host_packing
 from stts_jax.models import budget
 from stts_jax.models import example_packing as ep
 from stts_jax.models import video_forward as vf
-from stts_jax.models.vlm import Molmo2
-from stts_jax.testing.tiny import tiny_model_config
+from stts_jax.testing.tiny import tiny_stts_model
 from tests.models.test_video_forward import make_batch
 
 W = 9
@@ -28,16 +25,7 @@ ROWS = [[0, 1], [2, 3, 4]]        # how the packed batch groups them
 T = 4
 
 
-@functools.lru_cache(maxsize=None)
-def _shared_model():
-  return Molmo2(tiny_model_config(method="stts", ratio=0.5), rngs=nnx.Rngs(0))
-
-
-def _model(**stts):
-  model = nnx.clone(_shared_model())
-  cfg = model.config
-  model.config = dataclasses.replace(cfg, stts=dataclasses.replace(cfg.stts, **stts)).validate()
-  return model
+_model = tiny_stts_model
 
 
 def _examples(cfg):

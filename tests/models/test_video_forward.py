@@ -11,23 +11,12 @@ from flax import nnx
 from stts_jax.models import budget
 from stts_jax.models import video_forward as vf
 from stts_jax.models.vlm import Molmo2
-from stts_jax.testing.tiny import tiny_model_config
+from stts_jax.testing.tiny import tiny_stts_model
 
 W, P, I = 9, 81, 588
 
 
-@functools.lru_cache(maxsize=None)
-def _shared_model():
-  """One tiny STTS model for the whole file (initialising a Molmo2 costs seconds of CPU)."""
-  return Molmo2(tiny_model_config(method="stts", ratio=0.5), rngs=nnx.Rngs(0))
-
-
-def _model(**stts):
-  """A copy of the shared parameters with other STTS settings (the config is static metadata)."""
-  model = nnx.clone(_shared_model())
-  cfg = model.config
-  model.config = dataclasses.replace(cfg, stts=dataclasses.replace(cfg.stts, **stts)).validate()
-  return model
+_model = tiny_stts_model
 
 
 def make_batch(cfg, frames, t, s, seed=0):
