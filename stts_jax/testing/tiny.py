@@ -29,7 +29,7 @@ def tiny_model_config(**stts_overrides) -> config_lib.ModelConfig:
 
 @functools.lru_cache(maxsize=None)
 def _shared_stts_model():
-  from stts_jax.models.vlm import Molmo2   # models import this module's siblings; keep import-time light
+  from stts_jax.models.vlm import Molmo2   # lazy: importing the config helpers stays cheap
   return Molmo2(tiny_model_config(method="stts", ratio=0.5), rngs=nnx.Rngs(0))
 
 
