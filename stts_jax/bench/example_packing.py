@@ -251,6 +251,28 @@ def pad_to_longest_examples_per_s(row: dict[str, Any], batch: int) -> float:
   return row["examples"] / (-(-row["examples"] // batch) * row["buckets"][longest]["min_s"])
 
 
+def frame_slots(result: dict[str, Any]) -> dict[str, dict[str, float]]:
+  """Where the time goes, per method, from a result dict: the ViT runs on frame slots, so
+  `padding_slots / real_frames` is what perfect packing (every slot a real frame, no per-slot
+  overhead) could gain over padding to buckets; the ms per slot say what a packed slot costs.
+  Frame slots: padding sum over buckets of steps x batch x bucket frames; packing steps x rows x
+  frame budget. ms per slot from each shape's fastest step (as examples/s)."""
+  s = result["settings"]
+  out = {}
+  for name, r in result["rows"].items():
+    buckets = r["buckets"]
+    pad_slots = sum(e["steps"] * s["batch"] * int(f) for f, e in buckets.items())
+    pad_time = sum(e["steps"] * e["min_s"] for e in buckets.values())
+    p = r["packed"]
+    pack_slots = p["steps"] * s["rows"] * s["pack_frames"]
+    real = r["examples"] * r["frames_mean"]
+    out[name] = {"real_frames": real, "padding_slots": pad_slots, "packing_slots": pack_slots,
+                 "ceiling": pad_slots / real, "slot_ratio": pad_slots / pack_slots,
+                 "padding_ms_per_slot": 1e3 * pad_time / pad_slots,
+                 "packing_ms_per_slot": 1e3 * p["steps"] * p["min_s"] / pack_slots}
+  return out
+
+
 def markdown(result: dict[str, Any]) -> str:
   """The benchmark row as a small table (from a result dict only: `bench.json` re-renders it)."""
   batch = result["settings"]["batch"]
@@ -270,8 +292,17 @@ def markdown(result: dict[str, Any]) -> str:
             f"shape's fastest timed step; from the medians instead, packing / padding is {med['none']:.2f}x "
             f"(unpruned) and {med['stts']:.2f}x (STTS).", ""]
   lines += [f"- {k}: {'met' if v['ok'] else 'NOT met'} ({v['value']})" for k, v in result["checks"].items()]
+  lines += ["", "Frame slots (the ViT's work): padding to buckets vs packing, and what each slot costs "
+            "(`frame_slots`; ceiling = padding slots / real frames, the most perfect packing could gain):", "",
+            "| method | real frames | padding: frame slots | packing: frame slots | padding / packing slots | "
+            "ms per slot, padding | ms per slot, packing | ceiling |", "|" + "---|" * 8]
+  for name, f in frame_slots(result).items():
+    label = "unpruned" if name == "none" else f"STTS {result['rows'][name]['ratio']:g}"
+    lines.append(f"| {label} | {f['real_frames']:.0f} | {f['padding_slots']} | {f['packing_slots']} | "
+                 f"{f['slot_ratio']:.2f}x | {f['padding_ms_per_slot']:.2f} | {f['packing_ms_per_slot']:.2f} | "
+                 f"{f['ceiling']:.2f}x |")
   return "\n".join(lines) + "\n"
 
 
-__all__ = ["BUCKETS", "Settings", "scan", "prepare_method", "finish_method", "run", "markdown",
+__all__ = ["BUCKETS", "Settings", "scan", "prepare_method", "finish_method", "run", "markdown", "frame_slots",
            "pad_to_longest_examples_per_s"]
