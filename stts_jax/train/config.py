@@ -80,6 +80,11 @@ class TrainConfig:
     "float32" (default; exact sum of the float32 microbatch gradients) or "bfloat16" (half the
     accumulator memory; each microbatch gradient is rounded to bfloat16 before it is added, and
     the sum is cast back to the parameter dtype for clipping and the optimizer).
+  stts_ratios: mixed-ratio training (for `stts.budget = "adaptive"` at inference, which runs the
+    model at several drop ratios): step s runs at drop ratio stts_ratios[s % n] (by step, so a
+    resumed run continues the cycle), one compiled step per ratio; a ratio other than the model's
+    `stts.ratio` runs with `stts.num_rows` None (the proven row bound: exact, the packed ViT saves
+    less). () (default): every step at the model's ratio.
   """
   num_steps: int = 1000
   grad_accum: int = 1
@@ -100,6 +105,7 @@ class TrainConfig:
   progress_bar: bool = True
   barrier_timeout_s: float = 3600.0      # multi-process: how long processes wait for each other
                                          # to finish compiling the step before the first one
+  stts_ratios: tuple[float, ...] = ()
   log_example_ids: bool = False          # each process appends its batches' example ids to
                                          # workdir/example_ids/process_{i}-of-{n}.jsonl
   optim: OptimConfig = OptimConfig()
@@ -122,6 +128,8 @@ class TrainConfig:
       raise ValueError(f"train.max_answer_tokens must be >= 1, got {self.max_answer_tokens}")
     if self.max_to_keep < 1:
       raise ValueError("train.max_to_keep must be >= 1")
+    if any(not 0.0 < float(r) < 1.0 for r in self.stts_ratios):
+      raise ValueError(f"train.stts_ratios: every drop ratio must be in (0, 1), got {tuple(self.stts_ratios)}")
     self.optim.validate()
     return self
 

@@ -106,6 +106,33 @@ def warm_up_scorer(graphdef: Any, state: nnx.State, shardings: Any, data_iter: A
   return jax.device_put(nnx.split(train_state)[1], shardings), summary
 
 
+def ratio_graphdefs(model_fn: Callable[[], nnx.Module], cfg: TrainConfig,
+                    base_graphdef: Any) -> dict[float, Any]:
+  """Mixed-ratio training (`cfg.stts_ratios`): {drop ratio: graphdef of the TrainState whose model
+  runs at that ratio}. Only the static config differs, so every graphdef fits the one state."""
+  if not cfg.stts_ratios:
+    return {}
+  base = nnx.eval_shape(lambda: step_lib.TrainState(model_fn(), cfg))
+  model_cfg = base.model.config
+  if not model_cfg.stts.prunes:
+    raise ValueError(f"train.stts_ratios={tuple(cfg.stts_ratios)} needs a pruning model, but stts.method is "
+                     f"{model_cfg.stts.method!r} with ratio {model_cfg.stts.ratio}")
+  structure = jax.tree.structure(nnx.split(base)[1])
+  out = {}
+  for r in dict.fromkeys(float(r) for r in cfg.stts_ratios):
+    if r == model_cfg.stts.ratio:
+      out[r] = base_graphdef
+      continue
+    ts = nnx.eval_shape(lambda: step_lib.TrainState(model_fn(), cfg))
+    ts.model.config = dataclasses.replace(
+        model_cfg, stts=dataclasses.replace(model_cfg.stts, ratio=r, num_rows=None)).validate()
+    graphdef, abs_state = nnx.split(ts)
+    if jax.tree.structure(abs_state) != structure:
+      raise AssertionError(f"ratio {r}: the train state's structure differs from the base model's")
+    out[r] = graphdef
+  return out
+
+
 def make_step_fn(graphdef: Any, state_shardings: Any, batch_shardings: Mapping[str, Any],
                  mesh: jax.sharding.Mesh, rules: Sequence[tuple[str, Any]], cfg: TrainConfig,
                  forward: Optional[step_lib.Forward] = None):
@@ -289,6 +316,10 @@ def run(model_fn: Callable[[], nnx.Module], data_iter: Iterator[Mapping[str, np.
     record = {f"scorer_warmup/{k}": float(v) for k, v in warmup_summary.items()}
     writer.write(0, record)
     history.append({"step": 0.0, **record})
+  # Mixed-ratio training: one graphdef (and compiled step) per drop ratio, chosen by the step.
+  by_ratio = ratio_graphdefs(model_fn, cfg, graphdef)
+  ratios = tuple(float(r) for r in cfg.stts_ratios)
+  step_fns: dict[Any, Any] = {}
   step_fn = None
   preempted = False
   config_json = config_json or {}
@@ -314,14 +345,17 @@ def run(model_fn: Callable[[], nnx.Module], data_iter: Iterator[Mapping[str, np.
         host_batch = next(data_iter)
         id_log.write(step + 1, host_batch)
         batch = sharding.shard_batch(device_fields(host_batch), mesh, rules)
+        key = ratios[step % len(ratios)] if ratios else None
+        step_fn = step_fns.get(key)
         if step_fn is None:
           batch_shardings = {k: v.sharding for k, v in batch.items()}
-          step_fn = make_step_fn(graphdef, shardings, batch_shardings, mesh, rules, cfg, forward)
+          step_fn = step_fns[key] = make_step_fn(by_ratio.get(key, graphdef), shardings, batch_shardings, mesh,
+                                                 rules, cfg, forward)
           if jax.process_count() > 1:
             # gloo gives processes 30 s to meet at the first collective of a program; compile
             # times differ by more under load, so compile first and start together.
             step_fn.lower(state, batch).compile()
-            distributed.barrier(f"stts_jax/train_step_compiled/{start}", timeout_s=cfg.barrier_timeout_s)
+            distributed.barrier(f"stts_jax/train_step_compiled/{start}/{key}", timeout_s=cfg.barrier_timeout_s)
         state, metrics = step_fn(state, batch)
         window_steps += 1
         window_tokens += float(np.sum(host_batch["token_mask"])) * jax.process_count()
@@ -369,6 +403,6 @@ def run(model_fn: Callable[[], nnx.Module], data_iter: Iterator[Mapping[str, np.
     id_log.close()
     if progress is not None:
       progress.close()
-  compilations = step_fn._cache_size() if step_fn is not None else 0
+  compilations = sum(fn._cache_size() for fn in step_fns.values())
   return TrainResult(graphdef=graphdef, state=state, history=history, preempted=preempted,
                      compilations=compilations)
