@@ -19,8 +19,9 @@ per clip; the prompt has ~215 tokens of which only 72 are vision tokens):
     model's validation accuracy was still rising (other seeds: docs/main_job.md).
 
 arg: `data` (dataset dir), `variant` (default | hard: which default dataset, see below), `method`
-(stts | none | random | heuristic), `ratio`, `steps`, `batch`, `lr`, `seed`, `runlocal` (bool: a few
-steps on a small dataset for smoke tests).
+(stts | none | random | heuristic), `ratio`, `mixed` (bool: train at the adaptive budget's
+buckets 0.3/0.5/0.7/0.85 in turn, `train.stts_ratios`; docs/adaptive_budget.md), `steps`, `batch`,
+`lr`, `seed`, `runlocal` (bool: a few steps on a small dataset for smoke tests).
 
 `variant=hard` (data_cache/default_hard, `default_dataset.Spec(variant="hard")`): distractors that
 change more than the event, so the pixel heuristic keeps the event window at ratio 0.5 about as
@@ -57,7 +58,7 @@ def model_config(method: str = "stts", ratio: float = 0.5) -> config_lib.ModelCo
 
 def get_config(arg=None) -> ml_collections.ConfigDict:
   arg = common.parse_arg(arg, data="", variant="default", method="stts", ratio=0.5, steps=600, batch=16, lr=1e-3, seed=0,
-                         pretrain=200, runlocal=False)
+                         pretrain=200, runlocal=False, mixed=False)
   from stts_jax.data import default_dataset
   from stts_jax.experiments import config as job_config   # registers the `job` section
   if arg.variant not in default_dataset.VARIANTS:
@@ -80,6 +81,12 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
       eval_every=0, checkpoint_every=3 if arg.runlocal else 100, max_to_keep=2, tensorboard=False,
       optim=dict(learning_rate=arg.lr, scorer_learning_rate=arg.lr, warmup_steps=min(50, steps // 10),
                  weight_decay=0.0, clip_norm=1.0, vision_learning_rate=arg.lr * 0.1))
+  if arg.mixed:
+    # Mixed-ratio training for the adaptive budget: every step at the next of its buckets (the
+    # unpruned run of the main job ignores it). Only set when asked, so fixed-ratio run configs
+    # (and the workdirs that record them) stay as they were.
+    from stts_jax.eval import adaptive_budget
+    cfg.train.stts_ratios = tuple(adaptive_budget.DEFAULT_BUCKETS)
   cfg.mesh = dict(data=-1, fsdp=1, tensor=1)
   cfg.eval = dict(split="test", evaluators=("multiple_choice",), mc_modes=("likelihood",),
                   batch_size=8 if arg.runlocal else 32, warmup=1)

@@ -94,6 +94,18 @@ def test_trained_baseline_runs_change_only_the_method(tmp_path):
     main_job.run_config(job, 0, "oracle")
 
 
+def test_mixed_config_trains_pruned_runs_at_the_buckets_and_leaves_fixed_configs_alone(tmp_path):
+  fixed = demo.get_config(f"runlocal=true,data={tmp_path}/data")
+  assert "stts_ratios" not in fixed.train      # recorded run configs of fixed-ratio workdirs unchanged
+  cfg = demo.get_config(f"runlocal=true,mixed=true,data={tmp_path}/data")
+  job = main_job.make_job(cfg, str(tmp_path / "work"), say=lambda s: None, trained_baselines=True)
+  for run in ("stts", "random", "heuristic"):
+    c = main_job.run_config(job, 0, run)
+    assert tuple(c["train"]["stts_ratios"]) == (0.3, 0.5, 0.7, 0.85)
+    assert config_lib.build(ml_collections.ConfigDict(c))["train"].stts_ratios == (0.3, 0.5, 0.7, 0.85)
+  assert "stts_ratios" not in main_job.run_config(job, 0, "unpruned")["train"]
+
+
 def test_eval_cache_needs_per_question_records():
   cell = {"note": "", "records": {"multiple_choice": {"likelihood": [{"example_id": "a"}]}}}
   assert main_job._has_records({"cells": [cell, {"note": "not run: no scorer", "records": {}}]})
