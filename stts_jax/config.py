@@ -352,6 +352,18 @@ class ModelConfig:
           f"{self.vit.image_hw[1]} px, patch {self.vit.patch_size}), which does not tile into stts.window "
           f"{tuple(self.stts.window)}; such a model runs unpruned only (stts.method='none', Molmo2.__call__)")
 
+  def with_stts(self, **overrides) -> "ModelConfig":
+    """This config with `stts` fields replaced, validated.
+
+    A `num_rows` sized for this config's ratio does not carry over to another ratio (fewer rows than a
+    full video's kept windows need is a config error): unless given, it becomes None there (the
+    proven bound: same tokens and outputs, only the packed ViT saves less).
+    """
+    if ("ratio" in overrides and "num_rows" not in overrides and self.stts.num_rows is not None
+        and overrides["ratio"] != self.stts.ratio):
+      overrides = dict(overrides, num_rows=None)
+    return dataclasses.replace(self, stts=dataclasses.replace(self.stts, **overrides)).validate()
+
   @property
   def windows_per_frame(self) -> int:
     """W: LLM tokens per video frame (81); needs a square grid that tiles into stts.window."""

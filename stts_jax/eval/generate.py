@@ -15,7 +15,6 @@ tokens at or after `prompt_len` are removed. `model_variant(model, method=..., r
 the same parameters under other STTS settings (the config is static module metadata).
 """
 
-import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
@@ -52,17 +51,11 @@ class PrefillOutput:
 def model_variant(model: vlm.Molmo2, **stts_overrides) -> vlm.Molmo2:
   """A Molmo2 sharing `model`'s parameters with `config.stts` fields replaced (`model` unchanged).
 
-  A `stts.num_rows` sized for the model's ratio does not carry over to another ratio (fewer rows
-  than a full video's kept windows need is a config error): unless given, it becomes None there
-  (the proven bound: same tokens and outputs, only the packed ViT saves less).
+  Another `ratio` drops a `num_rows` sized for the model's ratio unless given (`ModelConfig.with_stts`).
   """
   graphdef, state = nnx.split(model)
   out = nnx.merge(graphdef, state)
-  cfg = model.config
-  if ("ratio" in stts_overrides and "num_rows" not in stts_overrides and cfg.stts.num_rows is not None
-      and stts_overrides["ratio"] != cfg.stts.ratio):
-    stts_overrides = dict(stts_overrides, num_rows=None)
-  out.config = dataclasses.replace(cfg, stts=dataclasses.replace(cfg.stts, **stts_overrides)).validate()
+  out.config = model.config.with_stts(**stts_overrides)
   if out.config.stts.method == "stts" and out.config.stts.prunes and out.scorer is None:
     raise ValueError("model_variant: method 'stts' needs a trained scorer, but this model has none "
                      "(train or load an STTS checkpoint)")

@@ -125,8 +125,7 @@ def ratio_graphdefs(model_fn: Callable[[], nnx.Module], cfg: TrainConfig,
       continue
     # The config is static metadata: re-splitting the one abstract state with another config gives
     # that ratio's graphdef.
-    base.model.config = dataclasses.replace(
-        model_cfg, stts=dataclasses.replace(model_cfg.stts, ratio=r, num_rows=None)).validate()
+    base.model.config = model_cfg.with_stts(ratio=r)
     graphdef, abs_state = nnx.split(base)
     if jax.tree.structure(abs_state) != structure:
       raise AssertionError(f"ratio {r}: the train state's structure differs from the base model's")
