@@ -38,6 +38,9 @@ flags.DEFINE_enum("budget", "fixed", ["fixed", "adaptive"], "fixed: the usual ce
 flags.DEFINE_string("thresholds", None, "--budget adaptive: comma-separated score thresholds")
 flags.DEFINE_string("buckets", None, "--budget adaptive: drop-ratio buckets (default 0.3,0.5,0.7,0.85)")
 flags.DEFINE_string("adaptive_method", "stts", "--budget adaptive: stts | heuristic (whose scores)")
+flags.DEFINE_enum("adaptive_rule", "threshold", ["threshold", "mass"],
+                  "--budget adaptive: threshold (--thresholds are score thresholds) | mass (--thresholds are "
+                  "kept score-mass fractions in (0, 1])")
 flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() from the cluster env")
 flags.DEFINE_string("coordinator", None, "multi-process: coordinator host:port")
 flags.DEFINE_integer("num_processes", None, "multi-process: number of processes")
@@ -67,7 +70,8 @@ def main(argv):
         FLAGS.config, FLAGS.checkpoint, method=FLAGS.adaptive_method,
         thresholds=eval_main.parse_list(FLAGS.thresholds, float), buckets=eval_main.parse_list(FLAGS.buckets, float),
         ratios=eval_main.parse_list(FLAGS.ratios, float), split=FLAGS.split, max_examples=FLAGS.max_examples,
-        step=FLAGS.step, out_dir=FLAGS.out, extra=json.loads(json.dumps(extra, default=str)))
+        step=FLAGS.step, out_dir=FLAGS.out, extra=json.loads(json.dumps(extra, default=str)),
+        rule=FLAGS.adaptive_rule)
     print(open(paths[1]).read(), flush=True)
     print("results: " + "\n         ".join(paths), flush=True)
     return

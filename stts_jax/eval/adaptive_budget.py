@@ -21,6 +21,11 @@ drop at least one of them (the choice is the largest that keeps them all). When 
 smallest bucket keeps them all, the video gets the smallest bucket and `satisfied` is False (put
 0.0 into the buckets for an always-satisfiable set: ratio 0 runs the video unpruned).
 
+The score-mass rule (`AdaptiveRule(m, buckets, kind="mass")`, the issue's alternative): bucket = the
+largest valid r whose fixed budget keeps at least the fraction m of the candidates' score mass (the
+mass of the dropped(t, r) lowest-scoring candidates is at most (1 - m) of the total). It is
+scale-free, so one m serves every method; a video whose candidates all score 0 gets the largest bucket.
+
 Buckets valid at a frame count T (`valid_buckets`): a ratio whose budget is capped at T
 (floor(r W T) > W (T - 1): more than all windows but frame 0's) or that drops no more windows at T
 than a smaller bucket adds nothing there and is left out. E.g. 8 frames x 9 windows: at most 63
@@ -50,16 +55,27 @@ from stts_jax.models import vlm
 
 DEFAULT_BUCKETS = (0.3, 0.5, 0.7, 0.85)
 DEFAULT_THRESHOLDS = {"stts": 0.5, "heuristic": 0.05}
+DEFAULT_MASS = 0.9
 METHODS = ("stts", "heuristic")
+
+
+RULES = ("threshold", "mass")
 
 
 @dataclasses.dataclass(frozen=True)
 class AdaptiveRule:
-  """Threshold rule: `threshold` on the method's window scores, `buckets` (drop ratios)."""
+  """`kind` "threshold": `threshold` is a score threshold on the method's window scores; "mass":
+  `threshold` is the fraction of the candidates' score mass that must stay kept (in (0, 1]).
+  `buckets`: drop ratios."""
   threshold: float
   buckets: tuple[float, ...] = DEFAULT_BUCKETS
+  kind: str = "threshold"
 
   def __post_init__(self):
+    if self.kind not in RULES:
+      raise ValueError(f"adaptive budget: rule must be one of {RULES}, got {self.kind!r}")
+    if self.kind == "mass" and not 0.0 < self.threshold <= 1.0:
+      raise ValueError(f"adaptive budget: a score-mass fraction must be in (0, 1], got {self.threshold}")
     if not self.buckets:
       raise ValueError("adaptive budget: no buckets")
     for r in self.buckets:
@@ -70,11 +86,12 @@ class AdaptiveRule:
 
 
 def rule_for(method: str, threshold: Optional[float] = None,
-             buckets: Sequence[float] = DEFAULT_BUCKETS) -> AdaptiveRule:
+             buckets: Sequence[float] = DEFAULT_BUCKETS, kind: str = "threshold") -> AdaptiveRule:
   if method not in METHODS:
     raise ValueError(f"adaptive budget works with methods {METHODS}, got {method!r}")
-  return AdaptiveRule(DEFAULT_THRESHOLDS[method] if threshold is None else float(threshold),
-                      tuple(float(b) for b in buckets))
+  if threshold is None:
+    threshold = DEFAULT_THRESHOLDS[method] if kind == "threshold" else DEFAULT_MASS
+  return AdaptiveRule(float(threshold), tuple(float(b) for b in buckets), kind)
 
 
 def valid_buckets(num_frames: int, windows: int, buckets: Sequence[float]) -> tuple[float, ...]:
@@ -109,11 +126,25 @@ def choose_buckets(scores_btw: np.ndarray, frame_mask_bt: np.ndarray, rule: Adap
     t = int(fm[i].sum())
     cand = fm[i].copy()
     cand[0] = False
-    n_low = int(np.sum(scores[i][cand] <= thr))
-    ok = [r for r in valid if budget.num_dropped(t, w, r) <= n_low]
+    if rule.kind == "mass":
+      ok = [r for r in valid if _kept_mass_fraction(scores[i][cand], budget.num_dropped(t, w, r)) >= rule.threshold]
+    else:
+      n_low = int(np.sum(scores[i][cand] <= thr))
+      ok = [r for r in valid if budget.num_dropped(t, w, r) <= n_low]
     ratios[i] = ok[-1] if ok else valid[0]
     satisfied[i] = bool(ok)
   return ratios, satisfied
+
+
+def _kept_mass_fraction(candidate_scores: np.ndarray, dropped: int) -> float:
+  """Share of the candidates' score mass left after the budget drops the `dropped` lowest (ties do not
+  change the sum); 1.0 when the mass is 0. Float64, with a relative tolerance of 1e-9 in the caller's
+  favour so that "keeps all of it" (m = 1) is met exactly when only zero-score windows go."""
+  s = np.sort(np.asarray(candidate_scores, np.float64).ravel())
+  total = float(s.sum())
+  if total <= 0.0:
+    return 1.0
+  return min(1.0, (total - float(s[:dropped].sum())) / total + 1e-9)
 
 
 # ----------------------------------------------------------------------------------------------

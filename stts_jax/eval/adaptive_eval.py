@@ -2,7 +2,7 @@
 
 `sweep(model, data_cfg, eval_cfg, method=..., thresholds=..., buckets=...)` evaluates, on the same
 examples of `eval_cfg.split`, the fixed ratios `eval_cfg.ratios` and one adaptive point per
-threshold (`adaptive_budget.AdaptivePredictor`), all with `method`'s scores. "Kept tokens" are kept
+threshold or score-mass fraction (`adaptive_budget.AdaptivePredictor`, `rule`), all with `method`'s scores. "Kept tokens" are kept
 vision windows (= LLM vision tokens) per video. It returns a JSON-able dict with
   fixed / adaptive   one point each: accuracy, mean kept windows, per camera type (accuracy, kept,
                      for adaptive the bucket histogram), compilations; adaptive points add the
@@ -78,8 +78,9 @@ def _point(model: vlm.Molmo2, data: data_lib.EvalData, eval_cfg: EvalConfig, pre
 def sweep(model: vlm.Molmo2, data_cfg: DataConfig, eval_cfg: EvalConfig, *, method: str,
           thresholds: Sequence[float], buckets: Sequence[float] = ab.DEFAULT_BUCKETS,
           metric: str = "multiple_choice/likelihood_accuracy", tokenizer=None, resamples: int = 10000,
-          checkpoint: str = "") -> dict[str, Any]:
-  """Fixed ratios and adaptive thresholds on the same examples (module docstring)."""
+          checkpoint: str = "", rule: str = "threshold") -> dict[str, Any]:
+  """Fixed ratios and adaptive points on the same examples (module docstring). `rule`: "threshold"
+  (each value of `thresholds` is a score threshold) or "mass" (each is a kept score-mass fraction)."""
   if eval_cfg.batch_size is not None:
     import dataclasses
     data_cfg = dataclasses.replace(data_cfg, batch_size=eval_cfg.batch_size)
@@ -111,8 +112,7 @@ def sweep(model: vlm.Molmo2, data_cfg: DataConfig, eval_cfg: EvalConfig, *, meth
   adaptive = []
   base = gen_lib.model_variant(model, method=method, ratio=0.5, budget="adaptive")   # ratio: per bucket
   for thr in thresholds:
-    rule = ab.rule_for(method, thr, buckets)
-    ad = ab.AdaptivePredictor(predictor, rule)
+    ad = ab.AdaptivePredictor(predictor, ab.rule_for(method, thr, buckets, rule))
     pt = _point(base, data, eval_cfg, ad, metric, cameras)
     pt["threshold"] = float(thr)
     pt["seconds_per_bucket_pass"] = {f"{r:g}": {st: statistics.median(v) for st, v in ts.items()}
@@ -138,7 +138,7 @@ def sweep(model: vlm.Molmo2, data_cfg: DataConfig, eval_cfg: EvalConfig, *, meth
       vs05.append({"threshold": a["threshold"], "kept_windows": a["kept_windows"],
                    "fewer_windows_pct": 100.0 * (1.0 - a["kept_windows"] / f05["kept_windows"]),
                    "adaptive_minus_fixed05": compare(a, f05)})
-  return {"split": eval_cfg.split, "method": method, "metric": metric, "buckets": list(buckets),
+  return {"split": eval_cfg.split, "method": method, "rule": rule, "metric": metric, "buckets": list(buckets),
           "batch_size": data_cfg.batch_size, "warmup_compilations": warmup_compilations,
           "thresholds": list(thresholds), "num_examples": len(data), "checkpoint": checkpoint,
           "fixed": fixed, "adaptive": adaptive, "matched": matched, "vs_fixed_05": vs05}
@@ -172,25 +172,32 @@ def plot(results: dict[str, Any], path: str) -> str:
   for ax in axes.ravel()[n:]:
     ax.axis("off")
   axes[0, 0].legend()
-  fig.suptitle(f"{results['method']} on {results['split']}: fixed vs adaptive budget")
+  fig.suptitle(f"{results['method']} on {results['split']}: fixed vs adaptive budget ({results.get('rule', 'threshold')} rule)")
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
   return path
 
 
+def _param(results: dict[str, Any]) -> str:
+  """How an adaptive point is named: its score threshold, or its kept score-mass fraction."""
+  return "mass" if results.get("rule") == "mass" else "thr"
+
+
 def markdown(results: dict[str, Any]) -> str:
+  par = _param(results)
+
   def iv(x):
     return "-" if not x else f"{100 * x['mean']:+.1f} [{100 * x['lo']:+.1f}, {100 * x['hi']:+.1f}]"
   lines = [f"Split `{results['split']}`, method `{results['method']}`, {results['num_examples']} examples, "
-           f"buckets {results['buckets']}; kept = vision windows per video.", "",
+           f"buckets {results['buckets']}, rule `{results.get('rule', 'threshold')}`; kept = vision windows per video.", "",
            "| point | accuracy % | kept windows | " + " | ".join(
                f"{c} acc / kept / bucket" for c in sorted(results['adaptive'][0]['by_camera'])) + " |"
            if results["adaptive"] else "| point | accuracy % | kept windows |"]
   cams = sorted(results["adaptive"][0]["by_camera"]) if results["adaptive"] else []
   lines.append("|" + "---|" * (3 + len(cams)))
   for p in results["fixed"] + results["adaptive"]:
-    name = f"fixed {p['ratio']:g}" if "ratio" in p else f"adaptive thr {p['threshold']:g}"
+    name = f"fixed {p['ratio']:g}" if "ratio" in p else f"adaptive {par} {p['threshold']:g}"
     cells = []
     for c in cams:
       q = p["by_camera"].get(c)
@@ -198,14 +205,14 @@ def markdown(results: dict[str, Any]) -> str:
                    f"{q.get('mean_bucket', p.get('ratio', float('nan'))):.2f}")
     lines.append(f"| {name} | {100 * p['accuracy']:.1f} | {p['kept_windows']:.1f} | " + " | ".join(cells) + " |")
   lines += ["", "Matched kept windows (adaptive point with the most kept windows not above the fixed ratio's):", "",
-            "| fixed ratio | fixed kept | adaptive thr | adaptive kept | adaptive - fixed, points [95% paired CI] |",
+            f"| fixed ratio | fixed kept | adaptive {par} | adaptive kept | adaptive - fixed, points [95% paired CI] |",
             "|---|---|---|---|---|"]
   for m in results["matched"]:
     lines.append(f"| {m['fixed_ratio']:g} | {m['fixed_kept']:.1f} | {m['adaptive_threshold']} | "
                  f"{'-' if m['adaptive_kept'] is None else format(m['adaptive_kept'], '.1f')} | "
                  f"{iv(m['adaptive_minus_fixed'])} |")
   if results["vs_fixed_05"]:
-    lines += ["", "Against fixed 0.5:", "", "| adaptive thr | kept | fewer windows % | adaptive - fixed 0.5 [95% CI] |",
+    lines += ["", "Against fixed 0.5:", "", f"| adaptive {par} | kept | fewer windows % | adaptive - fixed 0.5 [95% CI] |",
               "|---|---|---|---|"]
     for v in results["vs_fixed_05"]:
       lines.append(f"| {v['threshold']:g} | {v['kept_windows']:.1f} | {v['fewer_windows_pct']:.1f} | "
@@ -216,7 +223,7 @@ def markdown(results: dict[str, Any]) -> str:
     rows.append((f"fixed {p['ratio']:g}", t))
   for p in results["adaptive"]:
     for r, t in (p.get("seconds_per_bucket_pass") or {}).items():
-      rows.append((f"adaptive thr {p['threshold']:g}, bucket {r}", t))
+      rows.append((f"adaptive {par} {p['threshold']:g}, bucket {r}", t))
   if rows:
     lines += ["", f"Seconds per pass of a full batch ({results.get('batch_size')} videos; median; every ratio and bucket "
               "compiled in an untimed warm-up):", "",

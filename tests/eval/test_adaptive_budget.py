@@ -65,6 +65,47 @@ def test_static_content_gets_the_largest_bucket():
   assert ratios.tolist() == [0.85, 0.3] and sat.tolist() == [True, False]
 
 
+@pytest.mark.parametrize("seed", range(8))
+def test_mass_rule_keeps_the_target_share_of_score_mass_and_is_largest(seed):
+  rng = np.random.default_rng(100 + seed)
+  b, t, w = 6, int(rng.integers(2, 9)), int(rng.integers(1, 10))
+  scores = (rng.random((b, t, w)) ** 3).round(2).astype(np.float32)   # skewed, with ties and zeros
+  scores[1] = 0.0                                                      # no mass at all
+  frames = rng.integers(1, t + 1, size=b)
+  frames[0] = t
+  fm = np.arange(t)[None] < frames[:, None]
+  m = float(rng.choice([0.5, 0.8, 0.95, 1.0]))
+  try:
+    valid = ab.valid_buckets(t, w, ab.DEFAULT_BUCKETS)
+  except ValueError:
+    return
+  ratios, sat = ab.choose_buckets(scores, fm, ab.AdaptiveRule(m, kind="mass"))
+
+  def kept_share(i, r):
+    keep = np.asarray(pruning.budget_keep_mask_batched(jnp.asarray(scores[i:i + 1]), jnp.asarray(fm[i:i + 1]), r))[0]
+    cand = fm[i][:, None] & (np.arange(t) > 0)[:, None] & np.ones((1, w), bool)
+    total = float(scores[i][cand].astype(np.float64).sum())
+    return 1.0 if total == 0 else float(scores[i][cand & keep].astype(np.float64).sum()) / total
+
+  for i in range(b):
+    assert ratios[i] in valid
+    assert sat[i] == (kept_share(i, float(ratios[i])) >= m - 1e-6)
+    if i == 1 or frames[i] == 1:
+      assert ratios[i] == valid[-1] and sat[i]       # nothing to lose: the largest bucket
+    for r in valid:
+      if sat[i] and r > ratios[i] and budget.num_dropped(int(frames[i]), w, r) > budget.num_dropped(
+          int(frames[i]), w, float(ratios[i])):
+        assert kept_share(i, r) < m + 1e-6
+
+
+def test_rule_validation():
+  with pytest.raises(ValueError, match="rule must be one of"):
+    ab.AdaptiveRule(0.5, kind="entropy")
+  with pytest.raises(ValueError, match="score-mass fraction"):
+    ab.AdaptiveRule(1.5, kind="mass")
+  assert ab.rule_for("heuristic", kind="mass").threshold == ab.DEFAULT_MASS
+
+
 def test_budget_config_field():
   assert config_lib.STTSConfig().budget == "fixed"
   config_lib.STTSConfig(budget="adaptive").validate()
