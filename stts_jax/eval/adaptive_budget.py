@@ -127,7 +127,8 @@ def choose_buckets(scores_btw: np.ndarray, frame_mask_bt: np.ndarray, rule: Adap
     cand = fm[i].copy()
     cand[0] = False
     if rule.kind == "mass":
-      ok = [r for r in valid if _kept_mass_fraction(scores[i][cand], budget.num_dropped(t, w, r)) >= rule.threshold]
+      kept = _kept_mass_by_drops(scores[i][cand])
+      ok = [r for r in valid if kept[budget.num_dropped(t, w, r)] >= rule.threshold]
     else:
       n_low = int(np.sum(scores[i][cand] <= thr))
       ok = [r for r in valid if budget.num_dropped(t, w, r) <= n_low]
@@ -136,15 +137,17 @@ def choose_buckets(scores_btw: np.ndarray, frame_mask_bt: np.ndarray, rule: Adap
   return ratios, satisfied
 
 
-def _kept_mass_fraction(candidate_scores: np.ndarray, dropped: int) -> float:
-  """Share of the candidates' score mass left after the budget drops the `dropped` lowest (ties do not
-  change the sum); 1.0 when the mass is 0. Float64, with a relative tolerance of 1e-9 in the caller's
-  favour so that "keeps all of it" (m = 1) is met exactly when only zero-score windows go."""
+def _kept_mass_by_drops(candidate_scores: np.ndarray) -> np.ndarray:
+  """[n + 1]: share of the n candidates' score mass left after the budget drops the d lowest, for
+  every d (ties do not change the sum); all 1.0 when the mass is 0. Float64, with a relative tolerance
+  of 1e-9 in the caller's favour so that "keeps all of it" (m = 1) is met exactly when only zero-score
+  windows go."""
   s = np.sort(np.asarray(candidate_scores, np.float64).ravel())
-  total = float(s.sum())
+  dropped_mass = np.concatenate([[0.0], np.cumsum(s)])
+  total = dropped_mass[-1]
   if total <= 0.0:
-    return 1.0
-  return min(1.0, (total - float(s[:dropped].sum())) / total + 1e-9)
+    return np.ones_like(dropped_mass)
+  return np.minimum(1.0, (total - dropped_mass) / total + 1e-9)
 
 
 # ----------------------------------------------------------------------------------------------
