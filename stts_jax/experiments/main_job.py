@@ -189,7 +189,9 @@ def run_config(job: Job, seed: int, run: str) -> dict[str, Any]:
   elif run in BASELINE_RUNS:
     d["model"]["stts"] = dict(d["model"]["stts"], method=run)
   if run != "stts":
-    d["train"] = dict(d["train"], scorer_warmup_steps=0)     # no learned scorer to warm up
+    # No learned scorer: nothing to warm up, and the aux loss is identically 0 for these methods
+    # (video_forward), so its weight is not part of these runs' identity.
+    d["train"] = dict(d["train"], scorer_warmup_steps=0, aux_weight=0.0)
   d["train"] = dict(d["train"], seed=seed)
   d["data"] = dict(d["data"], shuffle_seed=seed)
   d["name"] = f"{d.get('name', 'main_job')}_{run}_seed{seed}"

@@ -61,6 +61,17 @@ def _forward(model, batch, rng=None, deterministic=True):
   return vf.forward_video(model, batch, rng=rng, deterministic=deterministic)
 
 
+@pytest.mark.parametrize("method", ["random", "heuristic"])
+def test_training_free_methods_have_no_aux_loss(method):
+  """Only the learned scorer has an aux loss: the main job's trained baselines set its weight to 0
+  (experiments/main_job.run_config) because for them it contributes nothing."""
+  model = _model(ratio=0.5, method=method)
+  batch = make_batch(model.config, [3, 2], 3, _seq_len(3))
+  out = _forward(model, batch, rng=jax.random.key(0), deterministic=False)
+  assert int(np.asarray(out.num_kept).sum()) < 5 * W and float(out.aux_loss) == 0.0
+  assert float(_forward(_model(ratio=0.5), batch).aux_loss) > 0.0
+
+
 def test_ratio_zero_and_none_equal_the_general_forward():
   t = 3
   frames = [3, 2]
