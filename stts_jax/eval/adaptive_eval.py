@@ -16,6 +16,7 @@ and `plot(results, path)` draws both curves (all clips and one panel per camera 
 Camera types come from the manifest's `camera` field (the default dataset's clip metadata).
 """
 
+import gzip
 import json
 import os
 import statistics
@@ -233,17 +234,51 @@ def markdown(results: dict[str, Any]) -> str:
   return "\n".join(lines) + "\n"
 
 
+# Per-question outcomes of every point (what the paired bootstrap resampled): most of a sweep's bytes,
+# so `write` keeps them out of adaptive.json, in a gzipped sidecar that `read` merges back.
+PER_EXAMPLE_KEYS = ("correct", "per_example")
+EXAMPLES_FILE = "adaptive_examples.json.gz"
+
+
 def write(results: dict[str, Any], out_dir: str, extra: Optional[dict[str, Any]] = None) -> list[str]:
-  """adaptive.json (+ provenance in `extra`), adaptive.md, adaptive.png in `out_dir`."""
+  """adaptive.json (summary + provenance in `extra`), adaptive_examples.json.gz (per-question outcomes of
+  every fixed and adaptive point, in the same order), adaptive.md, adaptive.png in `out_dir`."""
   os.makedirs(out_dir, exist_ok=True)
   res = dict(results, **(extra or {}))
-  paths = [os.path.join(out_dir, n) for n in ("adaptive.json", "adaptive.md", "adaptive.png")]
+  sidecar = {part: [{k: p[k] for k in PER_EXAMPLE_KEYS if k in p} for p in res.get(part, [])]
+             for part in ("fixed", "adaptive")}
+  summary = dict(res, **{part: [{k: v for k, v in p.items() if k not in PER_EXAMPLE_KEYS} for p in res.get(part, [])]
+                         for part in ("fixed", "adaptive")})
+  names = ("adaptive.json", EXAMPLES_FILE, "adaptive.md", "adaptive.png")
+  paths = [os.path.join(out_dir, n) for n in names]
+  if any(sidecar.values()):
+    summary["examples_file"] = EXAMPLES_FILE
+    with gzip.open(paths[1], "wt") as f:
+      json.dump(sidecar, f)
+  else:
+    paths.remove(paths[1])
   with open(paths[0], "w") as f:
-    json.dump(res, f, indent=1)
-  with open(paths[1], "w") as f:
-    f.write(markdown(res))
-  plot(res, paths[2])
+    json.dump(summary, f, indent=1)
+  with open(paths[-2], "w") as f:
+    f.write(markdown(summary))
+  plot(summary, paths[-1])
   return paths
 
 
-__all__ = ["markdown", "plot", "sweep", "write"]
+def read(out_dir: str) -> dict[str, Any]:
+  """The results `write` wrote to `out_dir`, per-question outcomes merged back into their points."""
+  path = os.path.join(out_dir, "adaptive.json")
+  with open(path) as f:
+    res = json.load(f)
+  name = res.pop("examples_file", None)
+  if name:
+    with gzip.open(os.path.join(out_dir, name), "rt") as f:
+      sidecar = json.load(f)
+    for part, rows in sidecar.items():
+      if len(rows) != len(res[part]):
+        raise ValueError(f"{out_dir}/{name}: {len(rows)} {part} points, adaptive.json has {len(res[part])}")
+      res[part] = [dict(p, **r) for p, r in zip(res[part], rows)]
+  return res
+
+
+__all__ = ["EXAMPLES_FILE", "PER_EXAMPLE_KEYS", "markdown", "plot", "read", "sweep", "write"]

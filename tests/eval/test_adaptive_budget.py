@@ -1,4 +1,5 @@
 """Adaptive budget (issue 22): the bucket rule (pure, fast) and the grouped inference path."""
+import json
 import numpy as np
 import jax.numpy as jnp
 import pytest
@@ -178,7 +179,13 @@ def test_sweep_report_markdown_and_plot(tmp_path):
                       "adaptive_minus_fixed": ci}],
          "vs_fixed_05": [{"threshold": 0.1, "kept_windows": 30.0, "fewer_windows_pct": 16.7,
                           "adaptive_minus_fixed05": ci}]}
+  res["fixed"][0].update(correct={"q0": True, "q1": False}, per_example={"q0": {"vision_tokens": 36}})
+  res["adaptive"][0].update(correct={"q0": False, "q1": True}, per_example={"q0": {"bucket": 0.5}})
   paths = adaptive_eval.write(res, str(tmp_path), {"provenance": {"commit": "x"}})
-  md = open(paths[1]).read()
+  md = open(tmp_path / "adaptive.md").read()
   assert "| fixed 0.5 | 75.0 | 36.0 |" in md and "-1.0 [-5.0, +2.0]" in md and "bucket 0.5" in md
-  assert (tmp_path / "adaptive.png").stat().st_size > 0
+  assert (tmp_path / "adaptive.png").stat().st_size > 0 and len(paths) == 4
+  # per-question outcomes live in the gzipped sidecar only, and read() puts them back
+  summary = json.load(open(tmp_path / "adaptive.json"))
+  assert not any(k in p for part in ("fixed", "adaptive") for p in summary[part] for k in adaptive_eval.PER_EXAMPLE_KEYS)
+  assert adaptive_eval.read(str(tmp_path)) == dict(res, provenance={"commit": "x"})
