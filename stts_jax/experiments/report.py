@@ -431,18 +431,25 @@ def val_curves_figure(histories: Mapping[str, list[dict[str, Any]]], method: str
   return fig
 
 
+def _curves(history: list[dict[str, Any]]) -> dict[str, list[Any]]:
+  out = {"val_accuracy": val_curve(history), "train_ce": [[int(x["step"]), x["ce"]] for x in history if "ce" in x]}
+  aux = [[int(x["step"]), x["aux_loss"]] for x in history if "ce" in x and x.get("aux_loss")]
+  if aux:   # 0 throughout for runs without a learned scorer: left out
+    out["train_aux_loss"] = aux
+  return out
+
+
 def write_all(report: dict[str, Any], histories: Mapping[str, list[dict[str, Any]]],
               grid: Sequence[Mapping[str, Any]], workdir: str) -> dict[str, str]:
-  """report.json, table.md, val_curves.json (per run: val accuracy and training loss by step) and
-  plots/*.png in `workdir`; returns {name: path} of what was written."""
+  """report.json, table.md, val_curves.json (per run: val accuracy, training CE and, for runs with a
+  learned scorer, the aux loss by step) and plots/*.png in `workdir`; returns {name: path} of what was
+  written."""
   plots = os.path.join(workdir, "plots")
   method = report["job"]["method"]
   curves_path = os.path.join(workdir, "val_curves.json")
   os.makedirs(workdir, exist_ok=True)
   with open(curves_path, "w") as f:
-    json.dump(_jsonable({k: {"val_accuracy": val_curve(h),
-                             "train_ce": [[int(x["step"]), x["ce"]] for x in h if "ce" in x]}
-                         for k, h in histories.items()}), f, indent=1)
+    json.dump(_jsonable({k: _curves(h) for k, h in histories.items()}), f, indent=1)
   files = {"val curves": viz.save(val_curves_figure(histories, method), os.path.join(plots, "val_curves.png")),
            "loss curves": viz.save(loss_curves_figure(histories, method), os.path.join(plots, "loss_curves.png")),
            "accuracy vs ratio": viz.save(accuracy_figure(report), os.path.join(plots, "accuracy_vs_ratio.png")),

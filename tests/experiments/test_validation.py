@@ -70,7 +70,7 @@ def test_job_config_validation_fields():
 
 def _histories():
   def hist(accs, ce0):
-    out = [{"step": s, "ce": ce0 / s} for s in range(10, 310, 10)]
+    out = [{"step": s, "ce": ce0 / s, "aux_loss": 0.0 if ce0 == 1.0 else 1e-3} for s in range(10, 310, 10)]
     for (s, a) in _curve(accs):
       out[s // 10 - 1].update({validation_lib.VAL_ACC: a, "eval/val_scored": 256.0, "eval/val_seconds": 2.0 + s / 1000,
                                "eval/val_compilations": 2.0 if s == 50 else 0.0})
@@ -134,6 +134,7 @@ def test_results_dir_gets_the_files_with_provenance(tmp_path):
   with open(files["val curves data"]) as f:
     curves = json.load(f)
   assert curves["seed1/stts"]["val_accuracy"][-1] == [300, 0.605] and len(curves["seed1/stts"]["train_ce"]) == 30
+  assert curves["seed1/stts"]["train_aux_loss"][0] == [10, 1e-3] and "train_aux_loss" not in curves["seed1/unpruned"]
   with open(work / "speed.json", "w") as f:
     json.dump({"key": {}}, f)
   out = tmp_path / "docs_results"
