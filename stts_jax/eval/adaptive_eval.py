@@ -249,19 +249,18 @@ def write(results: dict[str, Any], out_dir: str, extra: Optional[dict[str, Any]]
              for part in ("fixed", "adaptive")}
   summary = dict(res, **{part: [{k: v for k, v in p.items() if k not in PER_EXAMPLE_KEYS} for p in res.get(part, [])]
                          for part in ("fixed", "adaptive")})
-  names = ("adaptive.json", EXAMPLES_FILE, "adaptive.md", "adaptive.png")
-  paths = [os.path.join(out_dir, n) for n in names]
+  json_path, md_path, png_path = (os.path.join(out_dir, n) for n in ("adaptive.json", "adaptive.md", "adaptive.png"))
+  paths = [json_path, md_path, png_path]
   if any(sidecar.values()):
     summary["examples_file"] = EXAMPLES_FILE
-    with gzip.open(paths[1], "wt") as f:
+    paths.append(os.path.join(out_dir, EXAMPLES_FILE))
+    with gzip.open(paths[-1], "wt") as f:
       json.dump(sidecar, f)
-  else:
-    paths.remove(paths[1])
-  with open(paths[0], "w") as f:
+  with open(json_path, "w") as f:
     json.dump(summary, f, indent=1)
-  with open(paths[-2], "w") as f:
+  with open(md_path, "w") as f:
     f.write(markdown(summary))
-  plot(summary, paths[-1])
+  plot(summary, png_path)
   return paths
 
 
