@@ -38,6 +38,9 @@ def test_demo_config_builds_and_traces():
   built = config_lib.build(cfg)
   assert set(built) >= {"model", "data", "train", "mesh", "eval", "job"}
   assert built["data"].seq_len == demo.SEQ_LEN and built["train"].num_steps == 600
+  # Steps are per dataset variant (the hard one needs longer); an explicit `steps` wins.
+  assert config_lib.build(demo.get_config("variant=hard"))["train"].num_steps == demo.STEPS["hard"] == 1000
+  assert config_lib.build(demo.get_config("variant=hard,steps=70"))["train"].num_steps == 70
   # The tower is pretrained (stage 0) and fine-tuned at a tenth of the LLM's rate, never frozen:
   # a frozen tower would let the unpruned run skip the ViT backward that STTS's scorer still needs.
   assert built["job"].vision_pretrain_steps == 200 and not built["train"].optim.freeze
