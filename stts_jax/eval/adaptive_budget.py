@@ -39,7 +39,8 @@ heuristic in [0, 2], mostly near 0 for static content), hence one threshold per 
 import dataclasses
 import fractions
 import math
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, Optional
 
 import jax
@@ -190,18 +191,26 @@ class AdaptivePredictor:
   """`adaptive(model, batch, generate=..., step=...)` -> the `Predictor` outputs of every video at its
   own bucket, in the batch's order, plus `bucket` [B] (drop ratio), `budget_satisfied` [B],
   `vision_tokens` [B] (kept windows = LLM vision tokens) and `adaptive_scores` [B, T, W].
+  A batch costs the score pass plus one full-size pass per bucket it contains.
+
+  `group_batches=True` (evaluation): `grouped_passes(model, batches)` groups videos by bucket across
+  batches, so each bucket pass is full of that bucket's videos (the last one per bucket padded) and
+  the data set costs one score pass per batch plus about N_b / B passes per bucket b: the saving of
+  the smaller budgets is realised per video. Results per video are the same either way.
 
   `model` is the fixed-ratio model (its ratio is ignored); variants per bucket are cached."""
 
-  def __init__(self, predictor: predictor_lib.Predictor, rule: AdaptiveRule):
+  def __init__(self, predictor: predictor_lib.Predictor, rule: AdaptiveRule, *, group_batches: bool = False):
     if predictor.mesh is not None:
       raise ValueError("--budget adaptive evaluates on one device: run it without a mesh (a single device); "
                        "sharded adaptive evaluation is not offered")
     self.predictor = predictor
     self.rule = rule
+    self.group_batches = group_batches
     self._variants: dict[tuple[int, float], vlm.Molmo2] = {}
     # seconds of each stage per bucket pass (a full-size batch at that ratio): {ratio: {stage: [s, ...]}}
     self.bucket_times: dict[float, dict[str, list[float]]] = {}
+    self.score_times: list[float] = []   # seconds per score pass (one per input batch)
 
   @property
   def times(self):
@@ -209,6 +218,11 @@ class AdaptivePredictor:
 
   def reset_times(self) -> None:
     self.predictor.reset_times()
+    self.bucket_times, self.score_times = {}, []
+
+  def total_seconds(self) -> float:
+    """Every timed pass since `reset_times`: score passes plus every stage of every bucket pass."""
+    return sum(self.score_times) + sum(sum(ts) for st in self.bucket_times.values() for ts in st.values())
 
   def _variant(self, model: vlm.Molmo2, ratio: float) -> vlm.Molmo2:
     key = (id(model), ratio)
@@ -216,13 +230,30 @@ class AdaptivePredictor:
       self._variants[key] = gen_lib.model_variant(model, ratio=ratio, budget="fixed")
     return self._variants[key]
 
-  def __call__(self, model: vlm.Molmo2, batch: Mapping[str, np.ndarray], *, generate: bool = True,
-               step: int = 0) -> dict[str, np.ndarray]:
+  def _score(self, model: vlm.Molmo2, batch: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Scores [B, T, W], buckets [B], satisfied [B] of a batch (the score pass is timed)."""
     method = model.config.stts.method
     if method not in METHODS:
       raise ValueError(f"adaptive budget works with methods {METHODS}, got {method!r}")
-    scores = score_videos(self._variant(model, self.rule.buckets[0]), batch)
+    t0 = time.perf_counter()
+    scores = score_videos(self._variant(model, self.rule.buckets[0]), batch)   # host array: synchronised
+    self.score_times.append(time.perf_counter() - t0)
     ratios, satisfied = choose_buckets(scores, batch["frame_mask"], self.rule)
+    return scores, ratios, satisfied
+
+  def _bucket_pass(self, model: vlm.Molmo2, ratio: float, sub: Mapping[str, Any], generate: bool,
+                   step: int) -> dict[str, np.ndarray]:
+    calls = {stage: len(ts) for stage, ts in self.predictor.times.items()}
+    res = self.predictor(self._variant(model, ratio), sub, generate=generate, step=step)
+    times = self.bucket_times.setdefault(float(ratio), {})
+    for stage, ts in self.predictor.times.items():
+      if len(ts) > calls.get(stage, 0):   # only stages this pass ran
+        times.setdefault(stage, []).append(ts[-1])
+    return {k: np.asarray(v) for k, v in res.items()}
+
+  def __call__(self, model: vlm.Molmo2, batch: Mapping[str, np.ndarray], *, generate: bool = True,
+               step: int = 0) -> dict[str, np.ndarray]:
+    scores, ratios, satisfied = self._score(model, batch)
     b = scores.shape[0]
     valid = np.asarray(batch.get("valid", np.ones(b, bool)), bool)
     if valid.any():   # padding rows ride along with a real video's bucket (their outputs are unused)
@@ -234,13 +265,8 @@ class AdaptivePredictor:
       fill[rows] = rows
       sub = {k: (np.asarray(v)[fill] if np.ndim(v) >= 1 and np.shape(v)[0] == b else v) for k, v in batch.items()}
       sub["valid"] = np.isin(np.arange(b), rows) & valid
-      res = self.predictor(self._variant(model, r), sub, generate=generate, step=step)
-      times = self.bucket_times.setdefault(float(r), {})
-      for stage, ts in self.predictor.times.items():
-        if ts:
-          times.setdefault(stage, []).append(ts[-1])
+      res = self._bucket_pass(model, r, sub, generate, step)
       for k, v in res.items():
-        v = np.asarray(v)
         if v.ndim >= 1 and v.shape[0] == b:
           if k not in out:
             out[k] = np.zeros_like(v)
@@ -250,6 +276,55 @@ class AdaptivePredictor:
     out.update(bucket=ratios, budget_satisfied=satisfied, vision_tokens=out["num_kept"].copy(),
                adaptive_scores=scores)
     return out
+
+  def grouped_passes(self, model: vlm.Molmo2, batches: Iterable[Mapping[str, np.ndarray]], *,
+                     generate: bool = True) -> Iterator[tuple[dict[str, np.ndarray], dict[str, np.ndarray], int]]:
+    """Cross-batch grouping: yields (batch, preds, consumed) for the evaluator's loop.
+
+    Each input batch is scored and yielded once with every row marked invalid and no predictions
+    (consumed 1: it carries the pipeline's skipped rows); its valid videos wait in their bucket's
+    queue, and a queue that holds a full batch runs as one bucket pass (consumed 0), yielded with its
+    own rows and the usual outputs (`__call__`'s keys). After the last batch every non-empty queue
+    runs once, padded with copies of its first video marked invalid. Same shapes as the input
+    batches: one compilation per (bucket, frame count), as ungrouped."""
+    queues: dict[float, list[dict[str, np.ndarray]]] = {}
+    shared: dict[str, Any] = {}
+    size = None
+    step = 0
+
+    def run(ratio: float, rows: list[dict[str, np.ndarray]]):
+      nonlocal step
+      fill = rows + [rows[0]] * (size - len(rows))
+      sub = {k: np.stack([row[k] for row in fill]) for k in rows[0] if not k.startswith("_")}
+      sub.update(shared)
+      sub["valid"] = np.arange(size) < len(rows)
+      res = self._bucket_pass(model, ratio, sub, generate, step)
+      step += 1
+      res.update(bucket=np.full(size, ratio), budget_satisfied=np.stack([row["_satisfied"] for row in fill]),
+                 vision_tokens=res["num_kept"].copy(), adaptive_scores=np.stack([row["_scores"] for row in fill]))
+      return sub, res, 0
+
+    for batch in batches:
+      batch = {k: np.asarray(v) for k, v in batch.items()}
+      b = batch["frame_mask"].shape[0]
+      if size is None:
+        size = b
+      elif b != size:
+        raise ValueError(f"grouped adaptive evaluation needs batches of one size, got {b} after {size}")
+      scores, ratios, satisfied = self._score(model, batch)
+      per_row = [k for k, v in batch.items() if v.ndim >= 1 and v.shape[0] == b]
+      shared = {k: v for k, v in batch.items() if k not in per_row}
+      valid = np.asarray(batch.get("valid", np.ones(b, bool)), bool)
+      for i in np.flatnonzero(valid):
+        row = {k: np.array(batch[k][i]) for k in per_row}   # a copy: the pipeline may reuse its buffers
+        row.update(_scores=scores[i], _satisfied=satisfied[i])
+        queue = queues.setdefault(float(ratios[i]), [])
+        queue.append(row)
+        if len(queue) == size:
+          yield run(float(ratios[i]), queues.pop(float(ratios[i])))
+      yield dict(batch, valid=np.zeros(b, bool)), {}, 1
+    for r in sorted(queues):
+      yield run(r, queues[r])
 
 
 __all__ = ["AdaptivePredictor", "AdaptiveRule", "DEFAULT_BUCKETS", "DEFAULT_THRESHOLDS", "choose_buckets",

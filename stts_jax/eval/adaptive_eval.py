@@ -79,9 +79,11 @@ def _point(model: vlm.Molmo2, data: data_lib.EvalData, eval_cfg: EvalConfig, pre
 def sweep(model: vlm.Molmo2, data_cfg: DataConfig, eval_cfg: EvalConfig, *, method: str,
           thresholds: Sequence[float], buckets: Sequence[float] = ab.DEFAULT_BUCKETS,
           metric: str = "multiple_choice/likelihood_accuracy", tokenizer=None, resamples: int = 10000,
-          checkpoint: str = "", rule: str = "threshold") -> dict[str, Any]:
+          checkpoint: str = "", rule: str = "threshold", group_batches: bool = True) -> dict[str, Any]:
   """Fixed ratios and adaptive points on the same examples (module docstring). `rule`: "threshold"
-  (each value of `thresholds` is a score threshold) or "mass" (each is a kept score-mass fraction)."""
+  (each value of `thresholds` is a score threshold) or "mass" (each is a kept score-mass fraction).
+  `group_batches`: adaptive points group videos by bucket across batches (`AdaptivePredictor`); False:
+  every batch runs one pass per bucket it contains. Per-video results are the same; the time is not."""
   if eval_cfg.batch_size is not None:
     import dataclasses
     data_cfg = dataclasses.replace(data_cfg, batch_size=eval_cfg.batch_size)
@@ -108,14 +110,19 @@ def sweep(model: vlm.Molmo2, data_cfg: DataConfig, eval_cfg: EvalConfig, *, meth
   for r in sorted(set(eval_cfg.ratios)):
     variant = gen_lib.model_variant(model, method=method if r > 0 else "none", ratio=r, budget="fixed")
     predictor.reset_times()
-    fixed.append({"ratio": r, **_point(variant, data, eval_cfg, predictor, metric, cameras),
+    pt = _point(variant, data, eval_cfg, predictor, metric, cameras)
+    total = sum(sum(v) for v in predictor.times.values())
+    fixed.append({"ratio": r, **pt, "ms_per_video": 1e3 * total / max(pt["scored"], 1),
                   "seconds_per_batch": {st: statistics.median(v) for st, v in predictor.times.items() if v}})
   adaptive = []
   base = gen_lib.model_variant(model, method=method, ratio=0.5, budget="adaptive")   # ratio: per bucket
   for thr in thresholds:
-    ad = ab.AdaptivePredictor(predictor, ab.rule_for(method, thr, buckets, rule))
+    ad = ab.AdaptivePredictor(predictor, ab.rule_for(method, thr, buckets, rule), group_batches=group_batches)
     pt = _point(base, data, eval_cfg, ad, metric, cameras)
     pt["threshold"] = float(thr)
+    # every timed pass (score passes + bucket passes) per video: what the adaptive budget costs or saves
+    pt["ms_per_video"] = 1e3 * ad.total_seconds() / max(pt["scored"], 1)
+    pt["bucket_passes"] = {f"{r:g}": len(ts.get("vision", [])) for r, ts in sorted(ad.bucket_times.items())}
     pt["seconds_per_bucket_pass"] = {f"{r:g}": {st: statistics.median(v) for st, v in ts.items()}
                                      for r, ts in sorted(ad.bucket_times.items())}
     adaptive.append(pt)
@@ -131,16 +138,20 @@ def sweep(model: vlm.Molmo2, data_cfg: DataConfig, eval_cfg: EvalConfig, *, meth
     matched.append({"fixed_ratio": f["ratio"], "fixed_kept": f["kept_windows"],
                     "adaptive_threshold": a["threshold"] if a else None,
                     "adaptive_kept": a["kept_windows"] if a else None,
-                    "adaptive_minus_fixed": compare(a, f) if a else None})
+                    "adaptive_minus_fixed": compare(a, f) if a else None,
+                    "fixed_over_adaptive_time": (f["ms_per_video"] / a["ms_per_video"]
+                                                 if a and a.get("ms_per_video") else None)})
   f05 = next((f for f in fixed if abs(f["ratio"] - 0.5) < 1e-9), None)
   vs05 = []
   if f05 is not None:
     for a in adaptive:
       vs05.append({"threshold": a["threshold"], "kept_windows": a["kept_windows"],
                    "fewer_windows_pct": 100.0 * (1.0 - a["kept_windows"] / f05["kept_windows"]),
-                   "adaptive_minus_fixed05": compare(a, f05)})
+                   "adaptive_minus_fixed05": compare(a, f05),
+                   "fixed05_over_adaptive_time": (f05["ms_per_video"] / a["ms_per_video"]
+                                                  if a.get("ms_per_video") and f05.get("ms_per_video") else None)})
   return {"split": eval_cfg.split, "method": method, "rule": rule, "metric": metric, "buckets": list(buckets),
-          "batch_size": data_cfg.batch_size, "warmup_compilations": warmup_compilations,
+          "batch_size": data_cfg.batch_size, "group_batches": group_batches, "warmup_compilations": warmup_compilations,
           "thresholds": list(thresholds), "num_examples": len(data), "checkpoint": checkpoint,
           "fixed": fixed, "adaptive": adaptive, "matched": matched, "vs_fixed_05": vs05}
 
@@ -185,18 +196,24 @@ def _param(results: dict[str, Any]) -> str:
   return "mass" if results.get("rule") == "mass" else "thr"
 
 
+def _num(x: Optional[float], fmt: str = ".1f", unit: str = "") -> str:
+  return "-" if x is None else f"{x:{fmt}}{unit}"
+
+
 def markdown(results: dict[str, Any]) -> str:
+  """The tables of a sweep. "ms / video": every timed pass of the point (adaptive: score passes and
+  bucket passes) over the scored videos; grouped or not as `group_batches` says."""
   par = _param(results)
 
   def iv(x):
     return "-" if not x else f"{100 * x['mean']:+.1f} [{100 * x['lo']:+.1f}, {100 * x['hi']:+.1f}]"
   lines = [f"Split `{results['split']}`, method `{results['method']}`, {results['num_examples']} examples, "
            f"buckets {results['buckets']}, rule `{results.get('rule', 'threshold')}`; kept = vision windows per video.", "",
-           "| point | accuracy % | kept windows | " + " | ".join(
+           "| point | accuracy % | kept windows | ms / video | " + " | ".join(
                f"{c} acc / kept / bucket" for c in sorted(results['adaptive'][0]['by_camera'])) + " |"
-           if results["adaptive"] else "| point | accuracy % | kept windows |"]
+           if results["adaptive"] else "| point | accuracy % | kept windows | ms / video |"]
   cams = sorted(results["adaptive"][0]["by_camera"]) if results["adaptive"] else []
-  lines.append("|" + "---|" * (3 + len(cams)))
+  lines.append("|" + "---|" * (4 + len(cams)))
   for p in results["fixed"] + results["adaptive"]:
     name = f"fixed {p['ratio']:g}" if "ratio" in p else f"adaptive {par} {p['threshold']:g}"
     cells = []
@@ -204,20 +221,21 @@ def markdown(results: dict[str, Any]) -> str:
       q = p["by_camera"].get(c)
       cells.append("-" if q is None else f"{100 * q['accuracy']:.1f} / {q['kept_windows']:.1f} / "
                    f"{q.get('mean_bucket', p.get('ratio', float('nan'))):.2f}")
-    lines.append(f"| {name} | {100 * p['accuracy']:.1f} | {p['kept_windows']:.1f} | " + " | ".join(cells) + " |")
+    lines.append(f"| {name} | {100 * p['accuracy']:.1f} | {p['kept_windows']:.1f} | {_num(p.get('ms_per_video'))} | "
+                 + " | ".join(cells) + " |")
   lines += ["", "Matched kept windows (adaptive point with the most kept windows not above the fixed ratio's):", "",
-            f"| fixed ratio | fixed kept | adaptive {par} | adaptive kept | adaptive - fixed, points [95% paired CI] |",
-            "|---|---|---|---|---|"]
+            f"| fixed ratio | fixed kept | adaptive {par} | adaptive kept | adaptive - fixed, points [95% paired CI] "
+            "| time fixed / adaptive |", "|---|---|---|---|---|---|"]
   for m in results["matched"]:
     lines.append(f"| {m['fixed_ratio']:g} | {m['fixed_kept']:.1f} | {m['adaptive_threshold']} | "
                  f"{'-' if m['adaptive_kept'] is None else format(m['adaptive_kept'], '.1f')} | "
-                 f"{iv(m['adaptive_minus_fixed'])} |")
+                 f"{iv(m['adaptive_minus_fixed'])} | {_num(m.get('fixed_over_adaptive_time'), '.2f', 'x')} |")
   if results["vs_fixed_05"]:
-    lines += ["", "Against fixed 0.5:", "", f"| adaptive {par} | kept | fewer windows % | adaptive - fixed 0.5 [95% CI] |",
-              "|---|---|---|---|"]
+    lines += ["", "Against fixed 0.5:", "", f"| adaptive {par} | kept | fewer windows % | adaptive - fixed 0.5 [95% CI] "
+              "| time fixed 0.5 / adaptive |", "|---|---|---|---|---|"]
     for v in results["vs_fixed_05"]:
       lines.append(f"| {v['threshold']:g} | {v['kept_windows']:.1f} | {v['fewer_windows_pct']:.1f} | "
-                   f"{iv(v['adaptive_minus_fixed05'])} |")
+                   f"{iv(v['adaptive_minus_fixed05'])} | {_num(v.get('fixed05_over_adaptive_time'), '.2f', 'x')} |")
   rows = []
   for p in results["fixed"]:
     t = p.get("seconds_per_batch") or {}
@@ -226,8 +244,10 @@ def markdown(results: dict[str, Any]) -> str:
     for r, t in (p.get("seconds_per_bucket_pass") or {}).items():
       rows.append((f"adaptive {par} {p['threshold']:g}, bucket {r}", t))
   if rows:
+    grouping = ("videos grouped by bucket across batches" if results.get("group_batches")
+                else "one pass per bucket present in each batch")
     lines += ["", f"Seconds per pass of a full batch ({results.get('batch_size')} videos; median; every ratio and bucket "
-              "compiled in an untimed warm-up):", "",
+              f"compiled in an untimed warm-up; adaptive: {grouping}):", "",
               "| pass | vision ms | prefill ms |", "|---|---|---|"]
     for name, t in rows:
       lines.append(f"| {name} | {1e3 * t.get('vision', float('nan')):.1f} | {1e3 * t.get('prefill', float('nan')):.1f} |")

@@ -59,6 +59,13 @@ class Evaluator(abc.ABC):
     self.stats: dict[str, float] = {}
 
   def _passes(self, model) -> Iterator[tuple[dict[str, np.ndarray], Mapping[str, np.ndarray]]]:
+    if getattr(self.predict_fn, "group_batches", False):
+      # The predictor regroups rows across batches (adaptive budget): passes arrive in its order.
+      for batch, preds, consumed in self.predict_fn.grouped_passes(model, self.data.batches(), generate=self.generate):
+        yield {k: _gather(batch[k]) for k in _HOST_KEYS if k in batch}, preds
+        if self.progress is not None and consumed:
+          self.progress(consumed)
+      return
     for step, batch in enumerate(self.data.batches()):
       preds = self.predict_fn(model, batch, generate=self.generate, step=step)
       host = {k: _gather(batch[k]) for k in _HOST_KEYS if k in batch}

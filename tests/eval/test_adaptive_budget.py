@@ -189,3 +189,86 @@ def test_sweep_report_markdown_and_plot(tmp_path):
   summary = json.load(open(tmp_path / "adaptive.json"))
   assert not any(k in p for part in ("fixed", "adaptive") for p in summary[part] for k in adaptive_eval.PER_EXAMPLE_KEYS)
   assert adaptive_eval.read(str(tmp_path)) == dict(res, provenance={"commit": "x"})
+
+
+def test_grouped_passes_match_per_batch_results_and_fill_bucket_passes(stts_model):
+  model = stts_model
+  cfg = model.config
+  t, b = 4, 6   # 6 rows: a batch shape no other test compiles, so the compile counts are this test's own
+  batches = []
+  for k, frames in enumerate(([4, 4, 3, 4, 2, 4], [4, 3, 4, 4, 4, 1], [4, 4, 2, 4, 4, 4])):
+    batch = helpers.video_batch(cfg, frames, t, seed=10 + k)
+    batch["example_id"] = np.arange(b) + b * k
+    batch["skipped"] = np.zeros(b, bool)
+    batches.append(batch)
+  batches[1]["valid"][3], batches[1]["skipped"][3] = False, True   # a row the pipeline skipped
+  batches[2]["valid"][4:] = False                                  # the last batch's padding
+  scores = np.concatenate([ab.score_videos(model, x) for x in batches])
+  fm = np.concatenate([x["frame_mask"] for x in batches])
+  cand = np.concatenate([scores[i, 1:int(fm[i].sum())].ravel() for i in range(len(fm))])
+  thr = next(float(q) for q in np.quantile(cand, np.linspace(0.2, 0.8, 13))
+             if len(set(ab.choose_buckets(scores, fm, ab.AdaptiveRule(float(q)))[0])) >= 2)
+  rule = ab.AdaptiveRule(thr)
+  per_batch = ab.AdaptivePredictor(predictor_lib.Predictor(max_new_tokens=3), rule)
+  expected = {}
+  for x in batches:
+    out = per_batch(model, x, generate=True)
+    for i in np.flatnonzero(x["valid"]):
+      expected[int(x["example_id"][i])] = {k: v[i] for k, v in out.items() if np.ndim(v) >= 1 and len(v) == b}
+  grouped = ab.AdaptivePredictor(predictor_lib.Predictor(max_new_tokens=3), rule, group_batches=True)
+  before = ab.compile_counts()
+  passes = list(grouped.grouped_passes(model, iter(batches), generate=True))
+  after = ab.compile_counts()
+  # one bookkeeping pass per input batch (no predictions, every row invalid, the skipped row kept)
+  book = [(x, p) for x, p, consumed in passes if consumed]
+  assert len(book) == 3 and all(not p and not x["valid"].any() for x, p in book)
+  assert book[1][0]["skipped"][3]
+  got, per_bucket = {}, {}
+  for x, p, consumed in passes:
+    if consumed:
+      continue
+    assert len(set(p["bucket"].tolist())) == 1 and x["patches"].shape == batches[0]["patches"].shape
+    per_bucket.setdefault(float(p["bucket"][0]), []).append(int(x["valid"].sum()))
+    for i in np.flatnonzero(x["valid"]):
+      assert int(x["example_id"][i]) not in got
+      got[int(x["example_id"][i])] = {k: v[i] for k, v in p.items() if np.ndim(v) >= 1 and len(v) == b}
+  # every valid video exactly once, with the results it gets in its own batch
+  assert set(got) == set(expected) and len(got) == 15
+  for q, e in expected.items():
+    assert got[q]["bucket"] == e["bucket"] and got[q]["vision_tokens"] == e["vision_tokens"]
+    assert np.array_equal(got[q]["keep_mask"], e["keep_mask"]) and np.array_equal(got[q]["tokens"], e["tokens"])
+    np.testing.assert_allclose(got[q]["option_logprobs"], e["option_logprobs"], atol=1e-5)
+  # bucket passes are full but for each bucket's last one: ceil(n_b / B) passes per bucket
+  assert len(per_bucket) >= 2
+  for counts in per_bucket.values():
+    assert all(c == b for c in counts[:-1]) and 1 <= counts[-1] <= b
+    assert len(counts) == -(-sum(counts) // b)
+  for stage in predictor_lib.STAGES:
+    assert after[stage] - before[stage] == 0       # per-batch calls above compiled every bucket already
+  assert after["score"] == before["score"]
+  assert len(grouped.score_times) == 3 and grouped.total_seconds() > 0
+  assert sum(len(ts["vision"]) for ts in grouped.bucket_times.values()) == sum(len(c) for c in per_bucket.values())
+
+
+def test_sweep_grouped_and_per_batch_agree_per_question(tmp_path, stts_model):
+  from stts_jax.data import default_dataset
+  from stts_jax.eval import adaptive_eval
+  from stts_jax.eval.config import EvalConfig
+  data_cfg = helpers.make_mc_dataset(str(tmp_path), n=9, frames=4, size=126, corrupt=(4,))
+  eval_cfg = EvalConfig(split="test", ratios=(0.3, 0.5), mc_modes=("likelihood",), max_new_tokens=2).validate()
+  assert stts_model.config.tokens == default_dataset.tiny_token_ids()
+  kw = dict(method="stts", thresholds=(0.3, 0.5, 0.55, 0.7), resamples=200)
+  grouped = adaptive_eval.sweep(stts_model, data_cfg, eval_cfg, **kw)
+  per_batch = adaptive_eval.sweep(stts_model, data_cfg, eval_cfg, group_batches=False, **kw)
+  assert grouped["group_batches"] and not per_batch["group_batches"]
+  assert grouped["num_examples"] == 9 and all(p["scored"] == 8 for p in grouped["adaptive"])
+  for g, p in zip(grouped["adaptive"], per_batch["adaptive"]):
+    assert g["correct"] == p["correct"] and g["per_example"] == p["per_example"]
+    assert g["kept_windows"] == p["kept_windows"] and g["ms_per_video"] > 0
+    # grouping never needs more bucket passes than one per (batch, bucket present)
+    assert sum(g["bucket_passes"].values()) <= sum(p["bucket_passes"].values())
+    assert not any(g["compilations"].values())   # the warm-up compiled every bucket
+  assert any(len(set(q["bucket"] for q in p["per_example"].values())) >= 2 for p in grouped["adaptive"])
+  assert all(f["ms_per_video"] > 0 for f in grouped["fixed"])
+  md = adaptive_eval.markdown(grouped)
+  assert "ms / video" in md and "grouped by bucket across batches" in md
