@@ -286,7 +286,9 @@ class AdaptivePredictor:
     queue, and a queue that holds a full batch runs as one bucket pass (consumed 0), yielded with its
     own rows and the usual outputs (`__call__`'s keys). After the last batch every non-empty queue
     runs once, padded with copies of its first video marked invalid. Same shapes as the input
-    batches: one compilation per (bucket, frame count), as ungrouped."""
+    batches: one compilation per (bucket, frame count), as ungrouped. Bucket passes are numbered in
+    the order they run (the predictor's `step`): greedy outputs are those of the ungrouped path;
+    sampled ones (temperature > 0) draw from the stream of their pass number instead."""
     queues: dict[float, list[dict[str, np.ndarray]]] = {}
     shared: dict[str, Any] = {}
     size = None
