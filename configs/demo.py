@@ -15,8 +15,8 @@ per clip; the prompt has ~215 tokens of which only 72 are vision tokens):
   * The decoder (2 layers of width 64) is ~25 % of the unpruned step. On the LLM side pruning removes
     36 of the 232 positions (16 %, Molmo2: ~47 % because its frames have 81 tokens).
   * Widths are small (ViT 32, LLM 64) so that a training run of 600 steps at batch 16 takes a few
-    minutes on 2 cores. 600 steps was chosen on the validation split of seed 0: at 400 the STTS
-    model's validation accuracy was still rising (other seeds: docs/main_job.md).
+    minutes on 2 cores. Steps per dataset variant (`STEPS`: 600 default, 1000 hard) were chosen on
+    the validation splits (docs/main_job.md).
 
 arg: `data` (dataset dir), `variant` (default | hard: which default dataset, see below), `method`
 (stts | none | random | heuristic), `ratio`, `mixed` (bool: train at the adaptive budget's
