@@ -13,6 +13,8 @@ vision windows (= LLM vision tokens) per video. It returns a JSON-able dict with
   vs_fixed_05        per adaptive point: % fewer kept windows than fixed 0.5, accuracy difference and
                      its paired interval,
 and `plot(results, path)` draws both curves (all clips and one panel per camera type).
+`pool(runs, seeds)` combines several training seeds' sweeps of the same comparison into one such dict
+(seed means; paired bootstrap pooled over seeds, as the main job's statistics).
 Camera types come from the manifest's `camera` field (the default dataset's clip metadata).
 """
 
@@ -184,7 +186,9 @@ def plot(results: dict[str, Any], path: str) -> str:
   for ax in axes.ravel()[n:]:
     ax.axis("off")
   axes[0, 0].legend()
-  fig.suptitle(f"{results['method']} on {results['split']}: fixed vs adaptive budget ({results.get('rule', 'threshold')} rule)")
+  seeds = f", seeds {','.join(map(str, results['seeds']))} (means)" if "seeds" in results else ""
+  fig.suptitle(f"{results['method']} on {results['split']}: fixed vs adaptive budget "
+               f"({results.get('rule', 'threshold')} rule{seeds})")
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
@@ -204,11 +208,19 @@ def markdown(results: dict[str, Any]) -> str:
   """The tables of a sweep. "ms / video": every timed pass of the point (adaptive: score passes and
   bucket passes) over the scored videos; grouped or not as `group_batches` says."""
   par = _param(results)
+  pooled = "seeds" in results
 
   def iv(x):
     return "-" if not x else f"{100 * x['mean']:+.1f} [{100 * x['lo']:+.1f}, {100 * x['hi']:+.1f}]"
+
+  def per_seed(xs):
+    return " | " + ("-" if not xs else " / ".join(_num(None if x["mean"] is None else 100 * x["mean"], "+.1f")
+                                                  for x in xs)) if pooled else ""
+  seed_col, seed_sep = (" per seed |", "---|") if pooled else ("", "")
   lines = [f"Split `{results['split']}`, method `{results['method']}`, {results['num_examples']} examples, "
-           f"buckets {results['buckets']}, rule `{results.get('rule', 'threshold')}`; kept = vision windows per video.", "",
+           f"buckets {results['buckets']}, rule `{results.get('rule', 'threshold')}`; kept = vision windows per video."
+           + (f" Seeds {results['seeds']} pooled: every number is the mean over the seeds, every interval a paired "
+              "bootstrap over questions pooled over the seeds; `per seed`: each seed's difference." if pooled else ""), "",
            "| point | accuracy % | kept windows | ms / video | " + " | ".join(
                f"{c} acc / kept / bucket" for c in sorted(results['adaptive'][0]['by_camera'])) + " |"
            if results["adaptive"] else "| point | accuracy % | kept windows | ms / video |"]
@@ -225,17 +237,19 @@ def markdown(results: dict[str, Any]) -> str:
                  + " | ".join(cells) + " |")
   lines += ["", "Matched kept windows (adaptive point with the most kept windows not above the fixed ratio's):", "",
             f"| fixed ratio | fixed kept | adaptive {par} | adaptive kept | adaptive - fixed, points [95% paired CI] "
-            "| time fixed / adaptive |", "|---|---|---|---|---|---|"]
+            "| time fixed / adaptive |" + seed_col, "|---|---|---|---|---|---|" + seed_sep]
   for m in results["matched"]:
     lines.append(f"| {m['fixed_ratio']:g} | {m['fixed_kept']:.1f} | {m['adaptive_threshold']} | "
                  f"{'-' if m['adaptive_kept'] is None else format(m['adaptive_kept'], '.1f')} | "
-                 f"{iv(m['adaptive_minus_fixed'])} | {_num(m.get('fixed_over_adaptive_time'), '.2f', 'x')} |")
+                 f"{iv(m['adaptive_minus_fixed'])} | {_num(m.get('fixed_over_adaptive_time'), '.2f', 'x')}"
+                 + per_seed(m.get("adaptive_minus_fixed_per_seed")) + " |")
   if results["vs_fixed_05"]:
     lines += ["", "Against fixed 0.5:", "", f"| adaptive {par} | kept | fewer windows % | adaptive - fixed 0.5 [95% CI] "
-              "| time fixed 0.5 / adaptive |", "|---|---|---|---|---|"]
+              "| time fixed 0.5 / adaptive |" + seed_col, "|---|---|---|---|---|" + seed_sep]
     for v in results["vs_fixed_05"]:
       lines.append(f"| {v['threshold']:g} | {v['kept_windows']:.1f} | {v['fewer_windows_pct']:.1f} | "
-                   f"{iv(v['adaptive_minus_fixed05'])} | {_num(v.get('fixed05_over_adaptive_time'), '.2f', 'x')} |")
+                   f"{iv(v['adaptive_minus_fixed05'])} | {_num(v.get('fixed05_over_adaptive_time'), '.2f', 'x')}"
+                   + per_seed(v.get("adaptive_minus_fixed05_per_seed")) + " |")
   rows = []
   for p in results["fixed"]:
     t = p.get("seconds_per_batch") or {}
@@ -300,4 +314,92 @@ def read(out_dir: str) -> dict[str, Any]:
   return res
 
 
-__all__ = ["EXAMPLES_FILE", "PER_EXAMPLE_KEYS", "markdown", "plot", "read", "sweep", "write"]
+# What must agree between the sweeps `pool` combines: the same comparison, only the training seed differs.
+_POOL_KEYS = ("split", "method", "rule", "metric", "buckets", "thresholds", "num_examples")
+
+
+def _mean_point(points: Sequence[dict[str, Any]]) -> dict[str, Any]:
+  """One point of several seeds' sweeps: accuracy, kept windows, ms per video and per-camera numbers as
+  means over the seeds (every seed scores the same questions), bucket histograms summed, `per_seed`."""
+  out: dict[str, Any] = {k: points[0][k] for k in ("ratio", "threshold") if k in points[0]}
+  for k in ("accuracy", "kept_windows", "ms_per_video"):
+    vals = [p.get(k) for p in points]
+    out[k] = float(np.mean(vals)) if all(v is not None for v in vals) else None
+  out["scored"] = int(sum(p["scored"] for p in points))
+  by_cam: dict[str, dict[str, Any]] = {}
+  for cam in sorted(set().union(*(p["by_camera"] for p in points))):
+    rows = [p["by_camera"][cam] for p in points if cam in p["by_camera"]]
+    row = {"n": int(sum(r["n"] for r in rows)),
+           "accuracy": float(np.mean([r["accuracy"] for r in rows])),
+           "kept_windows": float(np.mean([r["kept_windows"] for r in rows]))}
+    if all("mean_bucket" in r for r in rows):
+      row["mean_bucket"] = float(np.mean([r["mean_bucket"] for r in rows]))
+      hist: dict[str, int] = {}
+      for r in rows:
+        for b, c in r["buckets"].items():
+          hist[b] = hist.get(b, 0) + int(c)
+      row["buckets"] = dict(sorted(hist.items(), key=lambda kv: float(kv[0])))
+    by_cam[cam] = row
+  out["by_camera"] = by_cam
+  out["per_seed"] = [{"accuracy": p["accuracy"], "kept_windows": p["kept_windows"]} for p in points]
+  return out
+
+
+def pool(runs: Sequence[dict[str, Any]], seeds: Sequence[int], *, resamples: int = 10000) -> dict[str, Any]:
+  """Several training seeds' sweeps (`read` results of the same comparison) -> one results dict of the
+  `sweep` layout, pooled over seeds: every point's numbers are seed means (`per_seed` keeps each seed's),
+  matched points are chosen on the seed-mean kept windows, and every comparison is the paired bootstrap
+  over questions pooled over the seeds (`experiments.stats.paired_bootstrap`; each seed's interval in
+  `*_per_seed`). Raises ValueError naming the first field on which two sweeps differ."""
+  if len(runs) != len(seeds) or not runs:
+    raise ValueError(f"pool: {len(runs)} sweeps for {len(seeds)} seeds")
+  for k in _POOL_KEYS:
+    vals = [r.get(k) for r in runs]
+    if any(v != vals[0] for v in vals):
+      raise ValueError(f"pool: sweeps differ in {k!r}: {vals}")
+  for part, key in (("fixed", "ratio"), ("adaptive", "threshold")):
+    vals = [[p[key] for p in r[part]] for r in runs]
+    if any(v != vals[0] for v in vals):
+      raise ValueError(f"pool: sweeps differ in their {part} points: {vals}")
+  for r in runs:
+    if not all("correct" in p for p in r["fixed"] + r["adaptive"]):
+      raise ValueError("pool: a sweep has no per-question outcomes (read it with adaptive_eval.read)")
+  fixed = [_mean_point([r["fixed"][i] for r in runs]) for i in range(len(runs[0]["fixed"]))]
+  adaptive = [_mean_point([r["adaptive"][j] for r in runs]) for j in range(len(runs[0]["adaptive"]))]
+
+  def compare(part_a, i, part_b, j):
+    res = stats.paired_bootstrap([r[part_a][i]["correct"] for r in runs], [r[part_b][j]["correct"] for r in runs],
+                                 seeds, resamples=resamples)
+    return res["pooled"], res["per_seed"]
+
+  def ratio(x, y):
+    return x / y if x and y else None
+
+  matched = []
+  for i, f in enumerate(fixed):
+    below = [j for j, a in enumerate(adaptive) if a["kept_windows"] <= f["kept_windows"] + 1e-9]
+    j = max(below, key=lambda k: adaptive[k]["kept_windows"]) if below else None
+    a = adaptive[j] if j is not None else None
+    diff, per_seed = compare("adaptive", j, "fixed", i) if a else (None, None)
+    matched.append({"fixed_ratio": f["ratio"], "fixed_kept": f["kept_windows"],
+                    "adaptive_threshold": a["threshold"] if a else None,
+                    "adaptive_kept": a["kept_windows"] if a else None,
+                    "adaptive_minus_fixed": diff, "adaptive_minus_fixed_per_seed": per_seed,
+                    "fixed_over_adaptive_time": ratio(f["ms_per_video"], a["ms_per_video"]) if a else None})
+  i05 = next((i for i, f in enumerate(fixed) if abs(f["ratio"] - 0.5) < 1e-9), None)
+  vs05 = []
+  if i05 is not None:
+    f05 = fixed[i05]
+    for j, a in enumerate(adaptive):
+      diff, per_seed = compare("adaptive", j, "fixed", i05)
+      vs05.append({"threshold": a["threshold"], "kept_windows": a["kept_windows"],
+                   "fewer_windows_pct": 100.0 * (1.0 - a["kept_windows"] / f05["kept_windows"]),
+                   "adaptive_minus_fixed05": diff, "adaptive_minus_fixed05_per_seed": per_seed,
+                   "fixed05_over_adaptive_time": ratio(f05["ms_per_video"], a["ms_per_video"])})
+  return {**{k: runs[0][k] for k in _POOL_KEYS}, "seeds": [int(s) for s in seeds],
+          "batch_size": runs[0].get("batch_size"), "group_batches": runs[0].get("group_batches"),
+          "checkpoints": [r.get("checkpoint") for r in runs], "fixed": fixed, "adaptive": adaptive,
+          "matched": matched, "vs_fixed_05": vs05}
+
+
+__all__ = ["EXAMPLES_FILE", "PER_EXAMPLE_KEYS", "markdown", "plot", "pool", "read", "sweep", "write"]

@@ -191,6 +191,63 @@ def test_sweep_report_markdown_and_plot(tmp_path):
   assert adaptive_eval.read(str(tmp_path)) == dict(res, provenance={"commit": "x"})
 
 
+def _seed_sweep(rng, kept_adaptive, n_q=40):
+  """A sweep results dict (the layout of `adaptive_eval.sweep`) with random per-question outcomes."""
+  ids = [f"q{i}" for i in range(n_q)]
+
+  def point(key, val, kept, bucket=None):
+    correct = {q: bool(rng.random() < 0.8) for q in ids}
+    cams = {c: {"n": n_q // 2, "accuracy": float(rng.random()), "kept_windows": kept,
+                **({"mean_bucket": bucket, "buckets": {f"{bucket:g}": n_q // 2}} if bucket else {})}
+            for c in ("static", "cuts")}
+    return {key: val, "accuracy": float(np.mean(list(correct.values()))), "kept_windows": kept, "scored": n_q,
+            "ms_per_video": float(rng.uniform(5, 10)), "by_camera": cams, "correct": correct}
+  return {"split": "test", "method": "stts", "rule": "threshold", "metric": "multiple_choice/likelihood_accuracy",
+          "buckets": [0.3, 0.5, 0.7], "thresholds": [0.02, 0.05], "num_examples": n_q, "batch_size": 4,
+          "fixed": [point("ratio", 0.3, 51.0), point("ratio", 0.5, 36.0)],
+          "adaptive": [point("threshold", 0.02, kept_adaptive[0], 0.5), point("threshold", 0.05, kept_adaptive[1], 0.7)]}
+
+
+def test_pool_over_seeds_means_matched_points_and_pooled_bootstrap(tmp_path):
+  from stts_jax.eval import adaptive_eval
+  from stts_jax.experiments import stats
+  rng = np.random.default_rng(0)
+  # seed 0 alone would match fixed 0.5 with threshold 0.02 (35 <= 36); the seed mean (37) is above 36,
+  # so the pooled match is threshold 0.05
+  runs = [_seed_sweep(rng, (35.0, 20.0)), _seed_sweep(rng, (39.0, 24.0))]
+  res = adaptive_eval.pool(runs, [0, 1], resamples=2000)
+  assert res["seeds"] == [0, 1] and res["num_examples"] == 40
+  f05 = res["fixed"][1]
+  assert f05["accuracy"] == pytest.approx((runs[0]["fixed"][1]["accuracy"] + runs[1]["fixed"][1]["accuracy"]) / 2)
+  assert res["adaptive"][0]["kept_windows"] == 37.0 and res["adaptive"][0]["by_camera"]["static"]["buckets"] == {"0.5": 40}
+  m05 = next(m for m in res["matched"] if m["fixed_ratio"] == 0.5)
+  assert m05["adaptive_threshold"] == 0.05 and m05["adaptive_kept"] == 22.0
+  want = stats.paired_bootstrap([r["adaptive"][1]["correct"] for r in runs], [r["fixed"][1]["correct"] for r in runs],
+                                [0, 1], resamples=2000)
+  assert m05["adaptive_minus_fixed"] == want["pooled"] and m05["adaptive_minus_fixed_per_seed"] == want["per_seed"]
+  assert [v["threshold"] for v in res["vs_fixed_05"]] == [0.02, 0.05]
+  assert res["vs_fixed_05"][1]["fewer_windows_pct"] == pytest.approx(100 * (1 - 22.0 / 36.0))
+  adaptive_eval.write(res, str(tmp_path))
+  md = open(tmp_path / "adaptive.md").read()
+  assert "Seeds [0, 1] pooled" in md and "| per seed |" in md
+  assert (tmp_path / "adaptive.png").stat().st_size > 0
+
+
+def test_pool_refuses_sweeps_of_different_comparisons():
+  from stts_jax.eval import adaptive_eval
+  rng = np.random.default_rng(1)
+  a, b = _seed_sweep(rng, (35.0, 20.0)), _seed_sweep(rng, (35.0, 20.0))
+  b["thresholds"] = [0.02, 0.06]
+  with pytest.raises(ValueError, match="'thresholds'"):
+    adaptive_eval.pool([a, b], [0, 1])
+  b = _seed_sweep(rng, (35.0, 20.0))
+  del b["adaptive"][0]["correct"]
+  with pytest.raises(ValueError, match="per-question outcomes"):
+    adaptive_eval.pool([a, b], [0, 1])
+  with pytest.raises(ValueError, match="2 sweeps for 1 seeds"):
+    adaptive_eval.pool([a, a], [0])
+
+
 def test_grouped_passes_match_per_batch_results_and_fill_bucket_passes(stts_model):
   model = stts_model
   cfg = model.config
