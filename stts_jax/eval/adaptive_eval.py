@@ -78,6 +78,44 @@ def _point(model: vlm.Molmo2, data: data_lib.EvalData, eval_cfg: EvalConfig, pre
   return out
 
 
+def _comparisons(fixed: Sequence[dict[str, Any]], adaptive: Sequence[dict[str, Any]], outcomes, seeds: Sequence[int], *,
+                 resamples: int, per_seed: bool = False) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+  """`matched` and `vs_fixed_05` of a sweep (module docstring). outcomes(point): the point's per-question
+  outcomes, one {example_id: correct} per seed of `seeds`; per_seed: also each seed's interval."""
+  def compare(a, b):
+    res = stats.paired_bootstrap(outcomes(a), outcomes(b), seeds, resamples=resamples)
+    return res["pooled"], res["per_seed"]
+
+  def time_ratio(x, y):
+    return x / y if x and y else None
+
+  matched = []
+  for f in fixed:
+    below = [a for a in adaptive if a["kept_windows"] <= f["kept_windows"] + 1e-9]
+    a = max(below, key=lambda x: x["kept_windows"]) if below else None
+    diff, each = compare(a, f) if a else (None, None)
+    row = {"fixed_ratio": f["ratio"], "fixed_kept": f["kept_windows"],
+           "adaptive_threshold": a["threshold"] if a else None, "adaptive_kept": a["kept_windows"] if a else None,
+           "adaptive_minus_fixed": diff,
+           "fixed_over_adaptive_time": time_ratio(f.get("ms_per_video"), a.get("ms_per_video")) if a else None}
+    if per_seed:
+      row["adaptive_minus_fixed_per_seed"] = each
+    matched.append(row)
+  f05 = next((f for f in fixed if abs(f["ratio"] - 0.5) < 1e-9), None)
+  vs05 = []
+  if f05 is not None:
+    for a in adaptive:
+      diff, each = compare(a, f05)
+      row = {"threshold": a["threshold"], "kept_windows": a["kept_windows"],
+             "fewer_windows_pct": 100.0 * (1.0 - a["kept_windows"] / f05["kept_windows"]),
+             "adaptive_minus_fixed05": diff,
+             "fixed05_over_adaptive_time": time_ratio(f05.get("ms_per_video"), a.get("ms_per_video"))}
+      if per_seed:
+        row["adaptive_minus_fixed05_per_seed"] = each
+      vs05.append(row)
+  return matched, vs05
+
+
 def sweep(model: vlm.Molmo2, data_cfg: DataConfig, eval_cfg: EvalConfig, *, method: str,
           thresholds: Sequence[float], buckets: Sequence[float] = ab.DEFAULT_BUCKETS,
           metric: str = "multiple_choice/likelihood_accuracy", tokenizer=None, resamples: int = 10000,
@@ -128,30 +166,7 @@ def sweep(model: vlm.Molmo2, data_cfg: DataConfig, eval_cfg: EvalConfig, *, meth
     pt["seconds_per_bucket_pass"] = {f"{r:g}": {st: statistics.median(v) for st, v in ts.items()}
                                      for r, ts in sorted(ad.bucket_times.items())}
     adaptive.append(pt)
-  seeds = [0]
-
-  def compare(a, b):
-    return stats.paired_bootstrap([a["correct"]], [b["correct"]], seeds, resamples=resamples)["pooled"]
-
-  matched = []
-  for f in fixed:
-    below = [a for a in adaptive if a["kept_windows"] <= f["kept_windows"] + 1e-9]
-    a = max(below, key=lambda x: x["kept_windows"]) if below else None
-    matched.append({"fixed_ratio": f["ratio"], "fixed_kept": f["kept_windows"],
-                    "adaptive_threshold": a["threshold"] if a else None,
-                    "adaptive_kept": a["kept_windows"] if a else None,
-                    "adaptive_minus_fixed": compare(a, f) if a else None,
-                    "fixed_over_adaptive_time": (f["ms_per_video"] / a["ms_per_video"]
-                                                 if a and a.get("ms_per_video") else None)})
-  f05 = next((f for f in fixed if abs(f["ratio"] - 0.5) < 1e-9), None)
-  vs05 = []
-  if f05 is not None:
-    for a in adaptive:
-      vs05.append({"threshold": a["threshold"], "kept_windows": a["kept_windows"],
-                   "fewer_windows_pct": 100.0 * (1.0 - a["kept_windows"] / f05["kept_windows"]),
-                   "adaptive_minus_fixed05": compare(a, f05),
-                   "fixed05_over_adaptive_time": (f05["ms_per_video"] / a["ms_per_video"]
-                                                  if a.get("ms_per_video") and f05.get("ms_per_video") else None)})
+  matched, vs05 = _comparisons(fixed, adaptive, lambda p: [p["correct"]], [0], resamples=resamples)
   return {"split": eval_cfg.split, "method": method, "rule": rule, "metric": metric, "buckets": list(buckets),
           "batch_size": data_cfg.batch_size, "group_batches": group_batches, "warmup_compilations": warmup_compilations,
           "thresholds": list(thresholds), "num_examples": len(data), "checkpoint": checkpoint,
@@ -342,6 +357,7 @@ def _mean_point(points: Sequence[dict[str, Any]]) -> dict[str, Any]:
     by_cam[cam] = row
   out["by_camera"] = by_cam
   out["per_seed"] = [{"accuracy": p["accuracy"], "kept_windows": p["kept_windows"]} for p in points]
+  out["correct_seeds"] = [p["correct"] for p in points]   # for the comparisons; `pool` drops it
   return out
 
 
@@ -366,36 +382,11 @@ def pool(runs: Sequence[dict[str, Any]], seeds: Sequence[int], *, resamples: int
       raise ValueError("pool: a sweep has no per-question outcomes (read it with adaptive_eval.read)")
   fixed = [_mean_point([r["fixed"][i] for r in runs]) for i in range(len(runs[0]["fixed"]))]
   adaptive = [_mean_point([r["adaptive"][j] for r in runs]) for j in range(len(runs[0]["adaptive"]))]
-
-  def compare(part_a, i, part_b, j):
-    res = stats.paired_bootstrap([r[part_a][i]["correct"] for r in runs], [r[part_b][j]["correct"] for r in runs],
-                                 seeds, resamples=resamples)
-    return res["pooled"], res["per_seed"]
-
-  def ratio(x, y):
-    return x / y if x and y else None
-
-  matched = []
-  for i, f in enumerate(fixed):
-    below = [j for j, a in enumerate(adaptive) if a["kept_windows"] <= f["kept_windows"] + 1e-9]
-    j = max(below, key=lambda k: adaptive[k]["kept_windows"]) if below else None
-    a = adaptive[j] if j is not None else None
-    diff, per_seed = compare("adaptive", j, "fixed", i) if a else (None, None)
-    matched.append({"fixed_ratio": f["ratio"], "fixed_kept": f["kept_windows"],
-                    "adaptive_threshold": a["threshold"] if a else None,
-                    "adaptive_kept": a["kept_windows"] if a else None,
-                    "adaptive_minus_fixed": diff, "adaptive_minus_fixed_per_seed": per_seed,
-                    "fixed_over_adaptive_time": ratio(f["ms_per_video"], a["ms_per_video"]) if a else None})
-  i05 = next((i for i, f in enumerate(fixed) if abs(f["ratio"] - 0.5) < 1e-9), None)
-  vs05 = []
-  if i05 is not None:
-    f05 = fixed[i05]
-    for j, a in enumerate(adaptive):
-      diff, per_seed = compare("adaptive", j, "fixed", i05)
-      vs05.append({"threshold": a["threshold"], "kept_windows": a["kept_windows"],
-                   "fewer_windows_pct": 100.0 * (1.0 - a["kept_windows"] / f05["kept_windows"]),
-                   "adaptive_minus_fixed05": diff, "adaptive_minus_fixed05_per_seed": per_seed,
-                   "fixed05_over_adaptive_time": ratio(f05["ms_per_video"], a["ms_per_video"])})
+  # matched on the seed-mean kept windows; each point's outcomes stay with the seeds' sweeps
+  matched, vs05 = _comparisons(fixed, adaptive, lambda p: p["correct_seeds"], seeds, resamples=resamples,
+                               per_seed=True)
+  for p in fixed + adaptive:
+    del p["correct_seeds"]
   return {**{k: runs[0][k] for k in _POOL_KEYS}, "seeds": [int(s) for s in seeds],
           "batch_size": runs[0].get("batch_size"), "group_batches": runs[0].get("group_batches"),
           "checkpoints": [r.get("checkpoint") for r in runs], "fixed": fixed, "adaptive": adaptive,
