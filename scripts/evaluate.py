@@ -43,6 +43,8 @@ flags.DEFINE_enum("adaptive_rule", "threshold", ["threshold", "mass"],
                   "kept score-mass fractions in (0, 1])")
 flags.DEFINE_bool("group_batches", True, "--budget adaptive: group videos by bucket across batches (each bucket "
                   "pass full of its videos); --nogroup_batches: one pass per bucket present in each batch")
+flags.DEFINE_bool("reuse_scored", True, "--budget adaptive: bucket passes start from the score pass's ViT output "
+                  "(up to the soft block); --noreuse_scored: from the patches (same results, more work)")
 flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() from the cluster env")
 flags.DEFINE_string("coordinator", None, "multi-process: coordinator host:port")
 flags.DEFINE_integer("num_processes", None, "multi-process: number of processes")
@@ -73,7 +75,7 @@ def main(argv):
         thresholds=eval_main.parse_list(FLAGS.thresholds, float), buckets=eval_main.parse_list(FLAGS.buckets, float),
         ratios=eval_main.parse_list(FLAGS.ratios, float), split=FLAGS.split, max_examples=FLAGS.max_examples,
         step=FLAGS.step, out_dir=FLAGS.out, extra=json.loads(json.dumps(extra, default=str)),
-        rule=FLAGS.adaptive_rule, group_batches=FLAGS.group_batches)
+        rule=FLAGS.adaptive_rule, group_batches=FLAGS.group_batches, reuse_scored=FLAGS.reuse_scored)
     print(open(paths[1]).read(), flush=True)
     print("results: " + "\n         ".join(paths), flush=True)
     return

@@ -7,6 +7,9 @@ pass per frame count), grouped by bucket, and each group runs the ordinary fixed
 (`generate.model_variant(model, ratio=bucket)`) on a batch of the full size, the other rows filled
 with copies of the group's first video and marked invalid. So there is one compilation per
 (bucket, frame count) per stage, and a video's outputs never depend on its batch-mates.
+The score pass runs the ViT up to the soft block (`video_forward.vit_scored`: nothing there depends on
+the drop ratio) and keeps that on the device; each bucket pass starts from it (`Predictor(scored=...)`),
+so no block runs twice (`reuse_scored=False`: bucket passes start from the patches, same results).
 
 The rule (`choose_buckets`), for a video with t real frames and W windows per frame:
   candidates   = the windows of real frames 1..t-1 (frame 0 is never dropped; `pruning` module)
@@ -156,35 +159,45 @@ def _kept_mass_by_drops(candidate_scores: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 
 def _score_pure(graphdef, state, patches, frame_mask):
-  """Window scores of the method (ViT blocks 0..prune_at, then the scorer or the heuristic)."""
+  """(`vit_scored` output, window scores [B, T, W] float32 with zeros at padding frames)."""
   model = nnx.merge(graphdef, state)
-  cfg = model.config
-  b, t, p, i = patches.shape
-  hidden = model.vit.embed(vf.normalize_patches(patches).reshape(b * t, p, i))
-  hidden = hidden.reshape(b, t, p, hidden.shape[-1])
-  hidden, _ = vf.run_vit_rows(model, hidden, 0, cfg.stts.prune_at + 1)
-  scores = vf._scores(model, cfg.stts.method, hidden, None, (cfg.vit.grid, cfg.vit.grid),
-                      tuple(cfg.stts.window), True)
-  return jnp.where(frame_mask[:, :, None], scores.astype(jnp.float32), 0.0)
+  scored, _ = vf.vit_scored(model, patches, frame_mask, None, deterministic=True)
+  return scored, jnp.where(frame_mask[:, :, None], scored.scores_btw.astype(jnp.float32), 0.0)
 
 
 _score_jit = jax.jit(_score_pure, static_argnames=("graphdef",))
+# One row of a ScoredVision per video (queues of the grouped path), and a batch from rows again.
+_split_rows = jax.jit(lambda tree: [jax.tree.map(lambda x: x[i], tree)   # noqa: E731
+                                    for i in range(jax.tree.leaves(tree)[0].shape[0])])
+_stack_rows = jax.jit(lambda rows: jax.tree.map(lambda *xs: jnp.stack(xs), *rows))   # noqa: E731
 
 
 def compile_counts() -> dict[str, int]:
-  """`predictor.compile_counts()` plus the score pass."""
-  return dict(predictor_lib.compile_counts(), score=_score_jit._cache_size())
+  """`predictor.compile_counts()` plus the bucket passes' vision stage from the score pass
+  (`vision_scored`), the score pass, and the split into / stacking of per-video rows (`rows`)."""
+  return dict(predictor_lib.compile_counts(), vision_scored=predictor_lib.scored_vision_compile_count(),
+              score=_score_jit._cache_size(), rows=_split_rows._cache_size() + _stack_rows._cache_size())
 
 
-def score_videos(model: vlm.Molmo2, batch: Mapping[str, Any]) -> np.ndarray:
-  """Window scores [B, T, W] (host) of the model's method, zeros at padding frames.
+def warm_rows(scored: vf.ScoredVision) -> None:
+  """Compiles the row split and stack of the grouped path for `scored`'s batch shape."""
+  jax.block_until_ready(_stack_rows(_split_rows(scored)))
 
-  Scores do not depend on the ratio or budget: the pass runs under one canonical config, so it
+
+def score_pass(model: vlm.Molmo2, batch: Mapping[str, Any]) -> tuple[vf.ScoredVision, np.ndarray]:
+  """(`vit_scored` output on the device, window scores [B, T, W] on the host, zeros at padding frames).
+
+  Nothing here depends on the ratio or budget: the pass runs under one canonical config, so it
   compiles once per frame count (and batch shape) whatever the model variant."""
   model = gen_lib.model_variant(model, ratio=0.5, num_rows=None, budget="fixed")
   graphdef, state = nnx.split(model)
-  return np.asarray(_score_jit(graphdef, state, jnp.asarray(batch["patches"]),
-                               jnp.asarray(batch["frame_mask"], bool)))
+  scored, scores = _score_jit(graphdef, state, jnp.asarray(batch["patches"]), jnp.asarray(batch["frame_mask"], bool))
+  return scored, np.asarray(scores)
+
+
+def score_videos(model: vlm.Molmo2, batch: Mapping[str, Any]) -> np.ndarray:
+  """Window scores [B, T, W] (host) of the model's method, zeros at padding frames (`score_pass`)."""
+  return score_pass(model, batch)[1]
 
 
 class AdaptivePredictor:
@@ -198,15 +211,22 @@ class AdaptivePredictor:
   the data set costs one score pass per batch plus about N_b / B passes per bucket b: the saving of
   the smaller budgets is realised per video. Results per video are the same either way.
 
+  `reuse_scored=True`: bucket passes start from the score pass's `ScoredVision` (kept on the device
+  until the video's bucket pass runs: [T, P, D] per waiting video, plus taps at or before the soft
+  block); False: from the patches (the ViT up to the soft block runs again per bucket pass). Same
+  results either way. Ratio 0 among the buckets always starts from the patches (it does not prune).
+
   `model` is the fixed-ratio model (its ratio is ignored); variants per bucket are cached."""
 
-  def __init__(self, predictor: predictor_lib.Predictor, rule: AdaptiveRule, *, group_batches: bool = False):
+  def __init__(self, predictor: predictor_lib.Predictor, rule: AdaptiveRule, *, group_batches: bool = False,
+               reuse_scored: bool = True):
     if predictor.mesh is not None:
       raise ValueError("--budget adaptive evaluates on one device: run it without a mesh (a single device); "
                        "sharded adaptive evaluation is not offered")
     self.predictor = predictor
     self.rule = rule
     self.group_batches = group_batches
+    self.reuse_scored = reuse_scored
     self._variants: dict[tuple[int, float], vlm.Molmo2] = {}
     # seconds of each stage per bucket pass (a full-size batch at that ratio): {ratio: {stage: [s, ...]}}
     self.bucket_times: dict[float, dict[str, list[float]]] = {}
@@ -230,22 +250,42 @@ class AdaptivePredictor:
       self._variants[key] = gen_lib.model_variant(model, ratio=ratio, budget="fixed")
     return self._variants[key]
 
-  def _score(self, model: vlm.Molmo2, batch: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Scores [B, T, W], buckets [B], satisfied [B] of a batch (the score pass is timed)."""
+  def _score(self, model: vlm.Molmo2, batch: Mapping[str, Any], *, rows: bool = False):
+    """(scored, scores [B, T, W], buckets [B], satisfied [B]) of a batch; the score pass is timed.
+    scored: the batch's `ScoredVision` (rows=True: a list, one per video; None unless `reuse_scored`)."""
     method = model.config.stts.method
     if method not in METHODS:
       raise ValueError(f"adaptive budget works with methods {METHODS}, got {method!r}")
     t0 = time.perf_counter()
-    scores = score_videos(self._variant(model, self.rule.buckets[0]), batch)   # host array: synchronised
+    scored, scores = score_pass(self._variant(model, self.rule.buckets[0]), batch)   # host scores: synchronised
+    if not self.reuse_scored:
+      scored = None
+    elif rows:
+      scored = jax.block_until_ready(_split_rows(scored))
     self.score_times.append(time.perf_counter() - t0)
     ratios, satisfied = choose_buckets(scores, batch["frame_mask"], self.rule)
-    return scores, ratios, satisfied
+    return scored, scores, ratios, satisfied
 
   def _bucket_pass(self, model: vlm.Molmo2, ratio: float, sub: Mapping[str, Any], generate: bool,
-                   step: int) -> dict[str, np.ndarray]:
-    calls = {stage: len(ts) for stage, ts in self.predictor.times.items()}
-    res = self.predictor(self._variant(model, ratio), sub, generate=generate, step=step)
+                   step: int, scored=None, take: Optional[np.ndarray] = None) -> dict[str, np.ndarray]:
+    """One fixed-ratio pass. `scored`: a list of per-video ScoredVision rows, or (with `take`, the
+    pass's row of the batch for each slot) the batch's ScoredVision; gathered here and timed as the
+    pass's `gather` stage."""
+    variant = self._variant(model, ratio)
     times = self.bucket_times.setdefault(float(ratio), {})
+    if not variant.config.stts.prunes:
+      scored = None
+    elif scored is not None:
+      t0 = time.perf_counter()
+      if take is None:
+        scored = _stack_rows(scored)
+      else:
+        take = jnp.asarray(take)
+        scored = jax.tree.map(lambda x: x[take], scored)
+      scored = jax.block_until_ready(scored)
+      times.setdefault("gather", []).append(time.perf_counter() - t0)
+    calls = {stage: len(ts) for stage, ts in self.predictor.times.items()}
+    res = self.predictor(variant, sub, generate=generate, step=step, scored=scored)
     for stage, ts in self.predictor.times.items():
       if len(ts) > calls.get(stage, 0):   # only stages this pass ran
         times.setdefault(stage, []).append(ts[-1])
@@ -253,7 +293,7 @@ class AdaptivePredictor:
 
   def __call__(self, model: vlm.Molmo2, batch: Mapping[str, np.ndarray], *, generate: bool = True,
                step: int = 0) -> dict[str, np.ndarray]:
-    scores, ratios, satisfied = self._score(model, batch)
+    scored, scores, ratios, satisfied = self._score(model, batch)
     b = scores.shape[0]
     valid = np.asarray(batch.get("valid", np.ones(b, bool)), bool)
     if valid.any():   # padding rows ride along with a real video's bucket (their outputs are unused)
@@ -265,7 +305,7 @@ class AdaptivePredictor:
       fill[rows] = rows
       sub = {k: (np.asarray(v)[fill] if np.ndim(v) >= 1 and np.shape(v)[0] == b else v) for k, v in batch.items()}
       sub["valid"] = np.isin(np.arange(b), rows) & valid
-      res = self._bucket_pass(model, r, sub, generate, step)
+      res = self._bucket_pass(model, r, sub, generate, step, scored, take=fill)
       for k, v in res.items():
         if v.ndim >= 1 and v.shape[0] == b:
           if k not in out:
@@ -300,7 +340,8 @@ class AdaptivePredictor:
       sub = {k: np.stack([row[k] for row in fill]) for k in rows[0] if not k.startswith("_")}
       sub.update(shared)
       sub["valid"] = np.arange(size) < len(rows)
-      res = self._bucket_pass(model, ratio, sub, generate, step)
+      scored = None if "_scored" not in rows[0] else [row["_scored"] for row in fill]
+      res = self._bucket_pass(model, ratio, sub, generate, step, scored)
       step += 1
       res.update(bucket=np.full(size, ratio), budget_satisfied=np.stack([row["_satisfied"] for row in fill]),
                  vision_tokens=res["num_kept"].copy(), adaptive_scores=np.stack([row["_scores"] for row in fill]))
@@ -313,13 +354,15 @@ class AdaptivePredictor:
         size = b
       elif b != size:
         raise ValueError(f"grouped adaptive evaluation needs batches of one size, got {b} after {size}")
-      scores, ratios, satisfied = self._score(model, batch)
+      scored, scores, ratios, satisfied = self._score(model, batch, rows=True)
       per_row = [k for k, v in batch.items() if v.ndim >= 1 and v.shape[0] == b]
       shared = {k: v for k, v in batch.items() if k not in per_row}
       valid = np.asarray(batch.get("valid", np.ones(b, bool)), bool)
       for i in np.flatnonzero(valid):
         row = {k: np.array(batch[k][i]) for k in per_row}   # a copy: the pipeline may reuse its buffers
         row.update(_scores=scores[i], _satisfied=satisfied[i])
+        if scored is not None:
+          row["_scored"] = scored[i]
         queue = queues.setdefault(float(ratios[i]), [])
         queue.append(row)
         if len(queue) == size:
@@ -330,4 +373,4 @@ class AdaptivePredictor:
 
 
 __all__ = ["AdaptivePredictor", "AdaptiveRule", "DEFAULT_BUCKETS", "DEFAULT_THRESHOLDS", "choose_buckets",
-           "compile_counts", "rule_for", "score_videos", "valid_buckets"]
+           "compile_counts", "rule_for", "score_pass", "score_videos", "valid_buckets", "warm_rows"]

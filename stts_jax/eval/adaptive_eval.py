@@ -119,11 +119,13 @@ def _comparisons(fixed: Sequence[dict[str, Any]], adaptive: Sequence[dict[str, A
 def sweep(model: vlm.Molmo2, data_cfg: DataConfig, eval_cfg: EvalConfig, *, method: str,
           thresholds: Sequence[float], buckets: Sequence[float] = ab.DEFAULT_BUCKETS,
           metric: str = "multiple_choice/likelihood_accuracy", tokenizer=None, resamples: int = 10000,
-          checkpoint: str = "", rule: str = "threshold", group_batches: bool = True) -> dict[str, Any]:
+          checkpoint: str = "", rule: str = "threshold", group_batches: bool = True,
+          reuse_scored: bool = True) -> dict[str, Any]:
   """Fixed ratios and adaptive points on the same examples (module docstring). `rule`: "threshold"
   (each value of `thresholds` is a score threshold) or "mass" (each is a kept score-mass fraction).
   `group_batches`: adaptive points group videos by bucket across batches (`AdaptivePredictor`); False:
-  every batch runs one pass per bucket it contains. Per-video results are the same; the time is not."""
+  every batch runs one pass per bucket it contains. `reuse_scored`: bucket passes start from the score
+  pass (`AdaptivePredictor`); False: from the patches. Per-video results are the same; the time is not."""
   if eval_cfg.batch_size is not None:
     import dataclasses
     data_cfg = dataclasses.replace(data_cfg, batch_size=eval_cfg.batch_size)
@@ -140,10 +142,14 @@ def sweep(model: vlm.Molmo2, data_cfg: DataConfig, eval_cfg: EvalConfig, *, meth
     batches.close()
   before = ab.compile_counts()
   frames = int(np.asarray(first["frame_mask"]).shape[1])
+  scored, _ = ab.score_pass(gen_lib.model_variant(model, method=method, ratio=0.5), first)
+  if reuse_scored and group_batches:
+    ab.warm_rows(scored)
   for r in sorted(set(eval_cfg.ratios) | set(ab.valid_buckets(frames, model.config.windows_per_frame, buckets))):
-    predictor(gen_lib.model_variant(model, method=method if r > 0 else "none", ratio=r, budget="fixed"), first,
-              generate=False)
-  ab.score_videos(gen_lib.model_variant(model, method=method, ratio=0.5), first)
+    variant = gen_lib.model_variant(model, method=method if r > 0 else "none", ratio=r, budget="fixed")
+    predictor(variant, first, generate=False)
+    if r > 0 and r in buckets and reuse_scored:   # a bucket pass starts from the score pass
+      predictor(variant, first, generate=False, scored=scored)
   after = ab.compile_counts()
   warmup_compilations = {k: after[k] - before[k] for k in after}
   fixed = []
@@ -157,7 +163,8 @@ def sweep(model: vlm.Molmo2, data_cfg: DataConfig, eval_cfg: EvalConfig, *, meth
   adaptive = []
   base = gen_lib.model_variant(model, method=method, ratio=0.5, budget="adaptive")   # ratio: per bucket
   for thr in thresholds:
-    ad = ab.AdaptivePredictor(predictor, ab.rule_for(method, thr, buckets, rule), group_batches=group_batches)
+    ad = ab.AdaptivePredictor(predictor, ab.rule_for(method, thr, buckets, rule), group_batches=group_batches,
+                              reuse_scored=reuse_scored)
     pt = _point(base, data, eval_cfg, ad, metric, cameras)
     pt["threshold"] = float(thr)
     # every timed pass (score passes + bucket passes) per video: what the adaptive budget costs or saves
@@ -168,7 +175,8 @@ def sweep(model: vlm.Molmo2, data_cfg: DataConfig, eval_cfg: EvalConfig, *, meth
     adaptive.append(pt)
   matched, vs05 = _comparisons(fixed, adaptive, lambda p: [p["correct"]], [0], resamples=resamples)
   return {"split": eval_cfg.split, "method": method, "rule": rule, "metric": metric, "buckets": list(buckets),
-          "batch_size": data_cfg.batch_size, "group_batches": group_batches, "warmup_compilations": warmup_compilations,
+          "batch_size": data_cfg.batch_size, "group_batches": group_batches, "reuse_scored": reuse_scored,
+          "warmup_compilations": warmup_compilations,
           "thresholds": list(thresholds), "num_examples": len(data), "checkpoint": checkpoint,
           "fixed": fixed, "adaptive": adaptive, "matched": matched, "vs_fixed_05": vs05}
 

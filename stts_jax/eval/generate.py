@@ -82,6 +82,16 @@ def vision_stage(model: vlm.Molmo2, patches: Shaped[Array, "B T P I"], frame_mas
                         scores_btw=vision.scores_btw.astype(jnp.float32), packed=vision.packed)
 
 
+def vision_stage_scored(model: vlm.Molmo2, scored: vf.ScoredVision, frame_mask: Bool[Array, "B T"]) -> VisionFeatures:
+  """`vision_stage` from a `video_forward.vit_scored` output: the blocks after pruning at the model's
+  ratio, then the adapter. Same result as `vision_stage` on the patches that gave `scored`."""
+  features, keep, packed = vf.vit_pruned(model, scored, frame_mask)
+  feats_bke = vf.llm_window_features(model, vf.VisionOutput(features, keep, scored.scores_btw,
+                                                            jnp.zeros((), jnp.float32), packed))
+  return VisionFeatures(feats_bke=feats_bke, keep_mask_btw=keep, scores_btw=scored.scores_btw.astype(jnp.float32),
+                        packed=packed)
+
+
 def llm_inputs(model: vlm.Molmo2, input_ids: Int[Array, "B S"], token_mask: Bool[Array, "B S"],
                vision: VisionFeatures) -> tuple[decoding.LLMInputs, Int[Array, "B"]]:
   """The decoder input of `video_forward.llm_forward` for a prompt: (inputs `[B, S']`, truncated)."""

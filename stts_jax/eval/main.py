@@ -84,7 +84,7 @@ def adaptive_from_config(config: Any, checkpoint: str, *, method: str, threshold
                          split: Optional[str] = None, max_examples: Optional[int] = None,
                          step: Optional[int] = None, out_dir: Optional[str] = None,
                          extra: Optional[dict[str, Any]] = None, rule: str = "threshold",
-                         group_batches: bool = True) -> tuple[dict[str, Any], list[str]]:
+                         group_batches: bool = True, reuse_scored: bool = True) -> tuple[dict[str, Any], list[str]]:
   """`--budget adaptive`: fixed ratios vs adaptive thresholds (or score-mass fractions, `rule`) (`adaptive_eval.sweep`), single device;
   writes adaptive.{json,md,png} to `out_dir` (default <workdir>/eval_adaptive)."""
   from stts_jax.eval import adaptive_budget as ab
@@ -104,7 +104,8 @@ def adaptive_from_config(config: Any, checkpoint: str, *, method: str, threshold
     raise ValueError("adaptive budget with method 'stts' needs a checkpoint with scorer weights")
   results = adaptive_eval.sweep(model, cfgs["data"], eval_cfg, method=method, thresholds=thresholds,
                                 buckets=tuple(buckets) if buckets else ab.DEFAULT_BUCKETS,
-                                checkpoint=os.path.abspath(checkpoint), rule=rule, group_batches=group_batches)
+                                checkpoint=os.path.abspath(checkpoint), rule=rule, group_batches=group_batches,
+                                reuse_scored=reuse_scored)
   results["checkpoint_info"] = {k: v for k, v in info.items() if isinstance(v, (str, int, float, bool))}
   if not out_dir:
     base = os.path.dirname(info["directory"]) if info["format"] == "orbax" else info["directory"]

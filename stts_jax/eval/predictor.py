@@ -32,6 +32,7 @@ from flax import nnx
 from stts_jax.eval import decoding
 from stts_jax.eval import generate as gen_lib
 from stts_jax.models import partitioning
+from stts_jax.models import video_forward as vf
 from stts_jax.models import vlm
 
 STAGES = ("vision", "prefill", "decode")
@@ -59,6 +60,11 @@ def _vision_pure(graphdef, state, patches, frame_mask, rng, example_ids, *, mesh
     return gen_lib.vision_stage(nnx.merge(graphdef, state), patches, frame_mask, rng)
 
 
+def _vision_scored_pure(graphdef, state, scored, frame_mask, *, mesh=None, rules=()):
+  with _rules_context(mesh, rules):
+    return gen_lib.vision_stage_scored(nnx.merge(graphdef, state), scored, frame_mask)
+
+
 def _prefill_pure(graphdef, state, input_ids, token_mask, vision, option_ids, *, max_new_tokens: int,
                   mesh=None, rules=()):
   with _rules_context(mesh, rules):
@@ -77,6 +83,7 @@ def _decode_pure(graphdef, state, prefill, valid, rng, *, max_new_tokens: int, s
 
 _STATIC = ("graphdef", "mesh", "rules")
 _vision_jit = jax.jit(_vision_pure, static_argnames=_STATIC)
+_vision_scored_jit = jax.jit(_vision_scored_pure, static_argnames=_STATIC)
 _prefill_jit = jax.jit(_prefill_pure, static_argnames=_STATIC + ("max_new_tokens",))
 _decode_jit = jax.jit(_decode_pure, static_argnames=_STATIC + ("max_new_tokens", "stop_ids", "pad_id",
                                                                "temperature", "top_p"))
@@ -86,6 +93,11 @@ def compile_counts() -> dict[str, int]:
   """Compiled executables held by each stage's jit cache (process-wide)."""
   return {"vision": _vision_jit._cache_size(), "prefill": _prefill_jit._cache_size(),
           "decode": _decode_jit._cache_size()}
+
+
+def scored_vision_compile_count() -> int:
+  """Compiled executables of the vision stage started from a `ScoredVision` (`Predictor(scored=...)`)."""
+  return _vision_scored_jit._cache_size()
 
 
 def to_host(x: Any) -> np.ndarray:
@@ -131,8 +143,8 @@ class Predictor:
     self._placed = (model, graphdef, state)
     return graphdef, state
 
-  def _device_batch(self, batch: Mapping[str, np.ndarray]) -> dict[str, Any]:
-    fields = {k: np.asarray(batch[k]) for k in DEVICE_KEYS if k in batch}
+  def _device_batch(self, batch: Mapping[str, np.ndarray], skip: Sequence[str] = ()) -> dict[str, Any]:
+    fields = {k: np.asarray(batch[k]) for k in DEVICE_KEYS if k in batch and k not in skip}
     if self.mesh is None:
       return {k: jnp.asarray(v) for k, v in fields.items()}
     from stts_jax.parallel import sharding
@@ -145,7 +157,10 @@ class Predictor:
     return out
 
   def __call__(self, model: vlm.Molmo2, batch: Mapping[str, np.ndarray], *, generate: bool = True,
-               step: int = 0) -> dict[str, np.ndarray]:
+               step: int = 0, scored: Optional[vf.ScoredVision] = None) -> dict[str, np.ndarray]:
+    """scored: the batch's `video_forward.vit_scored` output (on device), which the vision stage then
+    starts from (`patches` unused; the model must prune with "stts" or "heuristic"). The outputs are
+    those of the path from the patches; `times["vision"]` then holds the rest of the ViT only."""
     cfg = model.config
     graphdef, state = self._split(model)
     host = gen_lib.prompt_only(batch, cfg.tokens.pad)
@@ -155,15 +170,22 @@ class Predictor:
       host["valid"] = np.ones(host["input_ids"].shape[0], bool)
     if "example_id" in host:   # -1 (padding slots) -> 0; int32 on device
       host["example_id"] = np.maximum(np.asarray(host["example_id"]), 0).astype(np.int32)
-    dev = self._device_batch(host)
+    dev = self._device_batch(host, skip=("patches",) if scored is not None else ())
     ctx = dict(mesh=self.mesh, rules=self.rules)
     prune_rng = jax.random.key(cfg.stts.random_seed)
     example_ids = dev.get("example_id")
     if example_ids is None:
       prune_rng = jax.random.fold_in(prune_rng, step)
     with (jax.set_mesh(self.mesh) if self.mesh is not None else _Null()):
-      vision = self._timed("vision", _vision_jit, graphdef=graphdef, state=state, patches=dev["patches"],
-                           frame_mask=dev["frame_mask"], rng=prune_rng, example_ids=example_ids, **ctx)
+      if scored is None:
+        vision = self._timed("vision", _vision_jit, graphdef=graphdef, state=state, patches=dev["patches"],
+                             frame_mask=dev["frame_mask"], rng=prune_rng, example_ids=example_ids, **ctx)
+      else:
+        if not cfg.stts.prunes or cfg.stts.method not in ("stts", "heuristic"):
+          raise ValueError("Predictor: `scored` needs a model that prunes with method 'stts' or 'heuristic', "
+                           f"got method={cfg.stts.method!r} ratio={cfg.stts.ratio}")
+        vision = self._timed("vision", _vision_scored_jit, graphdef=graphdef, state=state, scored=scored,
+                             frame_mask=dev["frame_mask"], **ctx)
       pre, option_lp = self._timed("prefill", _prefill_jit, graphdef=graphdef, state=state,
                                    input_ids=dev["input_ids"], token_mask=dev["token_mask"], vision=vision,
                                    option_ids=dev["option_ids"], max_new_tokens=self.max_new_tokens, **ctx)
@@ -181,4 +203,4 @@ class Predictor:
     return out
 
 
-__all__ = ["DEVICE_KEYS", "Predictor", "STAGES", "compile_counts", "to_host"]
+__all__ = ["DEVICE_KEYS", "Predictor", "STAGES", "compile_counts", "scored_vision_compile_count", "to_host"]

@@ -17,7 +17,8 @@ Vision side (`vit_features_video`), with pruning (method != "none" and ratio > 0
   max(adapter taps) on the packed rows (segment ids) -> taps scattered back to [B, T, P, D] (zeros
   for dropped patches). If some video of the batch needs more than R rows, that batch runs the same
   blocks unpacked, one frame per row with the identical attention sets (exact, only slower).
-  Without pruning: all blocks on all frames, as Molmo2.__call__.
+  Without pruning: all blocks on all frames, as Molmo2.__call__. The pruned path is `vit_scored` (up to
+  the soft block: nothing there depends on the drop ratio) followed by `vit_pruned` (keep mask onwards).
 Adapter: only kept windows are pooled, K = num_kept(T bucket) static slots per video, in (t, w)
   order (slots past a shorter video's count are padding rows).
 LLM side (`llm_forward`): the `<im_patch>` tokens of dropped windows leave the sequence, which is
@@ -155,38 +156,36 @@ def run_vit_rows(model, hidden_bnpd: Float[Array, "B N P D"], start: int, stop: 
   return back(out), {t: back(v) for t, v in outs.items()}
 
 
-def vit_features_video(model, patches: Shaped[Array, "B T P I"], frame_mask: Bool[Array, "B T"],
-                       rng: Optional[jax.Array] = None, *, deterministic: bool = True,
-                       video_ids: Optional[Int[Array, "B T"]] = None, num_videos: int = 1) -> VisionOutput:
-  """The ViT half of the STTS forward (module docstring): features for the adapter plus the keep mask.
+@struct.dataclass
+class ScoredVision:
+  """The part of the pruned ViT forward that no drop ratio changes (`vit_scored`).
 
-  video_ids / num_videos: example-packed rows (`frame_example`, V); None: one video per row."""
+  Everything up to the keep mask: the scores, and the soft block's output (its key bias comes from
+  the scores alone). An adaptive budget computes it once per video and runs only `vit_pruned` per
+  bucket."""
+  hidden_btpd: Any   # float [B, T, P, D]; output of block prune_at+1 (input of the blocks after pruning)
+  taps: Any   # {layer: float [B, T, P, D]}; adapter taps at layers <= prune_at+1
+  scores_btw: Any   # float [B, T, W]; window scores (padding frames: whatever the method gives)
+
+
+def vit_scored(model, patches: Shaped[Array, "B T P I"], frame_mask: Bool[Array, "B T"],
+               rng: Optional[jax.Array] = None, *, deterministic: bool = True,
+               video_ids: Optional[Int[Array, "B T"]] = None) -> tuple[ScoredVision, Float[Array, ""]]:
+  """Embed, blocks 0..prune_at, scores, then the soft block prune_at+1 on every token -> (scored, aux loss).
+
+  Needs a pruning config (`stts.prunes`); the drop ratio plays no part."""
   cfg = model.config
   st = cfg.stts
   b, t, p, i = patches.shape
   grid_hw, window = (cfg.vit.grid, cfg.vit.grid), tuple(st.window)
-  w = cfg.windows_per_frame
   taps = tuple(cfg.adapter.vit_layers)
-  last = max(taps) + 1
   hidden = model.vit.embed(normalize_patches(patches).reshape(b * t, p, i))
-  d = hidden.shape[-1]
-  hidden = hidden.reshape(b, t, p, d)
-  if not st.prunes:
-    _, outs = run_vit_rows(model, hidden, 0, last, taps=taps)
-    features = adapter_lib.concat_taps(outs, taps)
-    keep = jnp.broadcast_to(frame_mask[:, :, None], (b, t, w))
-    zero = jnp.zeros((), jnp.float32)
-    return VisionOutput(features, keep, jnp.zeros((b, t, w), jnp.float32), zero, jnp.asarray(False))
-
+  hidden = hidden.reshape(b, t, p, hidden.shape[-1])
   soft = st.prune_at + 1
   hidden_btpd, outs = run_vit_rows(model, hidden, 0, soft, taps=taps)
   # Example-packed rows: the first frame of every video plays frame 0's part (no previous frame).
   first = None if video_ids is None else example_packing.first_frames(frame_mask, video_ids)
   scores = _scores(model, st.method, hidden_btpd, rng, grid_hw, window, deterministic, first)
-  if video_ids is None:
-    keep = pruning.budget_keep_mask_batched(scores, frame_mask, st.ratio)
-  else:
-    keep = example_packing.budget_keep_mask_packed(scores, frame_mask, video_ids, num_videos, st.ratio)
   if st.method == "stts":
     aux = aux_lib.temporal_aux_loss_batched(scores, hidden_btpd, frame_mask, grid_hw, window, first=first)
     key_bias = pruning.scores_to_patch_bias_batched(scores, frame_mask, grid_hw, window, st.bias_rescale_scope,
@@ -195,15 +194,49 @@ def vit_features_video(model, patches: Shaped[Array, "B T P I"], frame_mask: Boo
     aux, key_bias = jnp.zeros((), jnp.float32), None
   hidden_btpd, soft_outs = run_vit_rows(model, hidden_btpd, soft, soft + 1, taps=taps, key_bias_bnp=key_bias)
   outs.update(soft_outs)
+  return ScoredVision(hidden_btpd, outs, scores), aux
 
+
+def vit_pruned(model, scored: ScoredVision, frame_mask: Bool[Array, "B T"], *,
+               video_ids: Optional[Int[Array, "B T"]] = None, num_videos: int = 1
+               ) -> tuple[Float[Array, "B T P C"], Bool[Array, "B T W"], Bool[Array, ""]]:
+  """The rest of the pruned ViT at the model's drop ratio -> (adapter taps concatenated, keep mask, packed)."""
+  cfg = model.config
+  st = cfg.stts
+  b, t = frame_mask.shape
+  w = cfg.windows_per_frame
   if video_ids is None:
+    keep = pruning.budget_keep_mask_batched(scored.scores_btw, frame_mask, st.ratio)
     rows = budget.num_rows(t, w, st.ratio, st.num_rows)
   else:
+    keep = example_packing.budget_keep_mask_packed(scored.scores_btw, frame_mask, video_ids, num_videos, st.ratio)
     rows = example_packing.vit_rows(cfg, t, num_videos)
-  post, fits = vit_after_prune(model, hidden_btpd, keep, num_rows=rows, video_ids=video_ids)
-  outs.update(post)
-  features = adapter_lib.concat_taps(outs, taps)
-  return VisionOutput(features, keep, scores.astype(jnp.float32), aux, fits)
+  post, fits = vit_after_prune(model, scored.hidden_btpd, keep, num_rows=rows, video_ids=video_ids)
+  features = adapter_lib.concat_taps({**scored.taps, **post}, tuple(cfg.adapter.vit_layers))
+  return features, keep, fits
+
+
+def vit_features_video(model, patches: Shaped[Array, "B T P I"], frame_mask: Bool[Array, "B T"],
+                       rng: Optional[jax.Array] = None, *, deterministic: bool = True,
+                       video_ids: Optional[Int[Array, "B T"]] = None, num_videos: int = 1) -> VisionOutput:
+  """The ViT half of the STTS forward (module docstring): features for the adapter plus the keep mask.
+
+  Pruned: `vit_scored` then `vit_pruned`. video_ids / num_videos: example-packed rows
+  (`frame_example`, V); None: one video per row."""
+  cfg = model.config
+  b, t, p, i = patches.shape
+  if not cfg.stts.prunes:
+    taps = tuple(cfg.adapter.vit_layers)
+    hidden = model.vit.embed(normalize_patches(patches).reshape(b * t, p, i))
+    _, outs = run_vit_rows(model, hidden.reshape(b, t, p, hidden.shape[-1]), 0, max(taps) + 1, taps=taps)
+    features = adapter_lib.concat_taps(outs, taps)
+    keep = jnp.broadcast_to(frame_mask[:, :, None], (b, t, cfg.windows_per_frame))
+    zero = jnp.zeros((), jnp.float32)
+    return VisionOutput(features, keep, jnp.zeros((b, t, cfg.windows_per_frame), jnp.float32), zero,
+                        jnp.asarray(False))
+  scored, aux = vit_scored(model, patches, frame_mask, rng, deterministic=deterministic, video_ids=video_ids)
+  features, keep, fits = vit_pruned(model, scored, frame_mask, video_ids=video_ids, num_videos=num_videos)
+  return VisionOutput(features, keep, scored.scores_btw.astype(jnp.float32), aux, fits)
 
 
 def vit_after_prune(model, hidden_btpd: Float[Array, "B T P D"], keep_mask: Bool[Array, "B T W"], *,

@@ -146,9 +146,11 @@ def test_adaptive_outputs_independent_of_batch_mates_one_compile_per_bucket(stts
   buckets = set(out_a["bucket"].tolist()) | set(out_m["bucket"].tolist())
   n_a = len(set(out_a["bucket"].tolist()))
   assert n_a >= 2
-  for stage in predictor_lib.STAGES:          # one compilation per (bucket, frame count), never again
+  # one compilation per (bucket, frame count), never again; bucket passes start from the score pass
+  for stage in ("vision_scored", "prefill", "decode"):
     assert mid[stage] - before[stage] == n_a
     assert after[stage] - before[stage] == len(buckets)
+  assert after["vision"] == before["vision"]
   assert after["score"] - before["score"] <= 1
   # video 0: same bucket, same kept windows, same answer and option scores whatever its batch-mates.
   assert out_a["bucket"][0] == out_m["bucket"][0]
@@ -300,9 +302,13 @@ def test_grouped_passes_match_per_batch_results_and_fill_bucket_passes(stts_mode
   for counts in per_bucket.values():
     assert all(c == b for c in counts[:-1]) and 1 <= counts[-1] <= b
     assert len(counts) == -(-sum(counts) // b)
-  for stage in predictor_lib.STAGES:
+  for stage in predictor_lib.STAGES + ("vision_scored",):
     assert after[stage] - before[stage] == 0       # per-batch calls above compiled every bucket already
   assert after["score"] == before["score"]
+  assert after["rows"] - before["rows"] <= 2       # the row split and stack, once for this batch shape
+  again = ab.AdaptivePredictor(predictor_lib.Predictor(max_new_tokens=3), rule, group_batches=True)
+  list(again.grouped_passes(model, iter(batches), generate=True))
+  assert ab.compile_counts() == after
   assert len(grouped.score_times) == 3 and grouped.total_seconds() > 0
   assert sum(len(ts["vision"]) for ts in grouped.bucket_times.values()) == sum(len(c) for c in per_bucket.values())
 
@@ -329,3 +335,38 @@ def test_sweep_grouped_and_per_batch_agree_per_question(tmp_path, stts_model):
   assert all(f["ms_per_video"] > 0 for f in grouped["fixed"])
   md = adaptive_eval.markdown(grouped)
   assert "ms / video" in md and "grouped by bucket across batches" in md
+
+
+def test_bucket_passes_from_the_score_pass_equal_passes_from_the_patches(stts_model):
+  """Reusing the score pass's ViT (up to the soft block) changes no output: against bucket passes
+  that start from the patches, and against a plain fixed-ratio call at each video's bucket. Bucket
+  0.0 (unpruned) starts from the patches either way."""
+  from stts_jax.eval import generate as gen_lib
+  model = stts_model
+  t = 4
+  a = helpers.video_batch(model.config, [4, 4, 3, 4, 2, 4, 4], t, seed=3)   # 7 rows: this test's own shape
+  a["option_ids"] = np.tile(np.arange(30, 34, dtype=np.int32), (7, 1))
+  scores = ab.score_videos(model, a)
+  cand = np.concatenate([scores[i, 1:int(a["frame_mask"][i].sum())].ravel() for i in range(7)])
+  buckets = (0.0, 0.3, 0.5, 0.7)
+  thr = next(float(q) for q in np.quantile(cand, np.linspace(0.1, 0.9, 17))
+             if len(set(ab.choose_buckets(scores, a["frame_mask"], ab.AdaptiveRule(float(q), buckets))[0])) >= 3)
+  rule = ab.AdaptiveRule(thr, buckets)
+  reuse = ab.AdaptivePredictor(predictor_lib.Predictor(max_new_tokens=3), rule)
+  plain = ab.AdaptivePredictor(predictor_lib.Predictor(max_new_tokens=3), rule, reuse_scored=False)
+  out_r, out_p = reuse(model, a), plain(model, a)
+  assert len(set(out_r["bucket"].tolist())) >= 3
+  for k in ("bucket", "keep_mask", "tokens", "num_kept", "vision_tokens", "budget_satisfied", "adaptive_scores"):
+    assert np.array_equal(out_r[k], out_p[k]), k
+  np.testing.assert_allclose(out_r["option_logprobs"], out_p["option_logprobs"], atol=1e-5)
+  np.testing.assert_allclose(out_r["scores"], out_p["scores"], atol=1e-6)
+  # pruned buckets: a gather stage plus the rest of the ViT; bucket 0.0 runs the full vision stage
+  assert all(("gather" in ts) == (r > 0) for r, ts in reuse.bucket_times.items())
+  assert not any("gather" in ts for ts in plain.bucket_times.values())
+  fixed = predictor_lib.Predictor(max_new_tokens=3)
+  for r in sorted(set(out_r["bucket"].tolist())):
+    rows = out_r["bucket"] == r
+    ref = fixed(gen_lib.model_variant(model, ratio=r, budget="fixed"), a, generate=True)
+    assert np.array_equal(out_r["keep_mask"][rows], ref["keep_mask"][rows])
+    assert np.array_equal(out_r["tokens"][rows], ref["tokens"][rows])
+    np.testing.assert_allclose(out_r["option_logprobs"][rows], ref["option_logprobs"][rows], atol=1e-5)
