@@ -22,7 +22,9 @@ arg: `data` (dataset dir), `variant` (default | hard: which default dataset, see
 (stts | none | random | heuristic), `ratio`, `mixed` (bool: train at the adaptive budget's
 buckets 0.3/0.5/0.7/0.85 in turn, `train.stts_ratios`; docs/adaptive_budget.md), `steps` (0: the
 variant's `STEPS`), `batch`,
-`lr`, `seed`, `runlocal` (bool: a few steps on a small dataset for smoke tests).
+`lr`, `seed`, `runlocal` (bool: a few steps on a small dataset for smoke tests), `frozen_early` (bool:
+every run holds the ViT embeddings and blocks 0..prune_at at stage 0's weights, `optim.freeze_vit_blocks`;
+docs/main_job.md).
 
 `variant=hard` (data_cache/default_hard, `default_dataset.Spec(variant="hard")`): distractors that
 change more than the event, so the pixel heuristic keeps the event window at ratio 0.5 about as
@@ -62,7 +64,7 @@ def model_config(method: str = "stts", ratio: float = 0.5) -> config_lib.ModelCo
 
 def get_config(arg=None) -> ml_collections.ConfigDict:
   arg = common.parse_arg(arg, data="", variant="default", method="stts", ratio=0.5, steps=0, batch=16, lr=1e-3, seed=0,
-                         pretrain=200, runlocal=False, mixed=False)
+                         pretrain=200, runlocal=False, mixed=False, frozen_early=False)
   from stts_jax.data import default_dataset
   from stts_jax.experiments import config as job_config   # registers the `job` section
   if arg.variant not in default_dataset.VARIANTS:
@@ -94,6 +96,11 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     # (and the workdirs that record them) stay as they were.
     from stts_jax.eval import adaptive_budget
     cfg.train.stts_ratios = tuple(adaptive_budget.DEFAULT_BUCKETS)
+  if arg.frozen_early:
+    # Every run keeps stage 0's embeddings and blocks 0..prune_at (what the scorer, the heuristic and
+    # the aux target read), so no run can fine-tune the heuristic's features toward the event.
+    # Only set when asked, as `mixed`.
+    cfg.train.optim["freeze_vit_blocks"] = model_config(arg.method, arg.ratio).stts.prune_at + 1
   cfg.mesh = dict(data=-1, fsdp=1, tensor=1)
   cfg.eval = dict(split="test", evaluators=("multiple_choice",), mc_modes=("likelihood",),
                   batch_size=8 if arg.runlocal else 32, warmup=1)

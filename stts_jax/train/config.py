@@ -22,6 +22,10 @@ class OptimConfig:
 
   Parameter paths are '/'-joined NNX paths (e.g. 'vit/blocks/attn/q_proj/kernel').
   freeze: regexes (re.search) over paths; matching params get no gradient and no optimizer state.
+  freeze_vit_blocks: n > 0 holds the ViT's patch and positional embeddings and its first n blocks at
+    their initial weights (their gradients leave the clipping norm and their updates are zeroed; the
+    stacked blocks' rows 0..n-1, which no path regex can select). With n = prune_at + 1 the features
+    that every scorer, the heuristic and the aux target read stay those of the starting tower.
   scorer_pattern / scorer_learning_rate: params matching the pattern use their own peak learning
     rate (None = the main one) under the same schedule shape.
   vision_pattern / vision_learning_rate: the same for the vision tower (ViT + adapter; the scorer
@@ -34,6 +38,7 @@ class OptimConfig:
   vision_learning_rate: Optional[float] = None
   vision_pattern: str = r"^(vit|adapter)/"
   freeze: tuple[str, ...] = ()
+  freeze_vit_blocks: int = 0
   warmup_steps: int = 0
   decay_steps: Optional[int] = None      # cosine length after warmup; None -> train.num_steps - warmup
   min_lr_ratio: float = 0.0              # final lr = peak * min_lr_ratio
@@ -50,6 +55,8 @@ class OptimConfig:
       raise ValueError("optim: warmup_steps must be >= 0 and decay_steps >= 1")
     if self.clip_norm < 0:
       raise ValueError("optim.clip_norm must be >= 0")
+    if self.freeze_vit_blocks < 0:
+      raise ValueError(f"optim.freeze_vit_blocks must be >= 0, got {self.freeze_vit_blocks}")
     for pattern in (self.scorer_pattern, self.vision_pattern, *self.freeze):
       try:
         re.compile(pattern)

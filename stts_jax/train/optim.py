@@ -5,6 +5,7 @@ import re
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 from flax import nnx
 
@@ -54,13 +55,37 @@ def _labels(scorer_pattern: str, vision_pattern: str):
   return label_tree
 
 
+_VIT_EMBED = re.compile(r"^vit/(patch_embedding|positional_embedding)(/|$)")
+_VIT_BLOCKS = re.compile(r"^vit/blocks/(?:(\d+)/)?")   # group 1: the block of an unstacked (List) tower
+
+
+def zero_early_vit(num_blocks: int) -> optax.GradientTransformation:
+  """Zeroes the ViT embeddings' and first `num_blocks` blocks' entries of a gradient or update tree
+  (stacked blocks: rows 0..num_blocks-1 of the leading layer axis)."""
+
+  def zero(path, x):
+    name = sharding.path_str(path)
+    if _VIT_EMBED.search(name):
+      return jnp.zeros_like(x)
+    m = _VIT_BLOCKS.search(name)
+    if m is None:
+      return x
+    if m.group(1) is not None:
+      return jnp.zeros_like(x) if int(m.group(1)) < num_blocks else x
+    keep = (jnp.arange(x.shape[0]) >= num_blocks).reshape((-1,) + (1,) * (x.ndim - 1))
+    return jnp.where(keep, x, jnp.zeros((), x.dtype))
+
+  return optax.stateless(lambda updates, params=None: jax.tree_util.tree_map_with_path(zero, updates))
+
+
 def _decay_mask(params: Any) -> Any:
   return jax.tree.map(lambda x: getattr(x, "ndim", 0) >= 2, params)
 
 
 def make_tx(cfg: TrainConfig) -> optax.GradientTransformation:
   """clip_by_global_norm -> multi_transform({main, scorer, vision} AdamW). Frozen params never reach it
-  (the NNX optimizer only holds `trainable(cfg)` params)."""
+  (the NNX optimizer only holds `trainable(cfg)` params). `optim.freeze_vit_blocks` > 0: the early
+  tower's gradients are zeroed before clipping and its updates after AdamW (weight decay included)."""
   o = cfg.optim
   sched = schedules(cfg)
 
@@ -69,9 +94,11 @@ def make_tx(cfg: TrainConfig) -> optax.GradientTransformation:
                        mask=_decay_mask)
   inner = optax.multi_transform({name: adamw(sched[name]) for name in ("main", "scorer", "vision")},
                                 _labels(o.scorer_pattern, o.vision_pattern))
-  if o.clip_norm > 0:
-    return optax.chain(optax.clip_by_global_norm(o.clip_norm), inner)
-  return inner
+  parts = [optax.clip_by_global_norm(o.clip_norm)] if o.clip_norm > 0 else []
+  parts.append(inner)
+  if o.freeze_vit_blocks > 0:
+    parts = [zero_early_vit(o.freeze_vit_blocks), *parts, zero_early_vit(o.freeze_vit_blocks)]
+  return parts[0] if len(parts) == 1 else optax.chain(*parts)
 
 
 def make_optimizer(model: nnx.Module, cfg: TrainConfig) -> nnx.Optimizer:

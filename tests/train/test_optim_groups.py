@@ -23,3 +23,43 @@ def test_param_groups_and_their_peaks():
   assert plain == pytest.approx({"main": 1e-3, "scorer": 1e-3, "vision": 1e-3})
   with pytest.raises(ValueError, match="learning rates"):
     OptimConfig(vision_learning_rate=-1.0).validate()
+
+
+def test_freeze_vit_blocks_holds_the_early_tower_and_leaves_the_clipping_norm():
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from flax import nnx
+  from stts_jax.models import vlm
+  from stts_jax.parallel import sharding
+  from stts_jax.testing import tiny
+  model = vlm.Molmo2(tiny.tiny_model_config(method="stts", ratio=0.5), rngs=nnx.Rngs(0))
+  params = nnx.state(model, nnx.Param)
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  grads = jax.tree_util.tree_unflatten(treedef, [jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
+  n = 2
+
+  def cfg(freeze_blocks):
+    return TrainConfig(num_steps=10, optim=OptimConfig(learning_rate=1e-2, weight_decay=0.1, clip_norm=1.0,
+                                                       freeze_vit_blocks=freeze_blocks))
+
+  def step(freeze_blocks, g):
+    tx = optim.make_tx(cfg(freeze_blocks))
+    updates, _ = tx.update(g, tx.init(params), params)
+    return {sharding.path_str(p): np.asarray(u) for p, u in jax.tree_util.tree_flatten_with_path(updates)[0]}
+
+  frozen = step(n, grads)
+  # the same step without freezing, on gradients whose early-tower entries are zero: same clipping norm
+  masked = step(0, optim.zero_early_vit(n).update(grads, None)[0])
+  for path, u in frozen.items():
+    if path.startswith("vit/patch_embedding") or path.startswith("vit/positional_embedding"):
+      assert not u.any(), path
+    elif path.startswith("vit/blocks/"):
+      assert not u[:n].any() and u[n:].any(), path      # weight decay would move frozen rows otherwise
+      np.testing.assert_allclose(u[n:], masked[path][n:], rtol=1e-5, atol=1e-8)
+    else:
+      assert u.any(), path
+      np.testing.assert_allclose(u, masked[path], rtol=1e-5, atol=1e-8)
+  with pytest.raises(ValueError, match="freeze_vit_blocks"):
+    OptimConfig(freeze_vit_blocks=-1).validate()
