@@ -23,8 +23,9 @@ arg: `data` (dataset dir), `variant` (default | hard: which default dataset, see
 buckets 0.3/0.5/0.7/0.85 in turn, `train.stts_ratios`; docs/adaptive_budget.md), `steps` (0: the
 variant's `STEPS`), `batch`,
 `lr`, `seed`, `runlocal` (bool: a few steps on a small dataset for smoke tests), `frozen_early` (bool:
-every run holds the ViT embeddings and blocks 0..prune_at at stage 0's weights, `optim.freeze_vit_blocks`;
-docs/main_job.md).
+every run holds the ViT embeddings and blocks 0..prune_at at stage 0's weights, `optim.freeze_vit_blocks`),
+`generic_early` (bool: as `frozen_early`, and stage 0 leaves them at their random initialisation,
+`job.vision_pretrain_freeze_blocks`; docs/main_job.md).
 
 `variant=hard` (data_cache/default_hard, `default_dataset.Spec(variant="hard")`): distractors that
 change more than the event, so the pixel heuristic keeps the event window at ratio 0.5 about as
@@ -64,7 +65,8 @@ def model_config(method: str = "stts", ratio: float = 0.5) -> config_lib.ModelCo
 
 def get_config(arg=None) -> ml_collections.ConfigDict:
   arg = common.parse_arg(arg, data="", variant="default", method="stts", ratio=0.5, steps=0, batch=16, lr=1e-3, seed=0,
-                         pretrain=200, runlocal=False, mixed=False, frozen_early=False)
+                         pretrain=200, runlocal=False, mixed=False, frozen_early=False,
+                         generic_early=False)
   from stts_jax.data import default_dataset
   from stts_jax.experiments import config as job_config   # registers the `job` section
   if arg.variant not in default_dataset.VARIANTS:
@@ -96,17 +98,22 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     # (and the workdirs that record them) stay as they were.
     from stts_jax.eval import adaptive_budget
     cfg.train.stts_ratios = tuple(adaptive_budget.DEFAULT_BUCKETS)
-  if arg.frozen_early:
+  early = model_config(arg.method, arg.ratio).stts.prune_at + 1
+  if arg.frozen_early or arg.generic_early:
     # Every run keeps stage 0's embeddings and blocks 0..prune_at (what the scorer, the heuristic and
     # the aux target read), so no run can fine-tune the heuristic's features toward the event.
     # Only set when asked, as `mixed`.
-    cfg.train.optim["freeze_vit_blocks"] = model_config(arg.method, arg.ratio).stts.prune_at + 1
+    cfg.train.optim["freeze_vit_blocks"] = early
   cfg.mesh = dict(data=-1, fsdp=1, tensor=1)
   cfg.eval = dict(split="test", evaluators=("multiple_choice",), mc_modes=("likelihood",),
                   batch_size=8 if arg.runlocal else 32, warmup=1)
   # Every JobConfig field is spelled out so that `--config.job.<field>=...` overrides work.
   job = dict(dataclasses.asdict(job_config.JobConfig()), seeds=(arg.seed,), dataset_variant=arg.variant,
              vision_pretrain_steps=arg.pretrain, vision_pretrain_pruned_ratio=arg.ratio)
+  if arg.generic_early:
+    # ... and stage 0 leaves them at their random initialisation: generic features, as a pretrained
+    # tower's early blocks, that were never taught this dataset's event.
+    job["vision_pretrain_freeze_blocks"] = early
   if arg.variant == "hard":
     job.update(max_accuracy_gap=None, min_gain_over_heuristic=0.05)
   if arg.runlocal:

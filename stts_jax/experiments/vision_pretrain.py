@@ -60,6 +60,9 @@ class PretrainConfig:
   tag_weight: loss weight of tagged (event, decoy) windows against 1 for plain ones (they are ~3%).
   code_scale / position_scale: RMS of the class and position codes (the adapter output of the random
   tower is ~10 RMS; codes of a few units are easy to reach and dominate the LLM's RMS-normed input).
+  freeze_vit_blocks: n > 0 leaves the ViT embeddings and blocks 0..n-1 at their random
+  initialisation (`optim.zero_early_vit`), so the features that scorers and the heuristic read are
+  not taught the event.
   """
   steps: int = 200
   learning_rate: float = 1e-3
@@ -69,12 +72,15 @@ class PretrainConfig:
   position_scale: float = 1.0
   pruned_ratio: float = 0.0
   seed: int = 0
+  freeze_vit_blocks: int = 0
 
   def validate(self) -> "PretrainConfig":
     if self.steps < 0 or self.batch_size < 1 or self.learning_rate <= 0:
       raise ValueError(f"vision pretraining: need steps >= 0, batch_size >= 1, learning_rate > 0; got {self}")
     if not 0.0 <= self.pruned_ratio < 1.0:
       raise ValueError(f"vision pretraining: pruned_ratio must be in [0, 1), got {self.pruned_ratio}")
+    if self.freeze_vit_blocks < 0:
+      raise ValueError(f"vision pretraining: freeze_vit_blocks must be >= 0, got {self.freeze_vit_blocks}")
     return self
 
 
@@ -179,8 +185,10 @@ def pretrain(model_cfg: config_lib.ModelConfig, data_cfg: Any, cfg: PretrainConf
   from stts_jax.models import vlm
   cfg.validate()
   path = os.path.join(out_dir, FILE)
-  settings = {"pretrain": dataclasses.asdict(cfg), "model": config_lib.to_dict(model_cfg),
-              "data": data_cfg.path}
+  pretrain_settings = dataclasses.asdict(cfg)
+  if not cfg.freeze_vit_blocks:   # towers saved before the field existed stay reusable
+    pretrain_settings.pop("freeze_vit_blocks")
+  settings = {"pretrain": pretrain_settings, "model": config_lib.to_dict(model_cfg), "data": data_cfg.path}
   settings = json.loads(json.dumps(settings))
   if os.path.isfile(path):
     params, meta = load(path)
@@ -198,7 +206,11 @@ def pretrain(model_cfg: config_lib.ModelConfig, data_cfg: Any, cfg: PretrainConf
                                     else None)
   tagger = _Tagger(model, pruned)
   trainable = nnx.All(nnx.Param, lambda p, _: sharding.path_str(p).startswith(("model/vit/", "model/adapter/")))
-  optimizer = nnx.Optimizer(tagger, optax.adam(cfg.learning_rate), wrt=trainable)
+  tx = optax.adam(cfg.learning_rate)
+  if cfg.freeze_vit_blocks:
+    from stts_jax.train import optim
+    tx = optax.chain(optim.zero_early_vit(cfg.freeze_vit_blocks), tx, optim.zero_early_vit(cfg.freeze_vit_blocks))
+  optimizer = nnx.Optimizer(tagger, tx, wrt=trainable)
   w = model_cfg.windows_per_frame
   classes, positions = (jnp.asarray(a) for a in target_codes(model_cfg.llm.hidden_size, w, cfg))
 

@@ -55,8 +55,9 @@ def _labels(scorer_pattern: str, vision_pattern: str):
   return label_tree
 
 
-_VIT_EMBED = re.compile(r"^vit/(patch_embedding|positional_embedding)(/|$)")
-_VIT_BLOCKS = re.compile(r"^vit/blocks/(?:(\d+)/)?")   # group 1: the block of an unstacked (List) tower
+# The ViT at the root ("vit/...") or under a wrapper module ("model/vit/...", stage 0's tagger).
+_VIT_EMBED = re.compile(r"(^|/)vit/(patch_embedding|positional_embedding)(/|$)")
+_VIT_BLOCKS = re.compile(r"(^|/)vit/blocks/(?:(\d+)/)?")   # group 2: the block of an unstacked (List) tower
 
 
 def zero_early_vit(num_blocks: int) -> optax.GradientTransformation:
@@ -70,8 +71,8 @@ def zero_early_vit(num_blocks: int) -> optax.GradientTransformation:
     m = _VIT_BLOCKS.search(name)
     if m is None:
       return x
-    if m.group(1) is not None:
-      return jnp.zeros_like(x) if int(m.group(1)) < num_blocks else x
+    if m.group(2) is not None:
+      return jnp.zeros_like(x) if int(m.group(2)) < num_blocks else x
     keep = (jnp.arange(x.shape[0]) >= num_blocks).reshape((-1,) + (1,) * (x.ndim - 1))
     return jnp.where(keep, x, jnp.zeros((), x.dtype))
 
