@@ -119,3 +119,21 @@ def test_pruned_path_pretraining_trains_the_same_tower(tiny_data, tmp_path):
   assert any(not np.array_equal(dense[k], params[k]) for k in params)   # the pruned loss moved them
   with pytest.raises(ValueError, match="pruned_ratio"):
     vp.PretrainConfig(pruned_ratio=1.0).validate()
+
+
+def test_freeze_vit_blocks_leaves_the_early_tower_at_its_init(tiny_data, tmp_path):
+  model_cfg = demo.model_config("stts")
+  data_cfg = default_dataset.data_config(tiny_data, batch_size=4, seq_len=demo.SEQ_LEN)
+  cfg = vp.PretrainConfig(steps=3, learning_rate=3e-3, batch_size=4, freeze_vit_blocks=1)
+  init, _ = vp.pretrain(model_cfg, data_cfg, dataclasses.replace(cfg, steps=0), str(tmp_path / "init"))
+  params, _ = vp.pretrain(model_cfg, data_cfg, cfg, str(tmp_path / "tower"))
+  early = [k for k in params if "patch_embedding" in k or "positional_embedding" in k]
+  blocks = [k for k in params if "vit/blocks/" in k]
+  assert early and blocks
+  for k in early:
+    np.testing.assert_array_equal(params[k], init[k])
+  for k in blocks:   # stacked [L, ...]: row 0 at its init, later rows trained
+    np.testing.assert_array_equal(params[k][0], init[k][0])
+  assert any(not np.array_equal(params[k][1:], init[k][1:]) for k in blocks)
+  with pytest.raises(ValueError, match="freeze_vit_blocks"):
+    vp.PretrainConfig(freeze_vit_blocks=-1).validate()
