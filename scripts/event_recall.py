@@ -3,7 +3,8 @@
   python scripts/event_recall.py --config configs/demo.py:variant=hard --split val \
       --rows "stts=runs/X/seed0/stts:stts,heuristic=runs/X/seed0/heuristic:heuristic" --out DIR
 
-Each row is name=CHECKPOINT:method (stts | heuristic | random | none) at --ratio. Writes
+Each row is name=CHECKPOINT:method (stts | heuristic | random | none) at --ratio; CHECKPOINT `init`: the
+config's model at its random initialisation (recall on untrained features). Writes
 DIR/event_recall.{json,md} with this command's provenance (stts_jax/experiments/event_recall.py).
 """
 

@@ -31,6 +31,9 @@ from stts_jax.eval import generate as gen_lib
 from stts_jax.eval import predictor as predictor_lib
 
 
+INIT = "init"   # a row's checkpoint: the config's model at its random initialisation
+
+
 @dataclasses.dataclass(frozen=True)
 class Row:
   """One evaluated selection: `name` (table label), the run or HF directory, the method it selects
@@ -142,8 +145,14 @@ def evaluate_model(model, method: str, ratio: float, data_cfg: DataConfig, split
 def evaluate_row(row: Row, model_cfg, data_cfg: DataConfig, split: str, events: Mapping[str, dict[str, Any]], *,
                  batch_size: Optional[int] = None, max_examples: Optional[int] = None,
                  resamples: int = 10000) -> dict[str, Any]:
-  """One row: load its checkpoint, then `evaluate_model`."""
-  model, info = checkpoints.load_model(row.checkpoint, model_cfg)
+  """One row: load its checkpoint (`INIT`: the config's model at its random initialisation, seed 0,
+  for the recall of a selection on untrained features; its answers are untrained), then `evaluate_model`."""
+  if row.checkpoint == INIT:
+    from flax import nnx
+    from stts_jax.models import vlm
+    model, info = vlm.Molmo2(model_cfg, rngs=nnx.Rngs(0)), {"fresh_scorer": model_cfg.stts.method == "stts"}
+  else:
+    model, info = checkpoints.load_model(row.checkpoint, model_cfg)
   if row.method == "stts" and info.get("fresh_scorer"):
     raise ValueError(f"{row.checkpoint}: method 'stts' needs a checkpoint with scorer weights")
   if batch_size:
@@ -184,4 +193,4 @@ def run(rows: Sequence[Row], model_cfg, data_cfg: DataConfig, split: str, *, bat
   return {"split": split, "data": data_cfg.path, "num_questions": max((r["n"] for r in out), default=0), "rows": out}
 
 
-__all__ = ["Row", "evaluate_model", "markdown", "parse_rows", "read_events", "run", "summarize"]
+__all__ = ["INIT", "Row", "evaluate_model", "markdown", "parse_rows", "read_events", "run", "summarize"]

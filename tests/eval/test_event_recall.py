@@ -58,3 +58,21 @@ def test_evaluate_model_on_a_small_manifest(tmp_path, stts_model):
   md = event_recall.markdown({"split": "val", "num_questions": 8, "rows": [dict(pruned, name="stts", method="stts", ratio=0.7)]})
   assert "| stts | stts @0.7 |" in md
   assert np.isfinite(pruned["event_recall"])
+
+
+def test_init_row_scores_untrained_features(tmp_path):
+  from stts_jax.data import default_dataset
+  cfg = helpers.make_mc_dataset(str(tmp_path), n=4, frames=4, split="val")
+  path = os.path.join(str(tmp_path), "val.jsonl")
+  recs = [dict(json.loads(x), event_frames=[2], event_window=4, qtype="when") for x in open(path)]
+  with open(path, "w") as f:
+    f.write("\n".join(json.dumps(r) for r in recs) + "\n")
+  from stts_jax.testing import tiny
+  model_cfg = tiny.tiny_model_config(method="heuristic", ratio=0.5)
+  assert model_cfg.tokens == default_dataset.tiny_token_ids()
+  res = event_recall.evaluate_row(event_recall.Row("h", event_recall.INIT, "heuristic"), model_cfg, cfg, "val",
+                                  event_recall.read_events(cfg, "val"), resamples=50)
+  assert res["n"] == 4 and res["checkpoint"] == "init" and 0.0 <= res["event_recall"] <= 1.0
+  with pytest.raises(ValueError, match="scorer weights"):
+    event_recall.evaluate_row(event_recall.Row("s", event_recall.INIT, "stts"), tiny.tiny_model_config(method="stts"),
+                              cfg, "val", event_recall.read_events(cfg, "val"))
