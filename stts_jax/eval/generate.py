@@ -76,20 +76,20 @@ def prompt_only(batch: Mapping[str, Any], pad_id: int) -> dict[str, np.ndarray]:
 def vision_stage(model: vlm.Molmo2, patches: Shaped[Array, "B T P I"], frame_mask: Bool[Array, "B T"],
                  rng: Optional[jax.Array] = None) -> VisionFeatures:
   """ViT with pruning and the adapter on the kept windows (`video_forward` pieces)."""
-  vision = vf.vit_features_video(model, patches, frame_mask, rng, deterministic=True)
-  feats_bke = vf.llm_window_features(model, vision)
-  return VisionFeatures(feats_bke=feats_bke, keep_mask_btw=vision.keep_mask_btw,
-                        scores_btw=vision.scores_btw.astype(jnp.float32), packed=vision.packed)
+  return _adapted(model, vf.vit_features_video(model, patches, frame_mask, rng, deterministic=True))
 
 
 def vision_stage_scored(model: vlm.Molmo2, scored: vf.ScoredVision, frame_mask: Bool[Array, "B T"]) -> VisionFeatures:
   """`vision_stage` from a `video_forward.vit_scored` output: the blocks after pruning at the model's
   ratio, then the adapter. Same result as `vision_stage` on the patches that gave `scored`."""
   features, keep, packed = vf.vit_pruned(model, scored, frame_mask)
-  feats_bke = vf.llm_window_features(model, vf.VisionOutput(features, keep, scored.scores_btw,
-                                                            jnp.zeros((), jnp.float32), packed))
-  return VisionFeatures(feats_bke=feats_bke, keep_mask_btw=keep, scores_btw=scored.scores_btw.astype(jnp.float32),
-                        packed=packed)
+  return _adapted(model, vf.VisionOutput(features, keep, scored.scores_btw, jnp.zeros((), jnp.float32), packed))
+
+
+def _adapted(model: vlm.Molmo2, vision: vf.VisionOutput) -> VisionFeatures:
+  """The adapter on the kept windows of a ViT output."""
+  return VisionFeatures(feats_bke=vf.llm_window_features(model, vision), keep_mask_btw=vision.keep_mask_btw,
+                        scores_btw=vision.scores_btw.astype(jnp.float32), packed=vision.packed)
 
 
 def llm_inputs(model: vlm.Molmo2, input_ids: Int[Array, "B S"], token_mask: Bool[Array, "B S"],

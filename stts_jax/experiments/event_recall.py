@@ -29,6 +29,7 @@ from stts_jax.eval import data as data_lib
 from stts_jax.eval import evaluators as evaluators_lib
 from stts_jax.eval import generate as gen_lib
 from stts_jax.eval import predictor as predictor_lib
+from stts_jax.experiments import stats
 
 
 INIT = "init"   # a row's checkpoint: the config's model at its random initialisation
@@ -90,14 +91,6 @@ class _KeepRecorder:
     return out
 
 
-def _bootstrap_mean(x: np.ndarray, resamples: int, seed: int = 0) -> tuple[float, float]:
-  if len(x) == 0:
-    return float("nan"), float("nan")
-  rng = np.random.default_rng(seed)
-  means = x[rng.integers(0, len(x), size=(resamples, len(x)))].mean(axis=1)
-  return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
-
-
 def summarize(correct: Mapping[str, bool], kept: Mapping[str, bool], qtypes: Mapping[str, str], *,
               resamples: int = 10000) -> dict[str, Any]:
   """Recall and accuracies over the questions in both maps, overall and per question type."""
@@ -105,7 +98,8 @@ def summarize(correct: Mapping[str, bool], kept: Mapping[str, bool], qtypes: Map
   def part(ids: Sequence[str]) -> dict[str, Any]:
     c = np.asarray([correct[q] for q in ids], float)
     k = np.asarray([kept[q] for q in ids], bool)
-    lo, hi = _bootstrap_mean(c[~k], resamples)
+    ci = stats.bootstrap(c[None, ~k], np.ones((1, int((~k).sum())), bool), resamples=resamples)
+    lo, hi = (ci.lo, ci.hi) if ci is not None else (float("nan"), float("nan"))
     return {"n": len(ids), "event_recall": float(k.mean()) if len(ids) else float("nan"),
             "accuracy": float(c.mean()) if len(ids) else float("nan"),
             "n_kept": int(k.sum()), "accuracy_event_kept": float(c[k].mean()) if k.any() else float("nan"),
