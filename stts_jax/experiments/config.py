@@ -19,8 +19,8 @@ class JobConfig:
 
   seeds: one unpruned + one STTS training per seed; accuracies are reported as mean and spread.
   dataset_clips: (train, val, test) clips of the default dataset; None -> its standard spec.
-  dataset_variant: which default dataset the job builds into `data.path` ("default" | "hard":
-    `default_dataset.Spec.variant`; a dir holding the other variant is rebuilt, never mixed).
+  dataset_variant: which default dataset the job builds into `data.path` (one of
+    `default_dataset.VARIANTS`, `Spec.variant`; a dir holding the other variant is rebuilt, never mixed).
   dataset_workers: render/encode processes for the dataset build (0: one per CPU).
   eval_ratios: pruned fractions of the accuracy-vs-ratio sweep on the STTS-trained model
     (stts, random and heuristic at each); the trained ratio is always included.

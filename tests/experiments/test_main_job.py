@@ -305,6 +305,12 @@ def test_hard_variant_config_checks_the_heuristic_and_reports_parity(tmp_path, m
   assert len(names) == 3 and not any("unpruned >=" in n for n in names)
   assert names[1].startswith("STTS - heuristic pruning") and rep["checks"][1]["bound"] == 5.0
   assert "vs_stts" in rep["table"][0]
+  # The recolour variant: its own dataset dir, the hard variant's steps and checks.
+  cfg = demo.get_config("variant=recolour")
+  rjob = job_config.build_job_config(cfg.job)
+  assert cfg.data.path == "data_cache/default_recolour" and rjob.dataset_variant == "recolour"
+  assert cfg.train.num_steps == demo.STEPS["hard"]
+  assert (rjob.max_accuracy_gap, rjob.min_gain_over_heuristic) == (job.max_accuracy_gap, job.min_gain_over_heuristic)
 
 
 def test_missing_per_question_records_fail_the_check(tmp_path):
