@@ -48,6 +48,8 @@ class JobConfig:
     at this ratio after `prune_at`); 0: full-context path only (ignored when vision_pretrain_steps is 0).
   vision_pretrain_freeze_blocks: stage 0 leaves the ViT embeddings and this many first blocks at their
     random initialisation (`PretrainConfig.freeze_vit_blocks`).
+  vision_pretrain_event_weight: stage 0's loss weight of event windows (0: as decoys;
+    `PretrainConfig.event_weight`).
   val_every: every this many training steps (and at the last step) each run evaluates its own method
     at the trained ratio on the validation split (multiple-choice likelihood, the test eval's
     evaluator); the points go to the run's metrics.jsonl as `eval/val_accuracy` (0: off). Decisions
@@ -85,6 +87,7 @@ class JobConfig:
   vision_pretrain_lr: float = 1e-3
   vision_pretrain_pruned_ratio: float = 0.0
   vision_pretrain_freeze_blocks: int = 0
+  vision_pretrain_event_weight: float = 0.0
   val_every: int = 50
   val_examples: Optional[int] = 256
   chance_margin: float = 0.10
@@ -111,6 +114,8 @@ class JobConfig:
       raise ValueError("job: vision_pretrain_steps must be >= 0 and vision_pretrain_lr > 0")
     if self.vision_pretrain_freeze_blocks < 0:
       raise ValueError("job: vision_pretrain_freeze_blocks must be >= 0")
+    if self.vision_pretrain_event_weight < 0:
+      raise ValueError("job: vision_pretrain_event_weight must be >= 0")
     if not 0.0 <= self.vision_pretrain_pruned_ratio < 1.0:
       raise ValueError(f"job: vision_pretrain_pruned_ratio must be in [0, 1), got {self.vision_pretrain_pruned_ratio}")
     if self.bootstrap_resamples < 100:

@@ -241,7 +241,8 @@ def pretrain_vision(job: Job, progress: bool = True) -> Optional[tuple[dict[str,
   pcfg = vision_pretrain.PretrainConfig(steps=steps, learning_rate=job.job.vision_pretrain_lr,
                                         batch_size=job.data.batch_size,
                                         pruned_ratio=job.job.vision_pretrain_pruned_ratio,
-                                        freeze_vit_blocks=job.job.vision_pretrain_freeze_blocks)
+                                        freeze_vit_blocks=job.job.vision_pretrain_freeze_blocks,
+                                        event_weight=job.job.vision_pretrain_event_weight)
   out_dir = os.path.join(job.workdir, "vision_tower")
   bars = []
 

@@ -60,6 +60,9 @@ class PretrainConfig:
   tag_weight: loss weight of tagged (event, decoy) windows against 1 for plain ones (they are ~3%).
   code_scale / position_scale: RMS of the class and position codes (the adapter output of the random
   tower is ~10 RMS; codes of a few units are easy to reach and dominate the LLM's RMS-normed input).
+  event_weight: loss weight of event windows (0: `tag_weight`, as decoys). The recolour variant
+  shows ~30 decoy windows (framed faces) per event window (the same framed face, yellow), so at
+  `tag_weight` the regression settles on "framed face -> decoy code" and never tells the event apart.
   freeze_vit_blocks: n > 0 leaves the ViT embeddings and blocks 0..n-1 at their random
   initialisation (`optim.zero_early_vit`), so the features that scorers and the heuristic read are
   not taught the event.
@@ -73,12 +76,15 @@ class PretrainConfig:
   pruned_ratio: float = 0.0
   seed: int = 0
   freeze_vit_blocks: int = 0
+  event_weight: float = 0.0
 
   def validate(self) -> "PretrainConfig":
     if self.steps < 0 or self.batch_size < 1 or self.learning_rate <= 0:
       raise ValueError(f"vision pretraining: need steps >= 0, batch_size >= 1, learning_rate > 0; got {self}")
     if not 0.0 <= self.pruned_ratio < 1.0:
       raise ValueError(f"vision pretraining: pruned_ratio must be in [0, 1), got {self.pruned_ratio}")
+    if self.event_weight < 0:
+      raise ValueError(f"vision pretraining: event_weight must be >= 0, got {self.event_weight}")
     if self.freeze_vit_blocks < 0:
       raise ValueError(f"vision pretraining: freeze_vit_blocks must be >= 0, got {self.freeze_vit_blocks}")
     return self
@@ -186,8 +192,9 @@ def pretrain(model_cfg: config_lib.ModelConfig, data_cfg: Any, cfg: PretrainConf
   cfg.validate()
   path = os.path.join(out_dir, FILE)
   pretrain_settings = dataclasses.asdict(cfg)
-  if not cfg.freeze_vit_blocks:   # towers saved before the field existed stay reusable
-    pretrain_settings.pop("freeze_vit_blocks")
+  for field in ("freeze_vit_blocks", "event_weight"):   # towers saved before these existed stay reusable
+    if not pretrain_settings[field]:
+      pretrain_settings.pop(field)
   settings = {"pretrain": pretrain_settings, "model": config_lib.to_dict(model_cfg), "data": data_cfg.path}
   settings = json.loads(json.dumps(settings))
   if os.path.isfile(path):
@@ -218,7 +225,8 @@ def pretrain(model_cfg: config_lib.ModelConfig, data_cfg: Any, cfg: PretrainConf
     feats, valid, slots = t(patches, frame_mask, rng, pruned=pruned)
     slot_tags = jnp.take_along_axis(tags, slots, axis=1)
     positions_k = positions[slots % w]
-    weight = jnp.where(slot_tags > 0, cfg.tag_weight, 1.0)[..., None] * valid[..., None]
+    tag_weights = jnp.asarray([1.0, cfg.event_weight or cfg.tag_weight, cfg.tag_weight], jnp.float32)
+    weight = tag_weights[slot_tags][..., None] * valid[..., None]
     err = jnp.sum(weight * (feats - classes[slot_tags] - positions_k) ** 2)
     loss = err / jnp.maximum(jnp.sum(weight) * feats.shape[-1], 1.0)
     # Event windows whose nearest class code (after removing the position code) is "event".

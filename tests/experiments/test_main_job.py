@@ -311,6 +311,7 @@ def test_hard_variant_config_checks_the_heuristic_and_reports_parity(tmp_path, m
   assert cfg.data.path == "data_cache/default_recolour" and rjob.dataset_variant == "recolour"
   assert cfg.train.num_steps == demo.STEPS["hard"]
   assert (rjob.max_accuracy_gap, rjob.min_gain_over_heuristic) == (job.max_accuracy_gap, job.min_gain_over_heuristic)
+  assert rjob.vision_pretrain_event_weight == 600.0 and job.vision_pretrain_event_weight == 0.0
 
 
 def test_missing_per_question_records_fail_the_check(tmp_path):

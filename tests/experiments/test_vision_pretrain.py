@@ -137,3 +137,23 @@ def test_freeze_vit_blocks_leaves_the_early_tower_at_its_init(tiny_data, tmp_pat
   assert any(not np.array_equal(params[k][1:], init[k][1:]) for k in blocks)
   with pytest.raises(ValueError, match="freeze_vit_blocks"):
     vp.PretrainConfig(freeze_vit_blocks=-1).validate()
+
+
+def test_event_weight_weighs_event_windows_only(tiny_data, tmp_path):
+  """event_weight = tag_weight is today's loss (bit-identical tower); another value moves the tower;
+  towers saved without the field stay reusable (it is left out of the settings when 0)."""
+  model_cfg = demo.model_config("stts")
+  data_cfg = default_dataset.data_config(tiny_data, batch_size=4, seq_len=demo.SEQ_LEN)
+  cfg = vp.PretrainConfig(steps=3, learning_rate=3e-3, batch_size=4)
+  base, meta = vp.pretrain(model_cfg, data_cfg, cfg, str(tmp_path / "base"))
+  assert "event_weight" not in meta["settings"]["pretrain"]
+  same, _ = vp.pretrain(model_cfg, data_cfg, dataclasses.replace(cfg, event_weight=cfg.tag_weight),
+                        str(tmp_path / "same"))
+  heavy, meta_h = vp.pretrain(model_cfg, data_cfg, dataclasses.replace(cfg, event_weight=600.0),
+                              str(tmp_path / "heavy"))
+  assert meta_h["settings"]["pretrain"]["event_weight"] == 600.0
+  for k in base:
+    np.testing.assert_array_equal(same[k], base[k])
+  assert any(not np.array_equal(heavy[k], base[k]) for k in base)
+  with pytest.raises(ValueError, match="event_weight"):
+    vp.PretrainConfig(event_weight=-1.0).validate()
