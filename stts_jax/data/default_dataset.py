@@ -187,20 +187,28 @@ def _place_event(rng: np.random.Generator, grid_w: int, busy: list[int],
   return window, corner, quarter, list(range(first, first + duration))
 
 
-def _render_hard(split: str, index: int, spec: Spec) -> tuple[np.ndarray, dict[str, Any]]:
-  """The hard variant's clip (module docstring); the same metadata keys as the default's, with
-  every (frame, window) a hopping decoy visits listed in `decoys`."""
-  src = load_sources()[split]
-  rng = np.random.default_rng([spec.seed, SPLITS.index(split), index, HARD_STREAM])
+def _busy_clip(rng: np.random.Generator, src: dict[str, Any], spec: Spec):
+  """The hard variants' background and event placement: a busy camera, light jumps, the event
+  starting on a cut or jump most of the time. -> (clip [F, S, S, 3], camera, jump frames,
+  (grid windows per side, window px), (event window, in a corner, quarter, event frames))."""
   n, size = spec.num_frames, spec.size
   grid_w = size // spec.patch_size // spec.pool[0]
-  window_px = size // grid_w
   clip, camera, cuts = synth.background(rng, src["shots"], n, size, camera_probs=HARD_CAMERA_PROBS)
   clip = np.ascontiguousarray(clip)
   jumps = synth.add_light_jumps(rng, clip, HARD_JUMPS) if rng.random() < HARD_JUMP_P else []
   if spec.background_contrast != 1.0:
     clip[:] = synth.reduce_contrast(clip, spec.background_contrast)
-  window, corner, quarter, event_frames = _place_event(rng, grid_w, sorted(set(cuts) | set(jumps)), HARD_ALIGN_P)
+  event = _place_event(rng, grid_w, sorted(set(cuts) | set(jumps)), HARD_ALIGN_P)
+  return clip, camera, jumps, (grid_w, size // grid_w), event
+
+
+def _render_hard(split: str, index: int, spec: Spec) -> tuple[np.ndarray, dict[str, Any]]:
+  """The hard variant's clip (module docstring); the same metadata keys as the default's, with
+  every (frame, window) a hopping decoy visits listed in `decoys`."""
+  src = load_sources()[split]
+  rng = np.random.default_rng([spec.seed, SPLITS.index(split), index, HARD_STREAM])
+  n = spec.num_frames
+  clip, camera, jumps, (grid_w, window_px), (window, corner, quarter, event_frames) = _busy_clip(rng, src, spec)
   face_idx = int(rng.integers(len(src["faces"])))
   decoys = []
   blocked = [window if t in event_frames else -1 for t in range(n)]
@@ -236,15 +244,9 @@ def _render_recolour(split: str, index: int, spec: Spec) -> tuple[np.ndarray, di
   window) that shows a non-event object."""
   src = load_sources()[split]
   rng = np.random.default_rng([spec.seed, SPLITS.index(split), index, RECOLOUR_STREAM])
-  n, size = spec.num_frames, spec.size
-  grid_w = size // spec.patch_size // spec.pool[0]
-  window_px, num_windows = size // grid_w, grid_w * grid_w
-  clip, camera, cuts = synth.background(rng, src["shots"], n, size, camera_probs=HARD_CAMERA_PROBS)
-  clip = np.ascontiguousarray(clip)
-  jumps = synth.add_light_jumps(rng, clip, HARD_JUMPS) if rng.random() < HARD_JUMP_P else []
-  if spec.background_contrast != 1.0:
-    clip[:] = synth.reduce_contrast(clip, spec.background_contrast)
-  window, corner, quarter, event_frames = _place_event(rng, grid_w, sorted(set(cuts) | set(jumps)), HARD_ALIGN_P)
+  n = spec.num_frames
+  clip, camera, jumps, (grid_w, window_px), (window, corner, quarter, event_frames) = _busy_clip(rng, src, spec)
+  num_windows = grid_w * grid_w
   event_frames = [t for t in event_frames if t > 0] or [1]
   others = rng.choice([w for w in range(num_windows) if w != window], size=int(rng.integers(*RECOLOUR_OBJECTS)) - 1,
                       replace=False)
