@@ -12,6 +12,11 @@ without the event's own tokens: from the *pattern* of kept windows (which window
 survived), which a selector that reacts to the event's change carries whether or not the event's
 tokens survive, or from neighbouring windows. A comparison of selectors by accuracy then does not
 measure which of them keeps the event.
+
+Each row also reports the selection's window scores: the median over questions of the event
+window's score (its highest over the event frames) and of the median score of the other windows
+(frames >= 1). For a heuristic row that is the model's own frame-to-frame change, 1 - cos at block
+`prune_at`: how much the event, and everything else, changes in the features the selection reads.
 """
 
 import dataclasses
@@ -82,13 +87,27 @@ class _KeepRecorder:
   def __init__(self, predictor: predictor_lib.Predictor):
     self.predictor = predictor
     self.keep: dict[int, np.ndarray] = {}
+    self.scores: dict[int, np.ndarray] = {}
 
   def __call__(self, model, batch, *, generate: bool = True, step: int = 0):
     out = self.predictor(model, batch, generate=generate, step=step)
     valid = np.asarray(batch.get("valid", np.ones(len(batch["example_id"]), bool)), bool)
     for i in np.flatnonzero(valid):
       self.keep[int(batch["example_id"][i])] = np.asarray(out["keep_mask"][i])
+      self.scores[int(batch["example_id"][i])] = np.asarray(out["scores"][i], np.float64)
     return out
+
+
+def event_score_contrast(scores: np.ndarray, frames: Sequence[int], window: int) -> tuple[float, float]:
+  """(the event window's highest score over its event frames >= 1, median score of the other windows
+  of frames >= 1) of one video's scores [T, W]; nan where there is none (an event on frame 0 only)."""
+  s = np.asarray(scores, np.float64)
+  is_event = np.zeros(s.shape, bool)
+  is_event[[t for t in frames if 0 < t < s.shape[0]], window] = True
+  later = np.arange(s.shape[0])[:, None] >= 1
+  event = s[is_event & later]
+  others = s[~is_event & later]
+  return (float(event.max()) if event.size else float("nan"), float(np.median(others)) if others.size else float("nan"))
 
 
 def summarize(correct: Mapping[str, bool], kept: Mapping[str, bool], qtypes: Mapping[str, str], *,
@@ -123,7 +142,7 @@ def evaluate_model(model, method: str, ratio: float, data_cfg: DataConfig, split
   ev = evaluators_lib.from_name("multiple_choice", recorder, data=data, modes=("likelihood",))
   metrics = dict(ev.run(variant))
   correct = {r["example_id"]: bool(r["correct"]) for r in ev.details["records"]["likelihood"] if r["status"] == "scored"}
-  kept, qtypes = {}, {}
+  kept, qtypes, contrast = {}, {}, []
   for ex_row, keep in recorder.keep.items():
     qid = data.info(ex_row).id
     if qid not in events:
@@ -131,7 +150,11 @@ def evaluate_model(model, method: str, ratio: float, data_cfg: DataConfig, split
     e = events[qid]
     kept[qid] = oracle.event_kept(keep, e["frames"], e["window"])
     qtypes[qid] = e["qtype"]
+    contrast.append(event_score_contrast(recorder.scores[ex_row], e["frames"], e["window"]))
   res = summarize(correct, kept, qtypes, resamples=resamples)
+  c = np.asarray(contrast, np.float64).reshape(-1, 2)
+  res["score_event_median"] = float(np.nanmedian(c[:, 0])) if np.isfinite(c[:, 0]).any() else float("nan")
+  res["score_others_median"] = float(np.nanmedian(c[:, 1])) if np.isfinite(c[:, 1]).any() else float("nan")
   res["likelihood_accuracy"] = float(metrics["likelihood_accuracy"])
   return res
 
@@ -163,14 +186,15 @@ def markdown(results: dict[str, Any]) -> str:
   lines = [f"Split `{results['split']}`, {results['num_questions']} questions; event kept = some event frame's event "
            "window is among the kept windows. `dropped acc` interval: bootstrap over those questions.", "",
            "| row | method @ratio | event recall % | accuracy % | acc, event kept % (n) | acc, event dropped % (n) [95% CI] | "
-           "by type: recall / acc dropped |",
-           "|---|---|---|---|---|---|---|"]
+           "by type: recall / acc dropped | score: event / others (medians) |",
+           "|---|---|---|---|---|---|---|---|"]
   for r in results["rows"]:
     lo, hi = r["accuracy_event_dropped_ci"]
     types = "; ".join(f"{t}: {pct(p['event_recall'])} / {pct(p['accuracy_event_dropped'])}" for t, p in r["by_qtype"].items())
     lines.append(f"| {r['name']} | {r['method']} @{r['ratio']:g} | {pct(r['event_recall'])} | {pct(r['accuracy'])} | "
                  f"{pct(r['accuracy_event_kept'])} ({r['n_kept']}) | {pct(r['accuracy_event_dropped'])} ({r['n_dropped']}) "
-                 f"[{pct(lo)}, {pct(hi)}] | {types} |")
+                 f"[{pct(lo)}, {pct(hi)}] | {types} | {r.get('score_event_median', float('nan')):.4f} / "
+                 f"{r.get('score_others_median', float('nan')):.4f} |")
   return "\n".join(lines) + "\n"
 
 
@@ -187,4 +211,4 @@ def run(rows: Sequence[Row], model_cfg, data_cfg: DataConfig, split: str, *, bat
   return {"split": split, "data": data_cfg.path, "num_questions": max((r["n"] for r in out), default=0), "rows": out}
 
 
-__all__ = ["INIT", "Row", "evaluate_model", "markdown", "parse_rows", "read_events", "run", "summarize"]
+__all__ = ["INIT", "Row", "evaluate_model", "event_score_contrast", "markdown", "parse_rows", "read_events", "run", "summarize"]

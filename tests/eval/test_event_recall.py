@@ -57,6 +57,7 @@ def test_evaluate_model_on_a_small_manifest(tmp_path, stts_model):
   assert pruned["n_kept"] >= 4 and pruned["n_dropped"] >= 1 and pruned["n_kept"] + pruned["n_dropped"] == 8
   md = event_recall.markdown({"split": "val", "num_questions": 8, "rows": [dict(pruned, name="stts", method="stts", ratio=0.7)]})
   assert "| stts | stts @0.7 |" in md
+  assert np.isfinite(pruned["score_others_median"]) and f"{pruned['score_others_median']:.4f} |" in md
   assert np.isfinite(pruned["event_recall"])
 
 
@@ -76,3 +77,14 @@ def test_init_row_scores_untrained_features(tmp_path):
   with pytest.raises(ValueError, match="scorer weights"):
     event_recall.evaluate_row(event_recall.Row("s", event_recall.INIT, "stts"), tiny.tiny_model_config(method="stts"),
                               cfg, "val", event_recall.read_events(cfg, "val"))
+
+
+def test_event_score_contrast():
+  s = np.full((4, 9), 0.1)
+  s[0] = 1.0                    # frame 0 (never a change) stays out of both numbers
+  s[2, 5], s[3, 5] = 0.7, 0.4
+  s[1, :3] = 0.3
+  event, others = event_recall.event_score_contrast(s, [2, 3], 5)
+  assert event == pytest.approx(0.7) and others == pytest.approx(0.1)
+  event0, others0 = event_recall.event_score_contrast(s, [0], 5)
+  assert np.isnan(event0) and others0 == pytest.approx(0.1)
