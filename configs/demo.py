@@ -122,8 +122,8 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     job.update(max_accuracy_gap=None, min_gain_over_heuristic=0.05)
   if arg.variant == "recolour":
     # ~30 decoy windows (framed faces) per event window: at the decoys' weight stage 0 tags every framed
-    # face a decoy (event recall 0.0 after 200 steps); at 600 (the event windows' total weight about the
-    # decoys') it tells the yellow one apart (0.95 on its train batches; docs/main_job.md).
+    # face a decoy; at 600 (the event windows' total weight about the decoys') it tells the yellow one
+    # apart (docs/main_job.md, "The recolour variant").
     job["vision_pretrain_event_weight"] = 600.0
   if arg.runlocal:
     job.update(dataset_clips=(40, 8, 16), eval_ratios=(arg.ratio,), eval_examples=16, speed_batches=1,
