@@ -24,8 +24,8 @@ the same questions about a framed face that is there all clip and turns yellow f
 frame 0): 3-5 framed faces stay in place, most in orange or lime frames, others change colour once,
 and framed decoys or solid blocks hop every frame, on the hard variant's camera and light jumps. A
 change detector ranks the event low in pixels *and* in early ViT features (the demo model's feature
-heuristic at initialisation keeps it at ratio 0.5 in about a fifth of val clips, random in about
-45 %: docs/main_job.md); only the frame's colour tells it apart. Its own random stream.
+heuristic at initialisation keeps it at ratio 0.5 in 28 % of the val questions, random in 46 %:
+docs/main_job.md); only the frame's colour tells it apart. Its own random stream.
 `Spec(variant="varlen")` (build_dataset.py --variant varlen, into data_cache/default_varlen) renders
 the default task (same sources, splits, questions, distractors) on clips of 4 to 32 frames
 (`VARLEN_FRAMES`, uniform per clip; quarters of the clip's own length answer WHEN), to exercise
