@@ -121,7 +121,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   if arg.variant in ("hard", "recolour"):
     job.update(max_accuracy_gap=None, min_gain_over_heuristic=0.05)
   if arg.variant == "recolour":
-    # ~30 decoy windows (framed faces) per event window: at the decoys' weight stage 0 tags every framed
+    # 1-2 event windows against up to 30-63 decoy windows per clip: at the decoys' weight stage 0 tags every framed
     # face a decoy; at 600 (the event windows' total weight about the decoys') it tells the yellow one
     # apart (docs/main_job.md, "The recolour variant").
     job["vision_pretrain_event_weight"] = 600.0
