@@ -13,6 +13,10 @@ from jaxtyping import Array, Bool, Float
 from stts_jax.models import windows as windows_lib
 
 _NORM_EPS = 1e-12   # as torch.nn.functional.normalize
+# Where the aux loss's gradient goes in training (`train.aux_gradient`, `video_forward.vit_scored`):
+# "all" (the authors') into the scorer and the ViT blocks that make its input and target; "scorer"
+# into the scorer's parameters only.
+GRADIENT_MODES = ("all", "scorer")
 
 
 def window_vectors(patch_features: Float[Array, "*B T P D"], grid_hw: tuple[int, int],

@@ -170,10 +170,17 @@ class ScoredVision:
 
 def vit_scored(model, patches: Shaped[Array, "B T P I"], frame_mask: Bool[Array, "B T"],
                rng: Optional[jax.Array] = None, *, deterministic: bool = True,
-               video_ids: Optional[Int[Array, "B T"]] = None) -> tuple[ScoredVision, Float[Array, ""]]:
+               video_ids: Optional[Int[Array, "B T"]] = None,
+               aux_gradient: str = "all") -> tuple[ScoredVision, Float[Array, ""]]:
   """Embed, blocks 0..prune_at, scores, then the soft block prune_at+1 on every token -> (scored, aux loss).
 
-  Needs a pruning config (`stts.prunes`); the drop ratio plays no part."""
+  Needs a pruning config (`stts.prunes`); the drop ratio plays no part. aux_gradient (`aux_lib.GRADIENT_MODES`):
+  where the aux loss's gradient goes. "all" (the authors'): into the scorer and, through its target and
+  the scorer's input, into the ViT blocks 0..prune_at. "scorer": into the scorer's parameters only (the
+  loss is taken on a second scorer pass over stop-gradient features, same values); the soft bias and
+  everything after it still train the whole model through the task loss."""
+  if aux_gradient not in aux_lib.GRADIENT_MODES:
+    raise ValueError(f"aux_gradient must be one of {aux_lib.GRADIENT_MODES}, got {aux_gradient!r}")
   cfg = model.config
   st = cfg.stts
   b, t, p, i = patches.shape
@@ -187,7 +194,13 @@ def vit_scored(model, patches: Shaped[Array, "B T P I"], frame_mask: Bool[Array,
   first = None if video_ids is None else example_packing.first_frames(frame_mask, video_ids)
   scores = _scores(model, st.method, hidden_btpd, rng, grid_hw, window, deterministic, first)
   if st.method == "stts":
-    aux = aux_lib.temporal_aux_loss_batched(scores, hidden_btpd, frame_mask, grid_hw, window, first=first)
+    aux_hidden, aux_scores = hidden_btpd, scores
+    if aux_gradient == "scorer":
+      # The non-detached loss can shrink the early features' frame-to-frame change itself (its target
+      # and the scorer's input), which can erase a small event before the later blocks see it.
+      aux_hidden = jax.lax.stop_gradient(hidden_btpd)
+      aux_scores = _scores(model, st.method, aux_hidden, rng, grid_hw, window, deterministic, first)
+    aux = aux_lib.temporal_aux_loss_batched(aux_scores, aux_hidden, frame_mask, grid_hw, window, first=first)
     key_bias = pruning.scores_to_patch_bias_batched(scores, frame_mask, grid_hw, window, st.bias_rescale_scope,
                                                     first=first)
   else:
@@ -218,11 +231,12 @@ def vit_pruned(model, scored: ScoredVision, frame_mask: Bool[Array, "B T"], *,
 
 def vit_features_video(model, patches: Shaped[Array, "B T P I"], frame_mask: Bool[Array, "B T"],
                        rng: Optional[jax.Array] = None, *, deterministic: bool = True,
-                       video_ids: Optional[Int[Array, "B T"]] = None, num_videos: int = 1) -> VisionOutput:
+                       video_ids: Optional[Int[Array, "B T"]] = None, num_videos: int = 1,
+                       aux_gradient: str = "all") -> VisionOutput:
   """The ViT half of the STTS forward (module docstring): features for the adapter plus the keep mask.
 
   Pruned: `vit_scored` then `vit_pruned`. video_ids / num_videos: example-packed rows
-  (`frame_example`, V); None: one video per row."""
+  (`frame_example`, V); None: one video per row. aux_gradient: as `vit_scored`."""
   cfg = model.config
   b, t, p, i = patches.shape
   if not cfg.stts.prunes:
@@ -234,7 +248,8 @@ def vit_features_video(model, patches: Shaped[Array, "B T P I"], frame_mask: Boo
     zero = jnp.zeros((), jnp.float32)
     return VisionOutput(features, keep, jnp.zeros((b, t, cfg.windows_per_frame), jnp.float32), zero,
                         jnp.asarray(False))
-  scored, aux = vit_scored(model, patches, frame_mask, rng, deterministic=deterministic, video_ids=video_ids)
+  scored, aux = vit_scored(model, patches, frame_mask, rng, deterministic=deterministic, video_ids=video_ids,
+                           aux_gradient=aux_gradient)
   features, keep, fits = vit_pruned(model, scored, frame_mask, video_ids=video_ids, num_videos=num_videos)
   return VisionOutput(features, keep, scored.scores_btw.astype(jnp.float32), aux, fits)
 
@@ -439,11 +454,12 @@ def llm_forward(model, batch: dict[str, Any], vision: VisionOutput, *, logits: b
 
 
 def forward_video(model, batch: dict[str, Any], *, rng: Optional[jax.Array] = None,
-                  deterministic: bool = True, logits: bool = True) -> VideoOutput:
+                  deterministic: bool = True, logits: bool = True, aux_gradient: str = "all") -> VideoOutput:
   """The full STTS video forward (module docstring). Static shapes: one compilation per (B, T, S).
   Example-packed batches (`token_example` present; `models/example_packing.py`) take the packed path.
 
-  logits=False: hidden states and the LM head kernel instead of [B, S, V] logits (`llm_forward`)."""
+  logits=False: hidden states and the LM head kernel instead of [B, S, V] logits (`llm_forward`).
+  aux_gradient: where the aux loss's gradient goes (`vit_scored`; `train.aux_gradient`)."""
   _check_batch(batch)
   patches = jnp.asarray(batch["patches"])
   frame_mask = jnp.asarray(batch["frame_mask"], bool)
@@ -453,7 +469,8 @@ def forward_video(model, batch: dict[str, Any], *, rng: Optional[jax.Array] = No
       raise KeyError(f"forward_video: example-packed batch is missing {missing}")
     vision = vit_features_video(model, patches, frame_mask, rng, deterministic=deterministic,
                                 video_ids=jnp.asarray(batch["frame_example"], jnp.int32),
-                                num_videos=batch["example_frames"].shape[1])
+                                num_videos=batch["example_frames"].shape[1], aux_gradient=aux_gradient)
   else:
-    vision = vit_features_video(model, patches, frame_mask, rng, deterministic=deterministic)
+    vision = vit_features_video(model, patches, frame_mask, rng, deterministic=deterministic,
+                                aux_gradient=aux_gradient)
   return llm_forward(model, batch, vision, logits=logits)

@@ -13,6 +13,7 @@ import re
 from typing import Optional
 
 from stts_jax import config as config_lib
+from stts_jax.models import aux_loss
 from stts_jax.parallel.config import MeshConfig, build_mesh_config  # noqa: F401  (re-export)
 
 
@@ -77,6 +78,11 @@ class TrainConfig:
   scorer_warmup_steps / scorer_warmup_lr: before step 1 of a fresh run, fit the STTS scorer alone
     to the temporal aux target on this many training batches (Adam at this rate, ViT frozen; the
     data iterator is rewound afterwards). See `stts_jax/train/scorer_warmup.py`. 0: off.
+  aux_gradient: where the aux loss's gradient goes. "all" (default, the authors'): into the scorer and,
+    through its target (the heuristic, 1 - cos of block-prune_at window features) and the scorer's
+    input, into the ViT blocks 0..prune_at. "scorer": into the scorer's parameters only, so the aux
+    loss holds the scorer near the heuristic without reshaping the features it reads (the task loss
+    still trains everything). Passed to the forward as `aux_gradient=` when not "all".
   loss: "answer" (default) runs the LM head only at the answer positions (`stts_jax/train/loss.py`),
     never [B, S, V] logits; "full" computes the logits of every position (the plain forward; for
     before/after measurements and parity). Both give the same loss and gradients.
@@ -97,6 +103,7 @@ class TrainConfig:
   grad_accum: int = 1
   accum_dtype: str = "float32"
   aux_weight: float = 0.5
+  aux_gradient: str = "all"
   scorer_warmup_steps: int = 0
   scorer_warmup_lr: float = 3e-3
   seed: int = 0
@@ -127,6 +134,8 @@ class TrainConfig:
       raise ValueError("train: log_every >= 1, eval_every >= 0, checkpoint_every >= 0")
     if self.barrier_timeout_s <= 0:
       raise ValueError("train.barrier_timeout_s must be > 0")
+    if self.aux_gradient not in aux_loss.GRADIENT_MODES:
+      raise ValueError(f"train.aux_gradient must be one of {aux_loss.GRADIENT_MODES}, got {self.aux_gradient!r}")
     if self.loss not in ("answer", "full"):
       raise ValueError(f"train.loss must be 'answer' or 'full', got {self.loss!r}")
     if self.accum_dtype not in ("float32", "bfloat16"):

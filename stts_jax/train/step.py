@@ -10,6 +10,7 @@ answers), never a [B, S, V] tensor; "full" computes the logits of every position
 plain forward does (before/after measurements and parity).
 """
 
+import functools
 from collections.abc import Callable
 from typing import Any, Optional
 
@@ -132,6 +133,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, cfg: TrainConf
   lr_scorer, lr_vision, skipped (this step), skipped_total, step.
   """
   forward = forward or video_forward.forward_video
+  if cfg.aux_gradient != "all":
+    # Only then: forwards without an aux loss (toy models, tests) need not take the argument.
+    forward = functools.partial(forward, aux_gradient=cfg.aux_gradient)
   model, optimizer = state.model, state.optimizer
   num_micro = cfg.grad_accum
   rng = jax.random.fold_in(jax.random.key(cfg.seed), state.step[...])

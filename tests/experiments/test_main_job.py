@@ -99,6 +99,19 @@ def test_trained_baseline_runs_change_only_the_method(tmp_path):
     main_job.run_config(job, 0, "oracle")
 
 
+def test_aux_gradient_reaches_the_stts_run_only_and_default_configs_stay_as_they_were(tmp_path):
+  assert "aux_gradient" not in demo.get_config(f"runlocal=true,data={tmp_path}/data").train
+  cfg = demo.get_config(f"runlocal=true,aux_gradient=scorer,data={tmp_path}/data")
+  job = main_job.make_job(cfg, str(tmp_path / "work"), say=lambda s: None, trained_baselines=True)
+  st = main_job.run_config(job, 0, "stts")
+  assert config_lib.build(ml_collections.ConfigDict(st))["train"].aux_gradient == "scorer"
+  # the other runs have no aux loss: their configs (and workdirs) are those of the default route
+  plain = main_job.make_job(demo.get_config(f"runlocal=true,data={tmp_path}/data"), str(tmp_path / "plain"),
+                            say=lambda s: None, trained_baselines=True)
+  for run in ("unpruned", "random", "heuristic"):
+    assert main_job.run_config(job, 0, run) == main_job.run_config(plain, 0, run)
+
+
 def test_mixed_config_trains_pruned_runs_at_the_buckets_and_leaves_fixed_configs_alone(tmp_path):
   fixed = demo.get_config(f"runlocal=true,data={tmp_path}/data")
   assert "stts_ratios" not in fixed.train      # recorded run configs of fixed-ratio workdirs unchanged

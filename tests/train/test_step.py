@@ -163,3 +163,47 @@ def test_dense_fallback_metric_counts_the_microbatches_that_outgrow_the_packed_r
     _, m = step_fn(state, helpers.put(batch, mesh))
   assert float(m["dense_fallback"]) == 1.0
   assert np.isfinite(float(m["loss"]))
+
+
+def test_aux_gradient_scorer_trains_only_the_scorer_with_the_aux_loss():
+  """train.aux_gradient="scorer": the aux loss moves the scorer exactly as the authors' "all" does, and
+  nothing else (every other parameter moves as with aux weight 0); "all" moves the early ViT too."""
+  from flax import nnx
+
+  from stts_jax.models import video_forward
+  from stts_jax.models.vlm import Molmo2
+  from stts_jax.testing.tiny import tiny_model_config
+  model_cfg = tiny_model_config(method="stts", ratio=0.5)
+  batch = next(helpers.batches(batch_size=2, num_frames=4, seq_len=128, seed=1))
+  mesh = helpers.mesh_1()
+
+  def one_step(**kw):
+    # Adam with eps far above every |gradient| steps by lr * g / eps: the updates are the gradients
+    # (scaled), so float noise in gradients that are zero in exact arithmetic stays noise.
+    cfg = helpers.train_cfg(optim={"warmup_steps": 0, "clip_norm": 0.0, "learning_rate": 1.0, "eps": 1e4}, **kw)
+    _, state, step_fn = helpers.build_step(mesh, cfg, batch=batch, model_fn=lambda: Molmo2(model_cfg, rngs=nnx.Rngs(0)),
+                                           forward=video_forward.forward_video)
+    before = helpers.flat_arrays(state)
+    with jax.set_mesh(mesh):
+      state, m = step_fn(state, helpers.put(batch, mesh))
+    after = helpers.flat_arrays(state)
+    return {k: after[k] - before[k] for k in after if k.startswith("model/")}, jax.device_get(m)
+
+  all_, m_all = one_step(aux_weight=100.0)
+  scorer, m_scorer = one_step(aux_weight=100.0, aux_gradient="scorer")
+  no_aux, _ = one_step(aux_weight=0.0)
+  assert float(m_all["aux_loss"]) > 0
+  np.testing.assert_allclose(m_scorer["aux_loss"], m_all["aux_loss"], rtol=1e-6)   # same values
+  is_scorer = lambda k: "/scorer/" in k
+  assert any(map(is_scorer, all_)) and any(not is_scorer(k) for k in all_)
+  scale = max(np.abs(v).max() for v in all_.values())
+  for k in all_:
+    np.testing.assert_allclose(scorer[k], (all_ if is_scorer(k) else no_aux)[k], rtol=1e-3, atol=1e-5 * scale,
+                               err_msg=k)
+  vit = [k for k in all_ if k.startswith("model/vit/") and not is_scorer(k)]
+  assert max(np.abs(all_[k] - no_aux[k]).max() for k in vit) > 1e-2 * scale   # "all": the aux loss reaches the ViT
+
+
+def test_aux_gradient_must_be_known():
+  with pytest.raises(ValueError, match="train.aux_gradient"):
+    helpers.train_cfg(aux_gradient="target")
