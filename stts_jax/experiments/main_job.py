@@ -190,9 +190,9 @@ def run_config(job: Job, seed: int, run: str) -> dict[str, Any]:
     d["model"]["stts"] = dict(d["model"]["stts"], method=run)
   if run != "stts":
     # No learned scorer: nothing to warm up, and the aux loss is identically 0 for these methods
-    # (video_forward), so its weight and gradient route are not part of these runs' identity.
-    d["train"] = dict({k: v for k, v in d["train"].items() if k != "aux_gradient"}, scorer_warmup_steps=0,
-                      aux_weight=0.0)
+    # (video_forward), so its weight, schedule and gradient route are not part of these runs' identity.
+    d["train"] = dict({k: v for k, v in d["train"].items() if k not in ("aux_gradient", "aux_decay_steps")},
+                      scorer_warmup_steps=0, aux_weight=0.0)
   d["train"] = dict(d["train"], seed=seed)
   d["data"] = dict(d["data"], shuffle_seed=seed)
   d["name"] = f"{d.get('name', 'main_job')}_{run}_seed{seed}"

@@ -78,6 +78,9 @@ class TrainConfig:
   scorer_warmup_steps / scorer_warmup_lr: before step 1 of a fresh run, fit the STTS scorer alone
     to the temporal aux target on this many training batches (Adam at this rate, ViT frozen; the
     data iterator is rewound afterwards). See `stts_jax/train/scorer_warmup.py`. 0: off.
+  aux_decay_steps: 0 (default): the aux weight is `aux_weight` every step. n > 0: it falls linearly from
+    `aux_weight` at step 0 to 0 at step n and stays 0, so the aux loss holds the scorer near the
+    heuristic while the model first learns and leaves it to the task loss afterwards.
   aux_gradient: where the aux loss's gradient goes. "all" (default, the authors'): into the scorer and,
     through its target (the heuristic, 1 - cos of block-prune_at window features) and the scorer's
     input, into the ViT blocks 0..prune_at. "scorer": into the scorer's parameters only, so the aux
@@ -103,6 +106,7 @@ class TrainConfig:
   grad_accum: int = 1
   accum_dtype: str = "float32"
   aux_weight: float = 0.5
+  aux_decay_steps: int = 0
   aux_gradient: str = "all"
   scorer_warmup_steps: int = 0
   scorer_warmup_lr: float = 3e-3
@@ -134,6 +138,9 @@ class TrainConfig:
       raise ValueError("train: log_every >= 1, eval_every >= 0, checkpoint_every >= 0")
     if self.barrier_timeout_s <= 0:
       raise ValueError("train.barrier_timeout_s must be > 0")
+    if self.aux_weight < 0 or self.aux_decay_steps < 0:
+      raise ValueError(f"train: aux_weight and aux_decay_steps must be >= 0, got {self.aux_weight}, "
+                       f"{self.aux_decay_steps}")
     if self.aux_gradient not in aux_loss.GRADIENT_MODES:
       raise ValueError(f"train.aux_gradient must be one of {aux_loss.GRADIENT_MODES}, got {self.aux_gradient!r}")
     if self.loss not in ("answer", "full"):

@@ -112,6 +112,15 @@ def _dense_fallback(model: nnx.Module, out: Any) -> jax.Array:
   return jnp.logical_not(packed).astype(jnp.float32)
 
 
+def aux_weight_at(cfg: TrainConfig, step: jax.Array) -> jax.Array:
+  """The aux loss's weight at optimizer step `step` (0-based): `aux_weight`, or with `aux_decay_steps`
+  n > 0 falling linearly to 0 at step n."""
+  if cfg.aux_decay_steps == 0:
+    return jnp.asarray(cfg.aux_weight, jnp.float32)
+  frac = jnp.clip(1.0 - step.astype(jnp.float32) / cfg.aux_decay_steps, 0.0, 1.0)
+  return jnp.float32(cfg.aux_weight) * frac
+
+
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, cfg: TrainConfig,
                forward: Optional[Forward] = None) -> dict[str, jax.Array]:
   """Runs one step in place on `state`; returns scalar metrics.
@@ -124,7 +133,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, cfg: TrainConf
   forward: `forward(model, batch, *, rng, deterministic)` returning an object with `logits`,
   `target_ids`, `loss_mask`, `aux_loss`, `keep_mask`, `num_truncated` (as
   `video_forward.VideoOutput`); default `video_forward.forward_video`.
-  Metrics: loss, ce, aux_loss, kept_ratio (kept / real windows), loss_tokens, truncated_tokens
+  Metrics: loss, ce, aux_loss, aux_weight (`aux_weight_at` this step), kept_ratio (kept / real windows), loss_tokens, truncated_tokens
   (LLM tokens cut by the static length; should stay 0), dense_fallback (microbatches whose kept
   patches did not fit the static packed rows and ran the exact but slower dense ViT; should stay
   near 0, else raise `stts.num_rows`), ce_fallback (microbatches with an example of more than
@@ -140,13 +149,14 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, cfg: TrainConf
   num_micro = cfg.grad_accum
   rng = jax.random.fold_in(jax.random.key(cfg.seed), state.step[...])
   normalizer = jnp.maximum(jnp.sum(batch["loss_mask"]), 1).astype(jnp.float32)
+  aux_weight = aux_weight_at(cfg, state.step[...])
   graphdef, params, rest = nnx.split(model, optimizer.wrt, ...)
 
   def micro_loss(params_, mb, micro_rng):
     m = nnx.merge(graphdef, params_, rest, copy=True)
     out, ce_sum, ce_fallback = cross_entropy(forward, m, mb, micro_rng, cfg)
     aux = jnp.asarray(out.aux_loss, jnp.float32)
-    loss = ce_sum / normalizer + cfg.aux_weight * aux / num_micro
+    loss = ce_sum / normalizer + aux_weight * aux / num_micro
     keep = out.keep_mask & mb["frame_mask"][:, :, None]
     stats = {"ce_sum": ce_sum, "aux_loss": aux / num_micro,
              "kept_windows": jnp.sum(keep).astype(jnp.float32),
@@ -192,6 +202,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, cfg: TrainConf
       "loss": loss,
       "ce": stats["ce_sum"] / normalizer,
       "aux_loss": stats["aux_loss"],
+      "aux_weight": aux_weight,
       "kept_ratio": stats["kept_windows"] / jnp.maximum(stats["valid_windows"], 1.0),
       "loss_tokens": stats["loss_tokens"],
       "truncated_tokens": stats["truncated_tokens"],

@@ -99,12 +99,13 @@ def test_trained_baseline_runs_change_only_the_method(tmp_path):
     main_job.run_config(job, 0, "oracle")
 
 
-def test_aux_gradient_reaches_the_stts_run_only_and_default_configs_stay_as_they_were(tmp_path):
-  assert "aux_gradient" not in demo.get_config(f"runlocal=true,data={tmp_path}/data").train
-  cfg = demo.get_config(f"runlocal=true,aux_gradient=scorer,data={tmp_path}/data")
+def test_aux_route_and_schedule_reach_the_stts_run_only_and_default_configs_stay_as_they_were(tmp_path):
+  plain_train = demo.get_config(f"runlocal=true,data={tmp_path}/data").train
+  assert "aux_gradient" not in plain_train and "aux_decay_steps" not in plain_train
+  cfg = demo.get_config(f"runlocal=true,aux_gradient=scorer,aux_decay=5,data={tmp_path}/data")
   job = main_job.make_job(cfg, str(tmp_path / "work"), say=lambda s: None, trained_baselines=True)
-  st = main_job.run_config(job, 0, "stts")
-  assert config_lib.build(ml_collections.ConfigDict(st))["train"].aux_gradient == "scorer"
+  st = config_lib.build(ml_collections.ConfigDict(main_job.run_config(job, 0, "stts")))["train"]
+  assert st.aux_gradient == "scorer" and st.aux_decay_steps == 5
   # the other runs have no aux loss: their configs (and workdirs) are those of the default route
   plain = main_job.make_job(demo.get_config(f"runlocal=true,data={tmp_path}/data"), str(tmp_path / "plain"),
                             say=lambda s: None, trained_baselines=True)

@@ -207,3 +207,18 @@ def test_aux_gradient_scorer_trains_only_the_scorer_with_the_aux_loss():
 def test_aux_gradient_must_be_known():
   with pytest.raises(ValueError, match="train.aux_gradient"):
     helpers.train_cfg(aux_gradient="target")
+
+
+def test_aux_weight_decays_linearly_to_zero_in_one_compiled_step():
+  from stts_jax.train import step as step_lib
+  cfg = helpers.train_cfg(aux_weight=2.0, aux_decay_steps=2, optim={"warmup_steps": 0})
+  assert [float(step_lib.aux_weight_at(cfg, jnp.asarray(s))) for s in (0, 1, 2, 5)] == [2.0, 1.0, 0.0, 0.0]
+  assert float(step_lib.aux_weight_at(dataclasses.replace(cfg, aux_decay_steps=0), jnp.asarray(7))) == 2.0
+  _, metrics, step_fn = _run(helpers.mesh_1(), cfg, [next(helpers.batches(seed=s)) for s in range(3)])
+  assert [float(m["aux_weight"]) for m in metrics] == [2.0, 1.0, 0.0]
+  for m in metrics:   # the loss is CE + this step's weight x the aux loss
+    assert float(m["aux_loss"]) > 0
+    np.testing.assert_allclose(m["loss"], m["ce"] + m["aux_weight"] * m["aux_loss"], rtol=1e-5)
+  assert step_fn._cache_size() == 1
+  with pytest.raises(ValueError, match="aux_decay_steps"):
+    helpers.train_cfg(aux_decay_steps=-1)
