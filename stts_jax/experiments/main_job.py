@@ -175,6 +175,11 @@ def ensure_dataset(job: Job, progress: bool = True) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 # 2. training
 # ---------------------------------------------------------------------------------------------
+# Training settings of the learned scorer alone (its aux loss, exploration of its selection): the other
+# runs leave them out, so their configs and workdirs do not depend on them.
+STTS_ONLY_TRAIN_KEYS = ("aux_gradient", "aux_decay_steps", "random_selection")
+
+
 def run_config(job: Job, seed: int, run: str) -> dict[str, Any]:
   """The training config of one run: the job's model (unpruned: method none; a trained baseline: its
   method at the same ratio and packed rows), this seed."""
@@ -190,8 +195,8 @@ def run_config(job: Job, seed: int, run: str) -> dict[str, Any]:
     d["model"]["stts"] = dict(d["model"]["stts"], method=run)
   if run != "stts":
     # No learned scorer: nothing to warm up, and the aux loss is identically 0 for these methods
-    # (video_forward), so its weight, schedule and gradient route are not part of these runs' identity.
-    d["train"] = dict({k: v for k, v in d["train"].items() if k not in ("aux_gradient", "aux_decay_steps")},
+    # (video_forward), so its weight and STTS_ONLY_TRAIN_KEYS are not part of these runs' identity.
+    d["train"] = dict({k: v for k, v in d["train"].items() if k not in STTS_ONLY_TRAIN_KEYS},
                       scorer_warmup_steps=0, aux_weight=0.0)
   d["train"] = dict(d["train"], seed=seed)
   d["data"] = dict(d["data"], shuffle_seed=seed)

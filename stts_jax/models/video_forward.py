@@ -35,6 +35,7 @@ from `stts.random_seed` when `rng` is None.
 Molmo2 has no dropout; `deterministic=False` only makes a missing `rng` an error for "random".
 """
 
+import dataclasses
 from typing import Any, Optional
 
 import jax
@@ -229,14 +230,35 @@ def vit_pruned(model, scored: ScoredVision, frame_mask: Bool[Array, "B T"], *,
   return features, keep, fits
 
 
+_EXPLORE_STREAM = 0x5E1EC7   # folded into the step's rng: exploration draws apart from other uses
+
+
+def explore_selection(scores_btw: Float[Array, "B T W"], rng: jax.Array, prob: float,
+                      video_ids: Optional[Int[Array, "B T"]] = None, num_videos: int = 1) -> Float[Array, "B T W"]:
+  """Scores for the keep mask with exploration: each video (a row, or a video of an example-packed row)
+  takes Uniform(0, 1) scores instead of its own with probability `prob`, so its keep mask is random pruning
+  at the same budget. Why: a scorer held to a misleading target keeps dropping the event, and a model that
+  never sees the event gives its scorer no signal to keep it; a share of random selections lets the task
+  loss (through the soft bias, which still uses the scorer's own scores) find what matters."""
+  b, t, w = scores_btw.shape
+  k_video, k_scores = jax.random.split(rng)
+  explore_bv = jax.random.uniform(k_video, (b, num_videos)) < prob
+  explore_bt = explore_bv[:, :1] if video_ids is None else jnp.take_along_axis(explore_bv, video_ids, axis=1)
+  explore_bt = jnp.broadcast_to(explore_bt, (b, t))
+  random_btw = pruning.random_scores(k_scores, (b, t, w))
+  return jnp.where(explore_bt[:, :, None], random_btw, scores_btw.astype(jnp.float32)).astype(scores_btw.dtype)
+
+
 def vit_features_video(model, patches: Shaped[Array, "B T P I"], frame_mask: Bool[Array, "B T"],
                        rng: Optional[jax.Array] = None, *, deterministic: bool = True,
                        video_ids: Optional[Int[Array, "B T"]] = None, num_videos: int = 1,
-                       aux_gradient: str = "all") -> VisionOutput:
+                       aux_gradient: str = "all", random_selection: float = 0.0) -> VisionOutput:
   """The ViT half of the STTS forward (module docstring): features for the adapter plus the keep mask.
 
   Pruned: `vit_scored` then `vit_pruned`. video_ids / num_videos: example-packed rows
-  (`frame_example`, V); None: one video per row. aux_gradient: as `vit_scored`."""
+  (`frame_example`, V); None: one video per row. aux_gradient: as `vit_scored`. random_selection
+  (training only, `train.random_selection`): each video's keep mask comes from random scores instead
+  of its own with this probability (`explore_selection`)."""
   cfg = model.config
   b, t, p, i = patches.shape
   if not cfg.stts.prunes:
@@ -250,7 +272,13 @@ def vit_features_video(model, patches: Shaped[Array, "B T P I"], frame_mask: Boo
                         jnp.asarray(False))
   scored, aux = vit_scored(model, patches, frame_mask, rng, deterministic=deterministic, video_ids=video_ids,
                            aux_gradient=aux_gradient)
-  features, keep, fits = vit_pruned(model, scored, frame_mask, video_ids=video_ids, num_videos=num_videos)
+  selected = scored
+  if random_selection > 0 and not deterministic:
+    if rng is None:
+      raise ValueError("vit_features_video: random_selection in training mode needs an `rng`")
+    selected = dataclasses.replace(scored, scores_btw=explore_selection(
+        scored.scores_btw, jax.random.fold_in(rng, _EXPLORE_STREAM), random_selection, video_ids, num_videos))
+  features, keep, fits = vit_pruned(model, selected, frame_mask, video_ids=video_ids, num_videos=num_videos)
   return VisionOutput(features, keep, scored.scores_btw.astype(jnp.float32), aux, fits)
 
 
@@ -454,12 +482,14 @@ def llm_forward(model, batch: dict[str, Any], vision: VisionOutput, *, logits: b
 
 
 def forward_video(model, batch: dict[str, Any], *, rng: Optional[jax.Array] = None,
-                  deterministic: bool = True, logits: bool = True, aux_gradient: str = "all") -> VideoOutput:
+                  deterministic: bool = True, logits: bool = True, aux_gradient: str = "all",
+                  random_selection: float = 0.0) -> VideoOutput:
   """The full STTS video forward (module docstring). Static shapes: one compilation per (B, T, S).
   Example-packed batches (`token_example` present; `models/example_packing.py`) take the packed path.
 
   logits=False: hidden states and the LM head kernel instead of [B, S, V] logits (`llm_forward`).
-  aux_gradient: where the aux loss's gradient goes (`vit_scored`; `train.aux_gradient`)."""
+  aux_gradient: where the aux loss's gradient goes (`vit_scored`; `train.aux_gradient`). random_selection:
+  training-time exploration of the keep mask (`explore_selection`; `train.random_selection`)."""
   _check_batch(batch)
   patches = jnp.asarray(batch["patches"])
   frame_mask = jnp.asarray(batch["frame_mask"], bool)
@@ -469,8 +499,9 @@ def forward_video(model, batch: dict[str, Any], *, rng: Optional[jax.Array] = No
       raise KeyError(f"forward_video: example-packed batch is missing {missing}")
     vision = vit_features_video(model, patches, frame_mask, rng, deterministic=deterministic,
                                 video_ids=jnp.asarray(batch["frame_example"], jnp.int32),
-                                num_videos=batch["example_frames"].shape[1], aux_gradient=aux_gradient)
+                                num_videos=batch["example_frames"].shape[1], aux_gradient=aux_gradient,
+                                random_selection=random_selection)
   else:
     vision = vit_features_video(model, patches, frame_mask, rng, deterministic=deterministic,
-                                aux_gradient=aux_gradient)
+                                aux_gradient=aux_gradient, random_selection=random_selection)
   return llm_forward(model, batch, vision, logits=logits)

@@ -86,6 +86,10 @@ class TrainConfig:
     input, into the ViT blocks 0..prune_at. "scorer": into the scorer's parameters only, so the aux
     loss holds the scorer near the heuristic without reshaping the features it reads (the task loss
     still trains everything). Passed to the forward as `aux_gradient=` when not "all".
+  random_selection: probability, drawn per training video and step, that the video's keep mask comes
+    from random scores instead of its own (`video_forward.explore_selection`): exploration for a scorer
+    held near a heuristic that drops the event. The soft bias and the aux loss still use the scorer's
+    scores; evaluation never explores. 0 (default): off. Passed to the forward when > 0.
   loss: "answer" (default) runs the LM head only at the answer positions (`stts_jax/train/loss.py`),
     never [B, S, V] logits; "full" computes the logits of every position (the plain forward; for
     before/after measurements and parity). Both give the same loss and gradients.
@@ -108,6 +112,7 @@ class TrainConfig:
   aux_weight: float = 0.5
   aux_decay_steps: int = 0
   aux_gradient: str = "all"
+  random_selection: float = 0.0
   scorer_warmup_steps: int = 0
   scorer_warmup_lr: float = 3e-3
   seed: int = 0
@@ -141,6 +146,8 @@ class TrainConfig:
     if self.aux_weight < 0 or self.aux_decay_steps < 0:
       raise ValueError(f"train: aux_weight and aux_decay_steps must be >= 0, got {self.aux_weight}, "
                        f"{self.aux_decay_steps}")
+    if not 0.0 <= self.random_selection <= 1.0:
+      raise ValueError(f"train.random_selection must be in [0, 1], got {self.random_selection}")
     if self.aux_gradient not in aux_loss.GRADIENT_MODES:
       raise ValueError(f"train.aux_gradient must be one of {aux_loss.GRADIENT_MODES}, got {self.aux_gradient!r}")
     if self.loss not in ("answer", "full"):

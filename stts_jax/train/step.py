@@ -142,9 +142,11 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, cfg: TrainConf
   lr_scorer, lr_vision, skipped (this step), skipped_total, step.
   """
   forward = forward or video_forward.forward_video
+  # Passed only when set: forwards without a scorer (toy models, tests) need not take the arguments.
   if cfg.aux_gradient != "all":
-    # Only then: forwards without an aux loss (toy models, tests) need not take the argument.
     forward = functools.partial(forward, aux_gradient=cfg.aux_gradient)
+  if cfg.random_selection > 0:
+    forward = functools.partial(forward, random_selection=cfg.random_selection)
   model, optimizer = state.model, state.optimizer
   num_micro = cfg.grad_accum
   rng = jax.random.fold_in(jax.random.key(cfg.seed), state.step[...])

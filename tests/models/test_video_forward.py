@@ -314,3 +314,34 @@ def test_llm_prune_off_puts_each_kept_window_feature_on_its_own_token():
   all_feats = np.asarray(vf.pool_windows(model, every, t * W)[0])
   want = np.where(keep.reshape(2, t * W)[..., None], all_feats, 0.0)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_explore_selection_replaces_whole_videos_with_random_scores():
+  scores = jax.random.uniform(jax.random.key(1), (64, 4, W)) + 2.0     # random scores are < 1
+  key = jax.random.key(2)
+  np.testing.assert_array_equal(np.asarray(vf.explore_selection(scores, key, 0.0)), np.asarray(scores))
+  assert (np.asarray(vf.explore_selection(scores, key, 1.0)) < 1).all()
+  out = np.asarray(vf.explore_selection(scores, key, 0.5))
+  replaced = (out < 1).all(axis=(1, 2))
+  assert ((out < 1).any(axis=(1, 2)) == replaced).all()                # a video is replaced whole or not at all
+  assert 16 <= replaced.sum() <= 48
+  # example-packed rows: per video of the row
+  ids = jnp.asarray(np.tile([0, 0, 1, 1], (64, 1)), jnp.int32)
+  out = np.asarray(vf.explore_selection(scores, key, 0.5, ids, num_videos=2))
+  first, second = (out[:, :2] < 1).all(axis=(1, 2)), (out[:, 2:] < 1).all(axis=(1, 2))
+  assert ((out[:, :2] < 1).any(axis=(1, 2)) == first).all() and ((out[:, 2:] < 1).any(axis=(1, 2)) == second).all()
+  assert (first != second).any()
+
+
+def test_random_selection_changes_only_training_keep_masks_at_the_same_budget():
+  model = _model(ratio=0.5)
+  batch = make_batch(model.config, [3, 3, 2, 3], 3, _seq_len(3))
+  f = nnx.jit(functools.partial(vf.forward_video, random_selection=1.0), static_argnames=("deterministic",))
+  key = jax.random.key(0)
+  plain = _forward(model, batch, rng=key, deterministic=False)
+  explored = f(model, batch, rng=key, deterministic=False)
+  assert (np.asarray(explored.keep_mask) != np.asarray(plain.keep_mask)).any()
+  np.testing.assert_array_equal(np.asarray(explored.num_kept), np.asarray(plain.num_kept))   # same budget
+  np.testing.assert_allclose(float(explored.aux_loss), float(plain.aux_loss), rtol=1e-6)   # scorer's own scores
+  evaluated = f(model, batch, rng=key, deterministic=True)                # evaluation never explores
+  np.testing.assert_array_equal(np.asarray(evaluated.keep_mask), np.asarray(_forward(model, batch).keep_mask))

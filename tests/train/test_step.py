@@ -222,3 +222,30 @@ def test_aux_weight_decays_linearly_to_zero_in_one_compiled_step():
   assert step_fn._cache_size() == 1
   with pytest.raises(ValueError, match="aux_decay_steps"):
     helpers.train_cfg(aux_decay_steps=-1)
+
+
+def test_random_selection_must_be_a_probability():
+  with pytest.raises(ValueError, match="train.random_selection"):
+    helpers.train_cfg(random_selection=1.5)
+
+
+def test_random_selection_reaches_the_forward_of_the_train_step():
+  """train.random_selection = 1: every keep mask random, so the CE changes; the aux loss (the scorer's own
+  scores) does not."""
+  from flax import nnx
+
+  from stts_jax.models import video_forward
+  from stts_jax.models.vlm import Molmo2
+  from stts_jax.testing.tiny import tiny_model_config
+  model_cfg = tiny_model_config(method="stts", ratio=0.5)
+  batch = next(helpers.batches(batch_size=2, num_frames=4, seq_len=128, seed=1))
+  mesh = helpers.mesh_1()
+  metrics = []
+  for p in (0.0, 1.0):
+    _, state, step_fn = helpers.build_step(mesh, helpers.train_cfg(random_selection=p), batch=batch,
+                                           model_fn=lambda: Molmo2(model_cfg, rngs=nnx.Rngs(0)),
+                                           forward=video_forward.forward_video)
+    with jax.set_mesh(mesh):
+      metrics.append(jax.device_get(step_fn(state, helpers.put(batch, mesh))[1]))
+  np.testing.assert_allclose(metrics[1]["aux_loss"], metrics[0]["aux_loss"], rtol=1e-6)
+  assert abs(float(metrics[1]["ce"]) - float(metrics[0]["ce"])) > 1e-6
