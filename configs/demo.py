@@ -26,7 +26,8 @@ variant's `STEPS`), `batch`,
 every run holds the ViT embeddings and blocks 0..prune_at at stage 0's weights, `optim.freeze_vit_blocks`),
 `aux_gradient` (all | scorer: where the aux loss's gradient goes, `train.aux_gradient`), `aux_decay`
 (steps over which the aux weight falls linearly to 0, `train.aux_decay_steps`; 0: constant), `explore`
-(probability that a training video's keep mask is random instead of the scorer's, `train.random_selection`), `generic_early` (bool: as `frozen_early`, and stage 0 leaves them at their random initialisation,
+(probability that a training video's keep mask is random instead of the scorer's, `train.random_selection`),
+`select_grad` (weight of the task loss's gradient to the kept windows' scores, `train.selection_gradient`), `generic_early` (bool: as `frozen_early`, and stage 0 leaves them at their random initialisation,
 `job.vision_pretrain_freeze_blocks`; docs/main_job.md).
 
 `variant=hard` (data_cache/default_hard, `default_dataset.Spec(variant="hard")`): distractors that
@@ -72,7 +73,7 @@ def model_config(method: str = "stts", ratio: float = 0.5) -> config_lib.ModelCo
 def get_config(arg=None) -> ml_collections.ConfigDict:
   arg = common.parse_arg(arg, data="", variant="default", method="stts", ratio=0.5, steps=0, batch=16, lr=1e-3, seed=0,
                          pretrain=200, runlocal=False, mixed=False, frozen_early=False,
-                         generic_early=False, aux_gradient="all", aux_decay=0, explore=0.0)
+                         generic_early=False, aux_gradient="all", aux_decay=0, explore=0.0, select_grad=0.0)
   from stts_jax.data import default_dataset
   from stts_jax.experiments import config as job_config   # registers the `job` section
   if arg.variant not in default_dataset.VARIANTS:
@@ -107,6 +108,9 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   if arg.explore and arg.method == "stts":
     # Exploration of the scorer's selection in training (`train.random_selection`). Only set when asked.
     cfg.train.random_selection = arg.explore
+  if arg.select_grad and arg.method == "stts":
+    # The task loss reaches the kept windows' scores (`train.selection_gradient`). Only set when asked.
+    cfg.train.selection_gradient = arg.select_grad
   if arg.mixed:
     # Mixed-ratio training for the adaptive budget: every step at the next of its buckets (the
     # unpruned run of the main job ignores it). Only set when asked, so fixed-ratio run configs

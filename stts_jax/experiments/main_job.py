@@ -175,9 +175,9 @@ def ensure_dataset(job: Job, progress: bool = True) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 # 2. training
 # ---------------------------------------------------------------------------------------------
-# Training settings of the learned scorer alone (its aux loss, exploration of its selection): the other
-# runs leave them out, so their configs and workdirs do not depend on them.
-STTS_ONLY_TRAIN_KEYS = ("aux_gradient", "aux_decay_steps", "random_selection")
+# Training settings of the learned scorer alone (its aux loss; exploration and gradient of its selection):
+# the other runs leave them out, so their configs and workdirs do not depend on them.
+STTS_ONLY_TRAIN_KEYS = ("aux_gradient", "aux_decay_steps", "random_selection", "selection_gradient")
 
 
 def run_config(job: Job, seed: int, run: str) -> dict[str, Any]:

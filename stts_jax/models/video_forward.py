@@ -357,7 +357,19 @@ def pool_windows(model, vision: VisionOutput, num_slots: int) -> tuple[Float[Arr
   return feats.reshape(b, num_slots, -1), valid_bk
 
 
-def llm_window_features(model, vision: VisionOutput, num_slots: Optional[int] = None) -> Float[Array, "B K E"]:
+def selection_gate(vision: VisionOutput, num_slots: int, weight: float) -> Float[Array, "B K"]:
+  """1 + weight * (s - stop_gradient(s)) per kept-window slot (s: the window's score, `vision.scores_btw`;
+  padding slots: any value, their features are 0). Exactly 1 in value; its gradient is weight x (how
+  much the loss would change if the window's feature were scaled up), so the scorer learns which of the
+  windows it kept the answer uses. The soft bias alone only tells it how block prune_at+1 should attend."""
+  b, t, w = vision.keep_mask_btw.shape
+  slots_bk, _ = kept_window_slots(vision.keep_mask_btw, num_slots)
+  s_bk = jnp.take_along_axis(vision.scores_btw.reshape(b, t * w).astype(jnp.float32), slots_bk, axis=1)
+  return 1.0 + weight * (s_bk - jax.lax.stop_gradient(s_bk))
+
+
+def llm_window_features(model, vision: VisionOutput, num_slots: Optional[int] = None,
+                        selection_gradient: float = 0.0) -> Float[Array, "B K E"]:
   """Pooled window features in the order of the LLM sequence's `<im_patch>` tokens (feature j goes to
   the j-th one, `merge_per_sample`).
 
@@ -367,11 +379,16 @@ def llm_window_features(model, vision: VisionOutput, num_slots: Optional[int] = 
   zero feature; compacted features would shift later windows onto earlier, dropped windows' tokens.
   num_slots: static slots (default `num_llm_slots` of the T bucket; example-packed rows pass
   `example_packing.llm_slots`).
+  selection_gradient (training, `train.selection_gradient`; learned scorer only): each kept window's
+  feature is multiplied by 1 + g * (s - stop_gradient(s)), its own score s: the value stays the
+  feature, and the task loss reaches the score of every window the LLM reads (`selection_gate`).
   """
   if num_slots is None:
     num_slots = num_llm_slots(model.config, vision.keep_mask_btw.shape[1])
   feats, _ = pool_windows(model, vision, num_slots)
   st = model.config.stts
+  if selection_gradient > 0 and st.method == "stts":
+    feats = feats * selection_gate(vision, num_slots, selection_gradient)[..., None].astype(feats.dtype)
   if st.prunes and not st.llm_prune:
     slots_bk, valid_bk = kept_window_slots(vision.keep_mask_btw, num_slots)
     b, k, _ = feats.shape
@@ -456,18 +473,21 @@ def decoder_inputs(model, input_ids: Int[Array, "B S"], token_mask: Bool[Array, 
                        loss_mask=loss_mask, num_truncated=truncated, example_ids=ex)
 
 
-def llm_forward(model, batch: dict[str, Any], vision: VisionOutput, *, logits: bool = True) -> VideoOutput:
+def llm_forward(model, batch: dict[str, Any], vision: VisionOutput, *, logits: bool = True,
+                selection_gradient: float = 0.0) -> VideoOutput:
   """The LLM half: pooled kept windows -> (pruned) sequence -> decoder -> logits.
 
   logits=False: no LM head; the output carries the final hidden states [B, S, E] and the head kernel
   [E, V] instead, for a loss that needs logits at a few positions only (train/loss.py).
+  selection_gradient: as `llm_window_features`.
   """
   packed_rows = example_packing.is_packed(batch)
   if packed_rows:
     frames, videos = vision.keep_mask_btw.shape[1], batch["example_frames"].shape[1]
-    feats = llm_window_features(model, vision, example_packing.llm_slots(model.config, frames, videos))
+    feats = llm_window_features(model, vision, example_packing.llm_slots(model.config, frames, videos),
+                                selection_gradient=selection_gradient)
   else:
-    feats = llm_window_features(model, vision)
+    feats = llm_window_features(model, vision, selection_gradient=selection_gradient)
   dec = decoder_inputs(model, batch["input_ids"], batch["token_mask"], vision.keep_mask_btw, feats,
                        batch["target_ids"], batch["loss_mask"],
                        example_ids=batch["token_example"] if packed_rows else None)
@@ -483,13 +503,15 @@ def llm_forward(model, batch: dict[str, Any], vision: VisionOutput, *, logits: b
 
 def forward_video(model, batch: dict[str, Any], *, rng: Optional[jax.Array] = None,
                   deterministic: bool = True, logits: bool = True, aux_gradient: str = "all",
-                  random_selection: float = 0.0) -> VideoOutput:
+                  random_selection: float = 0.0, selection_gradient: float = 0.0) -> VideoOutput:
   """The full STTS video forward (module docstring). Static shapes: one compilation per (B, T, S).
   Example-packed batches (`token_example` present; `models/example_packing.py`) take the packed path.
 
   logits=False: hidden states and the LM head kernel instead of [B, S, V] logits (`llm_forward`).
   aux_gradient: where the aux loss's gradient goes (`vit_scored`; `train.aux_gradient`). random_selection:
-  training-time exploration of the keep mask (`explore_selection`; `train.random_selection`)."""
+  training-time exploration of the keep mask (`explore_selection`; `train.random_selection`).
+  selection_gradient: the task loss's gradient to the kept windows' scores (`selection_gate`;
+  `train.selection_gradient`)."""
   _check_batch(batch)
   patches = jnp.asarray(batch["patches"])
   frame_mask = jnp.asarray(batch["frame_mask"], bool)
@@ -504,4 +526,4 @@ def forward_video(model, batch: dict[str, Any], *, rng: Optional[jax.Array] = No
   else:
     vision = vit_features_video(model, patches, frame_mask, rng, deterministic=deterministic,
                                 aux_gradient=aux_gradient, random_selection=random_selection)
-  return llm_forward(model, batch, vision, logits=logits)
+  return llm_forward(model, batch, vision, logits=logits, selection_gradient=selection_gradient)

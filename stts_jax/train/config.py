@@ -90,6 +90,10 @@ class TrainConfig:
     from random scores instead of its own (`video_forward.explore_selection`): exploration for a scorer
     held near a heuristic that drops the event. The soft bias and the aux loss still use the scorer's
     scores; evaluation never explores. 0 (default): off. Passed to the forward when > 0.
+  selection_gradient: > 0: the task loss also reaches the score of every window the LLM reads, through a
+    gate of value 1 on its pooled feature (`video_forward.selection_gate`), at this weight: a signal about
+    which kept windows the answer uses. 0 (default): off (the authors': the scorer learns from the task
+    loss only through the soft bias). Passed to the forward when > 0.
   loss: "answer" (default) runs the LM head only at the answer positions (`stts_jax/train/loss.py`),
     never [B, S, V] logits; "full" computes the logits of every position (the plain forward; for
     before/after measurements and parity). Both give the same loss and gradients.
@@ -113,6 +117,7 @@ class TrainConfig:
   aux_decay_steps: int = 0
   aux_gradient: str = "all"
   random_selection: float = 0.0
+  selection_gradient: float = 0.0
   scorer_warmup_steps: int = 0
   scorer_warmup_lr: float = 3e-3
   seed: int = 0
@@ -146,6 +151,8 @@ class TrainConfig:
     if self.aux_weight < 0 or self.aux_decay_steps < 0:
       raise ValueError(f"train: aux_weight and aux_decay_steps must be >= 0, got {self.aux_weight}, "
                        f"{self.aux_decay_steps}")
+    if self.selection_gradient < 0:
+      raise ValueError(f"train.selection_gradient must be >= 0, got {self.selection_gradient}")
     if not 0.0 <= self.random_selection <= 1.0:
       raise ValueError(f"train.random_selection must be in [0, 1], got {self.random_selection}")
     if self.aux_gradient not in aux_loss.GRADIENT_MODES:

@@ -147,6 +147,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, cfg: TrainConf
     forward = functools.partial(forward, aux_gradient=cfg.aux_gradient)
   if cfg.random_selection > 0:
     forward = functools.partial(forward, random_selection=cfg.random_selection)
+  if cfg.selection_gradient > 0:
+    forward = functools.partial(forward, selection_gradient=cfg.selection_gradient)
   model, optimizer = state.model, state.optimizer
   num_micro = cfg.grad_accum
   rng = jax.random.fold_in(jax.random.key(cfg.seed), state.step[...])

@@ -102,10 +102,11 @@ def test_trained_baseline_runs_change_only_the_method(tmp_path):
 def test_aux_route_and_schedule_reach_the_stts_run_only_and_default_configs_stay_as_they_were(tmp_path):
   plain_train = demo.get_config(f"runlocal=true,data={tmp_path}/data").train
   assert not set(main_job.STTS_ONLY_TRAIN_KEYS) & set(plain_train)
-  cfg = demo.get_config(f"runlocal=true,aux_gradient=scorer,aux_decay=5,explore=0.25,data={tmp_path}/data")
+  cfg = demo.get_config(f"runlocal=true,aux_gradient=scorer,aux_decay=5,explore=0.25,select_grad=2,data={tmp_path}/data")
   job = main_job.make_job(cfg, str(tmp_path / "work"), say=lambda s: None, trained_baselines=True)
   st = config_lib.build(ml_collections.ConfigDict(main_job.run_config(job, 0, "stts")))["train"]
   assert st.aux_gradient == "scorer" and st.aux_decay_steps == 5 and st.random_selection == 0.25
+  assert st.selection_gradient == 2.0
   # the other runs have no aux loss: their configs (and workdirs) are those of the default route
   plain = main_job.make_job(demo.get_config(f"runlocal=true,data={tmp_path}/data"), str(tmp_path / "plain"),
                             say=lambda s: None, trained_baselines=True)

@@ -345,3 +345,31 @@ def test_random_selection_changes_only_training_keep_masks_at_the_same_budget():
   np.testing.assert_allclose(float(explored.aux_loss), float(plain.aux_loss), rtol=1e-6)   # scorer's own scores
   evaluated = f(model, batch, rng=key, deterministic=True)                # evaluation never explores
   np.testing.assert_array_equal(np.asarray(evaluated.keep_mask), np.asarray(_forward(model, batch).keep_mask))
+
+
+def test_selection_gradient_leaves_values_and_adds_a_linear_gradient_to_the_scorer():
+  """The gate is exactly 1 in value (same logits); its gradient to the scorer is linear in its weight and
+  absent for a weight of 0."""
+  model = _model(ratio=0.5)
+  batch = jax.tree.map(jnp.asarray, make_batch(model.config, [3, 2], 3, _seq_len(3)))
+  key = jax.random.key(0)
+
+  def loss(m, g):
+    out = vf.forward_video(m, batch, rng=key, deterministic=False, selection_gradient=g)
+    logp = jax.nn.log_softmax(out.logits.astype(jnp.float32), axis=-1)
+    picked = jnp.take_along_axis(logp, out.target_ids[..., None], axis=-1)[..., 0]
+    return -jnp.sum(jnp.where(out.loss_mask, picked, 0.0)), out.logits
+
+  grads, logits = {}, {}
+  for g in (0.0, 1.0, 2.0):
+    (_, logits[g]), grad = nnx.value_and_grad(functools.partial(loss, g=g), has_aux=True)(model)
+    grads[g] = np.concatenate([np.ravel(x) for x in jax.tree.leaves(nnx.state(grad.scorer))])
+  np.testing.assert_array_equal(np.asarray(logits[1.0]), np.asarray(logits[0.0]))
+  d1, d2 = grads[1.0] - grads[0.0], grads[2.0] - grads[0.0]
+  assert np.abs(d1).max() > 1e-3 * np.abs(grads[0.0]).max()
+  np.testing.assert_allclose(d2, 2 * d1, rtol=1e-2, atol=1e-3 * np.abs(d2).max())
+  # only the learned scorer is gated: the heuristic's selection is left alone
+  heur = _model(ratio=0.5, method="heuristic")
+  plain = vf.forward_video(heur, batch, rng=key, deterministic=False)
+  gated = vf.forward_video(heur, batch, rng=key, deterministic=False, selection_gradient=1.0)
+  np.testing.assert_array_equal(np.asarray(gated.logits), np.asarray(plain.logits))

@@ -249,3 +249,8 @@ def test_random_selection_reaches_the_forward_of_the_train_step():
       metrics.append(jax.device_get(step_fn(state, helpers.put(batch, mesh))[1]))
   np.testing.assert_allclose(metrics[1]["aux_loss"], metrics[0]["aux_loss"], rtol=1e-6)
   assert abs(float(metrics[1]["ce"]) - float(metrics[0]["ce"])) > 1e-6
+
+
+def test_selection_gradient_must_be_non_negative():
+  with pytest.raises(ValueError, match="train.selection_gradient"):
+    helpers.train_cfg(selection_gradient=-1.0)
