@@ -24,11 +24,13 @@ buckets 0.3/0.5/0.7/0.85 in turn, `train.stts_ratios`; docs/adaptive_budget.md),
 variant's `STEPS`), `batch`,
 `lr`, `seed`, `runlocal` (bool: a few steps on a small dataset for smoke tests), `frozen_early` (bool:
 every run holds the ViT embeddings and blocks 0..prune_at at stage 0's weights, `optim.freeze_vit_blocks`),
-`aux_gradient` (all | scorer: where the aux loss's gradient goes, `train.aux_gradient`), `aux_decay`
-(steps over which the aux weight falls linearly to 0, `train.aux_decay_steps`; 0: constant), `explore`
-(probability that a training video's keep mask is random instead of the scorer's, `train.random_selection`),
-`select_grad` (weight of the task loss's gradient to the kept windows' scores, `train.selection_gradient`), `generic_early` (bool: as `frozen_early`, and stage 0 leaves them at their random initialisation,
-`job.vision_pretrain_freeze_blocks`; docs/main_job.md).
+`generic_early` (bool: as `frozen_early`, and stage 0 leaves them at their random initialisation,
+`job.vision_pretrain_freeze_blocks`; docs/main_job.md). Training switches of the STTS run, screened on
+val and not adopted (docs/main_job.md, "Val screenings for one recipe"): `aux_gradient` (all | scorer:
+where the aux loss's gradient goes, `train.aux_gradient`), `aux_decay` (steps over which the aux weight
+falls linearly to 0, `train.aux_decay_steps`; 0: constant), `explore` (probability that a training
+video's keep mask is random, `train.random_selection`), `select_grad` (weight of the task loss's gradient
+to the kept windows' scores, `train.selection_gradient`).
 
 `variant=hard` (data_cache/default_hard, `default_dataset.Spec(variant="hard")`): distractors that
 change more than the event, so the pixel heuristic keeps the event window at ratio 0.5 about as
