@@ -107,7 +107,8 @@ def event_score_contrast(scores: np.ndarray, frames: Sequence[int], window: int)
   later = np.arange(s.shape[0])[:, None] >= 1
   event = s[is_event & later]
   others = s[~is_event & later]
-  return (float(event.max()) if event.size else float("nan"), float(np.median(others)) if others.size else float("nan"))
+  return (float(event.max()) if event.size else float("nan"),
+          float(np.median(others)) if others.size else float("nan"))
 
 
 def summarize(correct: Mapping[str, bool], kept: Mapping[str, bool], qtypes: Mapping[str, str], *,
@@ -211,4 +212,5 @@ def run(rows: Sequence[Row], model_cfg, data_cfg: DataConfig, split: str, *, bat
   return {"split": split, "data": data_cfg.path, "num_questions": max((r["n"] for r in out), default=0), "rows": out}
 
 
-__all__ = ["INIT", "Row", "evaluate_model", "event_score_contrast", "markdown", "parse_rows", "read_events", "run", "summarize"]
+__all__ = ["INIT", "Row", "evaluate_model", "event_score_contrast", "markdown", "parse_rows", "read_events", "run",
+           "summarize"]

@@ -61,8 +61,9 @@ class PretrainConfig:
   code_scale / position_scale: RMS of the class and position codes (the adapter output of the random
   tower is ~10 RMS; codes of a few units are easy to reach and dominate the LLM's RMS-normed input).
   event_weight: loss weight of event windows (0: `tag_weight`, as decoys). The recolour variant
-  has 1-2 event windows against up to 30-63 decoy windows (framed faces; the event is one of them, yellow), so at
-  `tag_weight` the regression settles on "framed face -> decoy code" and never tells the event apart.
+  has 1-2 event windows against up to 30-63 decoy windows (framed faces; the event is one of them,
+  yellow), so at `tag_weight` the regression settles on "framed face -> decoy code" and never tells
+  the event apart.
   freeze_vit_blocks: n > 0 leaves the ViT embeddings and blocks 0..n-1 at their random
   initialisation (`optim.zero_early_vit`), so the features that scorers and the heuristic read are
   not taught the event.

@@ -134,9 +134,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, cfg: TrainConf
   `target_ids`, `loss_mask`, `aux_loss`, `keep_mask`, `num_truncated` (as
   `video_forward.VideoOutput`); default `video_forward.forward_video`.
   Metrics: loss, ce, aux_loss, aux_weight (`aux_weight_at` this step), kept_ratio (kept / real
-  windows), loss_tokens, truncated_tokens (LLM tokens cut by the static length; should stay 0), dense_fallback (microbatches whose kept
-  patches did not fit the static packed rows and ran the exact but slower dense ViT; should stay
-  near 0, else raise `stts.num_rows`), ce_fallback (microbatches with an example of more than
+  windows), loss_tokens, truncated_tokens (LLM tokens cut by the static length; should stay 0),
+  dense_fallback (microbatches whose kept patches did not fit the static packed rows and ran the
+  exact but slower dense ViT; should stay near 0, else raise `stts.num_rows`), ce_fallback (microbatches with an example of more than
   `max_answer_tokens` answer tokens, whose exact CE ran chunked over the whole sequence; should stay
   near 0, else raise `train.max_answer_tokens`), grad_norm (before clipping), lr,
   lr_scorer, lr_vision, skipped (this step), skipped_total, step.
