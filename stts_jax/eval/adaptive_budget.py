@@ -39,6 +39,7 @@ heuristic in [0, 2], mostly near 0 for static content), hence one threshold per 
 `random` has no meaningful score and is rejected.
 """
 
+import contextlib
 import dataclasses
 import fractions
 import math
@@ -158,14 +159,15 @@ def _kept_mass_by_drops(candidate_scores: np.ndarray) -> np.ndarray:
 # Inference: score once, one fixed-ratio pass per bucket
 # ----------------------------------------------------------------------------------------------
 
-def _score_pure(graphdef, state, patches, frame_mask):
+def _score_pure(graphdef, state, patches, frame_mask, *, mesh=None, rules=()):
   """(`vit_scored` output, window scores [B, T, W] float32 with zeros at padding frames)."""
-  model = nnx.merge(graphdef, state)
-  scored, _ = vf.vit_scored(model, patches, frame_mask, None, deterministic=True)
-  return scored, jnp.where(frame_mask[:, :, None], scored.scores_btw.astype(jnp.float32), 0.0)
+  with predictor_lib.rules_context(mesh, rules):
+    model = nnx.merge(graphdef, state)
+    scored, _ = vf.vit_scored(model, patches, frame_mask, None, deterministic=True)
+    return scored, jnp.where(frame_mask[:, :, None], scored.scores_btw.astype(jnp.float32), 0.0)
 
 
-_score_jit = jax.jit(_score_pure, static_argnames=("graphdef",))
+_score_jit = jax.jit(_score_pure, static_argnames=("graphdef", "mesh", "rules"))
 # One row of a ScoredVision per video (queues of the grouped path), and a batch from rows again.
 _split_rows = jax.jit(lambda tree: [jax.tree.map(lambda x: x[i], tree)   # noqa: E731
                                     for i in range(jax.tree.leaves(tree)[0].shape[0])])
@@ -184,15 +186,27 @@ def warm_rows(scored: vf.ScoredVision) -> None:
   jax.block_until_ready(_stack_rows(_split_rows(scored)))
 
 
-def score_pass(model: vlm.Molmo2, batch: Mapping[str, Any]) -> tuple[vf.ScoredVision, np.ndarray]:
+def score_pass(model: vlm.Molmo2, batch: Mapping[str, Any], *, mesh: Optional[jax.sharding.Mesh] = None,
+               rules: Sequence[tuple[str, Any]] = ()) -> tuple[vf.ScoredVision, np.ndarray]:
   """(`vit_scored` output on the device, window scores [B, T, W] on the host, zeros at padding frames).
 
   Nothing here depends on the ratio or budget: the pass runs under one canonical config, so it
-  compiles once per frame count (and batch shape) whatever the model variant."""
+  compiles once per frame count (and batch shape) whatever the model variant. With a `mesh` the
+  parameters are placed by the rules table and the batch is sharded over the batch axes, as in
+  `Predictor`; the `ScoredVision` stays sharded on the device."""
   model = gen_lib.model_variant(model, ratio=0.5, num_rows=None, budget="fixed")
   graphdef, state = nnx.split(model)
-  scored, scores = _score_jit(graphdef, state, jnp.asarray(batch["patches"]), jnp.asarray(batch["frame_mask"], bool))
-  return scored, np.asarray(scores)
+  fields = {"patches": np.asarray(batch["patches"]), "frame_mask": np.asarray(batch["frame_mask"], bool)}
+  if mesh is None:
+    dev = {k: jnp.asarray(v) for k, v in fields.items()}
+  else:
+    from stts_jax.parallel import sharding
+    state = jax.device_put(state, sharding.state_shardings(state, mesh, rules))
+    dev = sharding.shard_batch(fields, mesh, rules)
+  rules = tuple(rules)
+  with (jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()):
+    scored, scores = _score_jit(graphdef, state, dev["patches"], dev["frame_mask"], mesh=mesh, rules=rules)
+  return scored, predictor_lib.to_host(scores)
 
 
 def score_videos(model: vlm.Molmo2, batch: Mapping[str, Any]) -> np.ndarray:
@@ -220,9 +234,10 @@ class AdaptivePredictor:
 
   def __init__(self, predictor: predictor_lib.Predictor, rule: AdaptiveRule, *, group_batches: bool = False,
                reuse_scored: bool = True):
-    if predictor.mesh is not None:
-      raise ValueError("--budget adaptive evaluates on one device: run it without a mesh (a single device); "
-                       "sharded adaptive evaluation is not offered")
+    if jax.process_count() > 1:
+      # Grouping moves videos between batches, and a process holds only its own rows of each batch.
+      raise ValueError(f"--budget adaptive runs in one process (data-parallel over its {jax.local_device_count()} "
+                       f"local devices), got {jax.process_count()} processes")
     self.predictor = predictor
     self.rule = rule
     self.group_batches = group_batches
@@ -257,7 +272,8 @@ class AdaptivePredictor:
     if method not in METHODS:
       raise ValueError(f"adaptive budget works with methods {METHODS}, got {method!r}")
     t0 = time.perf_counter()
-    scored, scores = score_pass(self._variant(model, self.rule.buckets[0]), batch)   # host scores: synchronised
+    scored, scores = score_pass(self._variant(model, self.rule.buckets[0]), batch,   # host scores: synchronised
+                                mesh=self.predictor.mesh, rules=self.predictor.rules)
     if not self.reuse_scored:
       scored = None
     elif rows:

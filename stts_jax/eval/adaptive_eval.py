@@ -25,6 +25,7 @@ import statistics
 from collections.abc import Sequence
 from typing import Any, Optional
 
+import jax
 import numpy as np
 
 from stts_jax.data.config import DataConfig
@@ -120,12 +121,14 @@ def sweep(model: vlm.Molmo2, data_cfg: DataConfig, eval_cfg: EvalConfig, *, meth
           thresholds: Sequence[float], buckets: Sequence[float] = ab.DEFAULT_BUCKETS,
           metric: str = "multiple_choice/likelihood_accuracy", tokenizer=None, resamples: int = 10000,
           checkpoint: str = "", rule: str = "threshold", group_batches: bool = True,
-          reuse_scored: bool = True) -> dict[str, Any]:
+          reuse_scored: bool = True, mesh: Optional[jax.sharding.Mesh] = None,
+          rules: Sequence[tuple[str, Any]] = ()) -> dict[str, Any]:
   """Fixed ratios and adaptive points on the same examples (module docstring). `rule`: "threshold"
   (each value of `thresholds` is a score threshold) or "mass" (each is a kept score-mass fraction).
   `group_batches`: adaptive points group videos by bucket across batches (`AdaptivePredictor`); False:
   every batch runs one pass per bucket it contains. `reuse_scored`: bucket passes start from the score
-  pass (`AdaptivePredictor`); False: from the patches. Per-video results are the same; the time is not."""
+  pass (`AdaptivePredictor`); False: from the patches. Per-video results are the same; the time is not.
+  `mesh`, `rules`: data-parallel over the mesh's devices (one process), as `Predictor`."""
   if eval_cfg.batch_size is not None:
     import dataclasses
     data_cfg = dataclasses.replace(data_cfg, batch_size=eval_cfg.batch_size)
@@ -133,7 +136,7 @@ def sweep(model: vlm.Molmo2, data_cfg: DataConfig, eval_cfg: EvalConfig, *, meth
                            max_examples=eval_cfg.max_examples)
   cameras = _cameras(data_cfg, eval_cfg.split)
   predictor = predictor_lib.Predictor(max_new_tokens=eval_cfg.max_new_tokens, temperature=eval_cfg.temperature,
-                                      stop_ids=eval_cfg.stop, seed=eval_cfg.seed)
+                                      stop_ids=eval_cfg.stop, seed=eval_cfg.seed, mesh=mesh, rules=rules)
   # Warm-up (untimed): compile every fixed ratio and bucket once on the first batch, so the medians
   # below time execution only (a bucket may be used by few batches).
   batches = data.batches()
@@ -142,7 +145,7 @@ def sweep(model: vlm.Molmo2, data_cfg: DataConfig, eval_cfg: EvalConfig, *, meth
     batches.close()
   before = ab.compile_counts()
   frames = int(np.asarray(first["frame_mask"]).shape[1])
-  scored, _ = ab.score_pass(gen_lib.model_variant(model, method=method, ratio=0.5), first)
+  scored, _ = ab.score_pass(gen_lib.model_variant(model, method=method, ratio=0.5), first, mesh=mesh, rules=rules)
   if reuse_scored and group_batches:
     ab.warm_rows(scored)
   for r in sorted(set(eval_cfg.ratios) | set(ab.valid_buckets(frames, model.config.windows_per_frame, buckets))):
@@ -176,6 +179,7 @@ def sweep(model: vlm.Molmo2, data_cfg: DataConfig, eval_cfg: EvalConfig, *, meth
   matched, vs05 = _comparisons(fixed, adaptive, lambda p: [p["correct"]], [0], resamples=resamples)
   return {"split": eval_cfg.split, "method": method, "rule": rule, "metric": metric, "buckets": list(buckets),
           "batch_size": data_cfg.batch_size, "group_batches": group_batches, "reuse_scored": reuse_scored,
+          "mesh": dict(mesh.shape) if mesh is not None else None,
           "warmup_compilations": warmup_compilations,
           "thresholds": list(thresholds), "num_examples": len(data), "checkpoint": checkpoint,
           "fixed": fixed, "adaptive": adaptive, "matched": matched, "vs_fixed_05": vs05}

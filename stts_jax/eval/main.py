@@ -84,9 +84,11 @@ def adaptive_from_config(config: Any, checkpoint: str, *, method: str, threshold
                          split: Optional[str] = None, max_examples: Optional[int] = None,
                          step: Optional[int] = None, out_dir: Optional[str] = None,
                          extra: Optional[dict[str, Any]] = None, rule: str = "threshold",
-                         group_batches: bool = True, reuse_scored: bool = True) -> tuple[dict[str, Any], list[str]]:
-  """`--budget adaptive`: fixed ratios vs adaptive thresholds (or score-mass fractions, `rule`) (`adaptive_eval.sweep`), single device;
-  writes adaptive.{json,md,png} to `out_dir` (default <workdir>/eval_adaptive)."""
+                         group_batches: bool = True, reuse_scored: bool = True,
+                         use_mesh: bool = True) -> tuple[dict[str, Any], list[str]]:
+  """`--budget adaptive`: fixed ratios vs adaptive thresholds (or score-mass fractions, `rule`)
+  (`adaptive_eval.sweep`), data-parallel over this process's devices (as `evaluate_from_config`;
+  one process only); writes adaptive.{json,md,png} to `out_dir` (default <workdir>/eval_adaptive)."""
   from stts_jax.eval import adaptive_budget as ab
   from stts_jax.eval import adaptive_eval
   if not isinstance(config, ml_collections.ConfigDict):
@@ -99,13 +101,14 @@ def adaptive_from_config(config: Any, checkpoint: str, *, method: str, threshold
   model_cfg = cfgs["model"]
   if method == "stts" and checkpoints.is_hf_dir(checkpoint):
     model_cfg = checkpoints.with_scorer_config(model_cfg)
-  model, info = checkpoints.load_model(checkpoint, model_cfg, step=step)
+  mesh, rules = _mesh(cfgs) if use_mesh else (None, ())
+  model, info = checkpoints.load_model(checkpoint, model_cfg, step=step, mesh=mesh, rules=rules)
   if method == "stts" and info["fresh_scorer"]:
     raise ValueError("adaptive budget with method 'stts' needs a checkpoint with scorer weights")
   results = adaptive_eval.sweep(model, cfgs["data"], eval_cfg, method=method, thresholds=thresholds,
                                 buckets=tuple(buckets) if buckets else ab.DEFAULT_BUCKETS,
                                 checkpoint=os.path.abspath(checkpoint), rule=rule, group_batches=group_batches,
-                                reuse_scored=reuse_scored)
+                                reuse_scored=reuse_scored, mesh=mesh, rules=rules)
   results["checkpoint_info"] = {k: v for k, v in info.items() if isinstance(v, (str, int, float, bool))}
   if not out_dir:
     base = os.path.dirname(info["directory"]) if info["format"] == "orbax" else info["directory"]

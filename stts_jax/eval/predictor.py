@@ -39,7 +39,8 @@ STAGES = ("vision", "prefill", "decode")
 DEVICE_KEYS = ("patches", "frame_mask", "input_ids", "token_mask", "option_ids", "valid", "example_id")
 
 
-def _rules_context(mesh, rules):
+def rules_context(mesh, rules):
+  """The activation sharding rules of `mesh` (a no-op context without a mesh)."""
   if mesh is None:
     return _Null()
   return partitioning.activation_rules(mesh, rules)
@@ -54,20 +55,20 @@ class _Null:
 
 
 def _vision_pure(graphdef, state, patches, frame_mask, rng, example_ids, *, mesh=None, rules=()):
-  with _rules_context(mesh, rules):
+  with rules_context(mesh, rules):
     if example_ids is not None:   # one key per video
       rng = jax.vmap(lambda i: jax.random.fold_in(rng, i))(example_ids)
     return gen_lib.vision_stage(nnx.merge(graphdef, state), patches, frame_mask, rng)
 
 
 def _vision_scored_pure(graphdef, state, scored, frame_mask, *, mesh=None, rules=()):
-  with _rules_context(mesh, rules):
+  with rules_context(mesh, rules):
     return gen_lib.vision_stage_scored(nnx.merge(graphdef, state), scored, frame_mask)
 
 
 def _prefill_pure(graphdef, state, input_ids, token_mask, vision, option_ids, *, max_new_tokens: int,
                   mesh=None, rules=()):
-  with _rules_context(mesh, rules):
+  with rules_context(mesh, rules):
     model = nnx.merge(graphdef, state)
     out = gen_lib.prefill_stage(model, input_ids, token_mask, vision, max_new_tokens)
     return out, decoding.option_logprobs(out.state.logits_bv, option_ids)
@@ -75,7 +76,7 @@ def _prefill_pure(graphdef, state, input_ids, token_mask, vision, option_ids, *,
 
 def _decode_pure(graphdef, state, prefill, valid, rng, *, max_new_tokens: int, stop_ids: tuple[int, ...],
                  pad_id: int, temperature: float, top_p: float = 1.0, mesh=None, rules=()):
-  with _rules_context(mesh, rules):
+  with rules_context(mesh, rules):
     model = nnx.merge(graphdef, state)
     return decoding.decode(model.llm, prefill, max_new_tokens=max_new_tokens, stop_ids=stop_ids, pad_id=pad_id,
                            temperature=temperature, rng=rng, active_b=valid, top_p=top_p)
@@ -203,4 +204,5 @@ class Predictor:
     return out
 
 
-__all__ = ["DEVICE_KEYS", "Predictor", "STAGES", "compile_counts", "scored_vision_compile_count", "to_host"]
+__all__ = ["DEVICE_KEYS", "Predictor", "STAGES", "compile_counts", "rules_context", "scored_vision_compile_count",
+           "to_host"]

@@ -370,3 +370,88 @@ def test_bucket_passes_from_the_score_pass_equal_passes_from_the_patches(stts_mo
     assert np.array_equal(out_r["keep_mask"][rows], ref["keep_mask"][rows])
     assert np.array_equal(out_r["tokens"][rows], ref["tokens"][rows])
     np.testing.assert_allclose(out_r["option_logprobs"][rows], ref["option_logprobs"][rows], atol=1e-5)
+
+
+@pytest.mark.multidevice
+def test_data_parallel_adaptive_passes_equal_single_device(stts_model):
+  """On a data-parallel mesh (4 of the 8 virtual devices) the score pass, the buckets and every bucket
+  pass, per batch and grouped across batches, give each video the single-device results; a
+  second sharded run compiles nothing new."""
+  import jax
+  from stts_jax.parallel import mesh as mesh_lib
+  from stts_jax.parallel import sharding
+  from stts_jax.parallel.config import MeshConfig
+  model = stts_model
+  t, b = 4, 8
+  batches = []
+  for k, frames in enumerate(([4, 4, 3, 4, 2, 4, 1, 4], [4, 3, 4, 4, 4, 1, 2, 4])):
+    batch = helpers.video_batch(model.config, frames, t, seed=20 + k)
+    batch["example_id"] = np.arange(b) + b * k
+    batch["option_ids"] = np.tile(np.arange(30, 34, dtype=np.int32), (b, 1))
+    batches.append(batch)
+  batches[1]["valid"][6:] = False
+  scores = np.concatenate([ab.score_videos(model, x) for x in batches])
+  fm = np.concatenate([x["frame_mask"] for x in batches])
+  cand = np.concatenate([scores[i, 1:int(fm[i].sum())].ravel() for i in range(len(fm))])
+  rule = next(ab.AdaptiveRule(float(q)) for q in np.quantile(cand, np.linspace(0.2, 0.8, 13))
+              if len(set(ab.choose_buckets(scores, fm, ab.AdaptiveRule(float(q)))[0])) >= 2)
+  mesh_cfg = MeshConfig(data=-1, fsdp=1, tensor=1)
+  mesh = mesh_lib.make_mesh(mesh_cfg, jax.devices()[:4])
+  sharded = lambda **kw: ab.AdaptivePredictor(   # noqa: E731
+      predictor_lib.Predictor(max_new_tokens=3, mesh=mesh, rules=sharding.make_rules(mesh_cfg)), rule, **kw)
+  single = lambda **kw: ab.AdaptivePredictor(predictor_lib.Predictor(max_new_tokens=3), rule, **kw)   # noqa: E731
+  keys = ("bucket", "keep_mask", "tokens", "num_kept", "vision_tokens", "budget_satisfied")
+
+  def by_example(pred, grouped):
+    out = {}
+    if grouped:
+      passes = [(x, p) for x, p, consumed in pred.grouped_passes(model, iter(batches)) if not consumed]
+    else:
+      passes = [(x, pred(model, x, step=i)) for i, x in enumerate(batches)]
+    for x, p in passes:
+      for i in np.flatnonzero(x["valid"]):
+        out[int(x["example_id"][i])] = {k: p[k][i] for k in keys + ("option_logprobs", "adaptive_scores")}
+    return out
+
+  for grouped in (False, True):
+    ref = by_example(single(group_batches=grouped), grouped)
+    got = by_example(sharded(group_batches=grouped), grouped)
+    assert set(got) == set(ref) and len(got) == 14
+    assert len({float(r["bucket"]) for r in ref.values()}) >= 2
+    for q in ref:
+      for k in keys:
+        assert np.array_equal(got[q][k], ref[q][k]), (grouped, q, k)
+      np.testing.assert_allclose(got[q]["option_logprobs"], ref[q]["option_logprobs"], atol=1e-5)
+      np.testing.assert_allclose(got[q]["adaptive_scores"], ref[q]["adaptive_scores"], atol=1e-6)
+  before = ab.compile_counts()
+  by_example(sharded(group_batches=True), True)
+  by_example(sharded(group_batches=False), False)
+  assert ab.compile_counts() == before
+
+
+def test_adaptive_refuses_several_processes(monkeypatch):
+  import jax
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  with pytest.raises(ValueError, match="--budget adaptive runs in one process"):
+    ab.AdaptivePredictor(predictor_lib.Predictor(max_new_tokens=3), ab.AdaptiveRule(0.5))
+
+
+@pytest.mark.multidevice
+def test_sweep_on_a_mesh_equals_single_device_per_question(tmp_path, stts_model):
+  import jax
+  from stts_jax.eval import adaptive_eval
+  from stts_jax.eval.config import EvalConfig
+  from stts_jax.parallel import mesh as mesh_lib
+  from stts_jax.parallel import sharding
+  from stts_jax.parallel.config import MeshConfig
+  data_cfg = helpers.make_mc_dataset(str(tmp_path), n=7, frames=4, size=126, corrupt=(2,))
+  eval_cfg = EvalConfig(split="test", ratios=(0.5,), mc_modes=("likelihood",), max_new_tokens=2).validate()
+  kw = dict(method="stts", thresholds=(0.3, 0.55), resamples=50)
+  mesh_cfg = MeshConfig(data=-1, fsdp=1, tensor=1)
+  mesh = mesh_lib.make_mesh(mesh_cfg, jax.devices()[:2])
+  single = adaptive_eval.sweep(stts_model, data_cfg, eval_cfg, **kw)
+  sharded = adaptive_eval.sweep(stts_model, data_cfg, eval_cfg, mesh=mesh, rules=sharding.make_rules(mesh_cfg), **kw)
+  assert single["mesh"] is None and sharded["mesh"]["data"] == 2
+  for s, p in zip(single["fixed"] + single["adaptive"], sharded["fixed"] + sharded["adaptive"]):
+    assert s["scored"] == p["scored"] == 6
+    assert s["correct"] == p["correct"] and s["per_example"] == p["per_example"]
