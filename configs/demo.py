@@ -20,7 +20,8 @@ per clip; the prompt has ~215 tokens of which only 72 are vision tokens):
 
 arg: `data` (dataset dir), `variant` (default | hard | recolour: which default dataset, see below), `method`
 (stts | none | random | heuristic), `ratio`, `mixed` (bool: train at the adaptive budget's
-buckets 0.3/0.5/0.7/0.85 in turn, `train.stts_ratios`; docs/adaptive_budget.md), `steps` (0: the
+buckets 0.3/0.5/0.7/0.85 in turn, `train.stts_ratios`; docs/adaptive_budget.md), `mixed_start` (with
+`mixed`: the first step at mixed ratios, `train.stts_ratios_start`; 0: from the start), `steps` (0: the
 variant's `STEPS`), `batch`,
 `lr`, `seed`, `runlocal` (bool: a few steps on a small dataset for smoke tests), `frozen_early` (bool:
 every run holds the ViT embeddings and blocks 0..prune_at at stage 0's weights, `optim.freeze_vit_blocks`),
@@ -75,7 +76,8 @@ def model_config(method: str = "stts", ratio: float = 0.5) -> config_lib.ModelCo
 def get_config(arg=None) -> ml_collections.ConfigDict:
   arg = common.parse_arg(arg, data="", variant="default", method="stts", ratio=0.5, steps=0, batch=16, lr=1e-3, seed=0,
                          pretrain=200, runlocal=False, mixed=False, frozen_early=False,
-                         generic_early=False, aux_gradient="all", aux_decay=0, explore=0.0, select_grad=0.0)
+                         generic_early=False, aux_gradient="all", aux_decay=0, explore=0.0, select_grad=0.0,
+                         mixed_start=0)
   from stts_jax.data import default_dataset
   from stts_jax.experiments import config as job_config   # registers the `job` section
   if arg.variant not in default_dataset.VARIANTS:
@@ -119,6 +121,10 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     # (and the workdirs that record them) stay as they were.
     from stts_jax.eval import adaptive_budget
     cfg.train.stts_ratios = tuple(adaptive_budget.DEFAULT_BUCKETS)
+    if arg.mixed_start:
+      cfg.train.stts_ratios_start = arg.mixed_start   # only set when asked, as `mixed`
+  elif arg.mixed_start:
+    raise ValueError("configs/demo.py: mixed_start needs mixed=true")
   early = model_config(arg.method, arg.ratio).stts.prune_at + 1
   if arg.frozen_early or arg.generic_early:
     # Every run keeps stage 0's embeddings and blocks 0..prune_at (what the scorer, the heuristic and

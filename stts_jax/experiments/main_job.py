@@ -190,7 +190,8 @@ def run_config(job: Job, seed: int, run: str) -> dict[str, Any]:
     d.pop(k, None)
   if run == "unpruned":
     d["model"]["stts"] = dict(d["model"]["stts"], method="none", num_rows=None)
-    d["train"] = {k: v for k, v in d["train"].items() if k != "stts_ratios"}   # nothing to prune
+    d["train"] = {k: v for k, v in d["train"].items()                        # nothing to prune
+                  if k not in ("stts_ratios", "stts_ratios_start")}
   elif run in BASELINE_RUNS:
     d["model"]["stts"] = dict(d["model"]["stts"], method=run)
   if run != "stts":

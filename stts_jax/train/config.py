@@ -109,6 +109,9 @@ class TrainConfig:
     resumed run continues the cycle), one compiled step per ratio; a ratio other than the model's
     `stts.ratio` runs with `stts.num_rows` None (the proven row bound: exact, the packed ViT saves
     less). () (default): every step at the model's ratio.
+  stts_ratios_start: the first step of the mixed ratios; steps before it run at the model's
+    `stts.ratio` (a model that learns at the fixed ratio first, then at every bucket). 0 (default):
+    mixed from the first step.
   """
   num_steps: int = 1000
   grad_accum: int = 1
@@ -134,6 +137,7 @@ class TrainConfig:
   barrier_timeout_s: float = 3600.0      # multi-process: how long processes wait for each other
                                          # to finish compiling the step before the first one
   stts_ratios: tuple[float, ...] = ()
+  stts_ratios_start: int = 0
   log_example_ids: bool = False          # each process appends its batches' example ids to
                                          # workdir/example_ids/process_{i}-of-{n}.jsonl
   optim: OptimConfig = OptimConfig()
@@ -167,6 +171,8 @@ class TrainConfig:
       raise ValueError("train.max_to_keep must be >= 1")
     if any(not 0.0 < float(r) < 1.0 for r in self.stts_ratios):
       raise ValueError(f"train.stts_ratios: every drop ratio must be in (0, 1), got {tuple(self.stts_ratios)}")
+    if self.stts_ratios_start < 0:
+      raise ValueError(f"train.stts_ratios_start must be >= 0, got {self.stts_ratios_start}")
     self.optim.validate()
     return self
 

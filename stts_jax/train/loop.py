@@ -319,6 +319,9 @@ def run(model_fn: Callable[[], nnx.Module], data_iter: Iterator[Mapping[str, np.
   # Mixed-ratio training: one graphdef (and compiled step) per drop ratio, chosen by the step.
   by_ratio = ratio_graphdefs(model_fn, cfg, graphdef)
   ratios = tuple(float(r) for r in cfg.stts_ratios)
+  # Steps before `stts_ratios_start` run at the model's ratio: its own key when it is one of the
+  # ratios (one compiled step serves both phases), else the base graphdef's.
+  fixed_key = next((r for r, g in by_ratio.items() if g is graphdef), None)
   step_fns: dict[Any, Any] = {}
   step_fn = None
   preempted = False
@@ -345,7 +348,7 @@ def run(model_fn: Callable[[], nnx.Module], data_iter: Iterator[Mapping[str, np.
         host_batch = next(data_iter)
         id_log.write(step + 1, host_batch)
         batch = sharding.shard_batch(device_fields(host_batch), mesh, rules)
-        key = ratios[step % len(ratios)] if ratios else None
+        key = ratios[step % len(ratios)] if ratios and step >= cfg.stts_ratios_start else fixed_key
         step_fn = step_fns.get(key)
         if step_fn is None:
           batch_shardings = {k: v.sharding for k, v in batch.items()}

@@ -12,10 +12,10 @@ from stts_jax.train import loop
 from tests.train import helpers
 
 
-def _run(tmp_path, name, ratio, steps, stts_ratios=()):
+def _run(tmp_path, name, ratio, steps, stts_ratios=(), **train):
   model_cfg = tiny.tiny_model_config(method="stts", ratio=ratio)
   it = synthetic_batches.SyntheticBatches(model_cfg, batch_size=2, num_frames=4, seq_len=80, seed=0)
-  cfg = helpers.train_cfg(num_steps=steps, stts_ratios=stts_ratios, checkpoint_every=0,
+  cfg = helpers.train_cfg(num_steps=steps, stts_ratios=stts_ratios, checkpoint_every=0, **train,
                           optim={"warmup_steps": 0, "learning_rate": 1e-3})
   return loop.run(lambda: vlm.Molmo2(model_cfg, rngs=nnx.Rngs(0)), it, cfg, helpers.mesh_1(),
                   sharding.make_rules(), str(tmp_path / name), forward=video_forward.forward_video)
@@ -31,6 +31,20 @@ def test_mixed_ratio_training_cycles_the_ratios_with_one_compilation_each(tmp_pa
   fixed = _run(tmp_path, "fixed", 0.25, 1)
   np.testing.assert_allclose(mixed.history[0]["loss"], fixed.history[0]["loss"], rtol=1e-6)
   assert mixed.history[0]["kept_ratio"] == pytest.approx(fixed.history[0]["kept_ratio"])
+
+
+def test_mixed_ratios_start_at_stts_ratios_start(tmp_path):
+  """Steps before `stts_ratios_start` run at the model's ratio (the same compiled step as its turn in
+  the cycle), then the cycle runs by step number."""
+  late = _run(tmp_path, "late", 0.5, 4, stts_ratios=(0.25, 0.5), stts_ratios_start=2)
+  kept = [h["kept_ratio"] for h in late.history]
+  assert late.compilations == 2
+  assert max(kept[0], kept[1], kept[3]) < 0.6 and kept[2] > 0.7   # 0.5, 0.5, then 0.25 (step 2), 0.5
+  fixed = _run(tmp_path, "fixed", 0.5, 2)
+  for got, want in zip(late.history[:2], fixed.history):
+    np.testing.assert_allclose(got["loss"], want["loss"], rtol=1e-6)
+  with pytest.raises(ValueError, match="stts_ratios_start"):
+    helpers.train_cfg(stts_ratios=(0.3,), stts_ratios_start=-1)
 
 
 def test_stts_ratios_are_checked():
