@@ -347,10 +347,12 @@ def test_random_selection_changes_only_training_keep_masks_at_the_same_budget():
   np.testing.assert_array_equal(np.asarray(evaluated.keep_mask), np.asarray(_forward(model, batch).keep_mask))
 
 
-def test_selection_gradient_leaves_values_and_adds_a_linear_gradient_to_the_scorer():
+@pytest.mark.parametrize("llm_prune", [True, False])
+def test_selection_gradient_leaves_values_and_adds_a_linear_gradient_to_the_scorer(llm_prune):
   """The gate is exactly 1 in value (same logits); its gradient to the scorer is linear in its weight and
-  absent for a weight of 0."""
-  model = _model(ratio=0.5)
+  absent for a weight of 0. With `llm_prune=False` the gated features are placed on their windows' own
+  tokens after gating, so the same holds."""
+  model = _model(ratio=0.5, llm_prune=llm_prune)
   batch = jax.tree.map(jnp.asarray, make_batch(model.config, [3, 2], 3, _seq_len(3)))
   key = jax.random.key(0)
 
