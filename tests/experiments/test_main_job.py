@@ -124,6 +124,15 @@ def test_mixed_config_trains_pruned_runs_at_the_buckets_and_leaves_fixed_configs
     assert tuple(c["train"]["stts_ratios"]) == (0.3, 0.5, 0.7, 0.85)
     assert config_lib.build(ml_collections.ConfigDict(c))["train"].stts_ratios == (0.3, 0.5, 0.7, 0.85)
   assert "stts_ratios" not in main_job.run_config(job, 0, "unpruned")["train"]
+  assert "stts_ratios_start" not in cfg.train
+  late = demo.get_config(f"runlocal=true,mixed=true,mixed_start=7,data={tmp_path}/data")
+  job = main_job.make_job(late, str(tmp_path / "work2"), say=lambda s: None)
+  assert config_lib.build(ml_collections.ConfigDict(main_job.run_config(job, 0, "stts")))["train"].stts_ratios_start == 7
+  # the unpruned run does not depend on when the pruned runs start mixing: shared between workdirs
+  assert main_job.run_config(job, 0, "unpruned") == main_job.run_config(
+      main_job.make_job(fixed, str(tmp_path / "work3"), say=lambda s: None), 0, "unpruned")
+  with pytest.raises(ValueError, match="mixed_start needs mixed=true"):
+    demo.get_config("runlocal=true,mixed_start=7")
 
 
 def test_eval_cache_needs_per_question_records():
