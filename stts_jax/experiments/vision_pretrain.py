@@ -177,8 +177,8 @@ class _Tagger(nnx.Module):
     model = self.pruned if pruned else self.model
     k = patches.shape[1] * model.config.windows_per_frame
     vision = vf.vit_features_video(model, patches, frame_mask, rng)
-    feats, valid = vf.pool_windows(model, vision, k)
-    slots, _ = vf.kept_window_slots(vision.keep_mask_btw, k)
+    slots, valid = vf.kept_window_slots(vision.keep_mask_btw, k)
+    feats, _ = vf.pool_windows(model, vision, k, slots=(slots, valid))
     return feats, valid, slots
 
 

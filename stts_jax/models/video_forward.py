@@ -335,13 +335,16 @@ def kept_window_slots(keep_mask: Bool[Array, "B T W"], num_slots: int) -> tuple[
   return order, valid
 
 
-def pool_windows(model, vision: VisionOutput, num_slots: int) -> tuple[Float[Array, "B K E"], Bool[Array, "B K"]]:
-  """Adapter on the kept windows only: `num_slots` per video, in (t, w) order; padding slots -> 0."""
+def pool_windows(model, vision: VisionOutput, num_slots: int,
+                 slots: Optional[tuple[Int[Array, "B K"], Bool[Array, "B K"]]] = None
+                 ) -> tuple[Float[Array, "B K E"], Bool[Array, "B K"]]:
+  """Adapter on the kept windows only: `num_slots` per video, in (t, w) order; padding slots -> 0.
+  slots: `kept_window_slots(vision.keep_mask_btw, num_slots)` if the caller has it already."""
   cfg = model.config
   b, t, p, c = vision.features_btpc.shape
   w = cfg.windows_per_frame
   idx_wm = jnp.asarray(windows_lib.window_patch_index((cfg.vit.grid, cfg.vit.grid), tuple(cfg.stts.window)))
-  slots_bk, valid_bk = kept_window_slots(vision.keep_mask_btw, num_slots)
+  slots_bk, valid_bk = slots if slots is not None else kept_window_slots(vision.keep_mask_btw, num_slots)
   m = idx_wm.shape[-1]
   # Per-example indices into that example's [T*P] patches and a batched gather: the batch axis stays
   # sharded (indices into the whole batch's [B*T*P] table made SPMD gather, and scatter-add the
@@ -357,13 +360,13 @@ def pool_windows(model, vision: VisionOutput, num_slots: int) -> tuple[Float[Arr
   return feats.reshape(b, num_slots, -1), valid_bk
 
 
-def selection_gate(vision: VisionOutput, num_slots: int, weight: float) -> Float[Array, "B K"]:
-  """1 + weight * (s - stop_gradient(s)) per kept-window slot (s: the window's score, `vision.scores_btw`;
-  padding slots: any value, their features are 0). Exactly 1 in value; its gradient is weight x (how
-  much the loss would change if the window's feature were scaled up), so the scorer learns which of the
-  windows it kept the answer uses. The soft bias alone only tells it how block prune_at+1 should attend."""
+def selection_gate(vision: VisionOutput, slots_bk: Int[Array, "B K"], weight: float) -> Float[Array, "B K"]:
+  """1 + weight * (s - stop_gradient(s)) per kept-window slot (`kept_window_slots`; s: the window's
+  score, `vision.scores_btw`; padding slots: any value, their features are 0). Exactly 1 in value; its
+  gradient is weight x (how much the loss would change if the window's feature were scaled up), so the
+  scorer learns which of the windows it kept the answer uses. The soft bias alone only tells it how
+  block prune_at+1 should attend."""
   b, t, w = vision.keep_mask_btw.shape
-  slots_bk, _ = kept_window_slots(vision.keep_mask_btw, num_slots)
   s_bk = jnp.take_along_axis(vision.scores_btw.reshape(b, t * w).astype(jnp.float32), slots_bk, axis=1)
   return 1.0 + weight * (s_bk - jax.lax.stop_gradient(s_bk))
 
@@ -385,12 +388,13 @@ def llm_window_features(model, vision: VisionOutput, num_slots: Optional[int] = 
   """
   if num_slots is None:
     num_slots = num_llm_slots(model.config, vision.keep_mask_btw.shape[1])
-  feats, _ = pool_windows(model, vision, num_slots)
+  # One argsort of the keep mask serves the pooling, the selection gate and the token placement.
+  slots_bk, valid_bk = kept_window_slots(vision.keep_mask_btw, num_slots)
+  feats, _ = pool_windows(model, vision, num_slots, slots=(slots_bk, valid_bk))
   st = model.config.stts
   if selection_gradient > 0 and st.method == "stts":
-    feats = feats * selection_gate(vision, num_slots, selection_gradient)[..., None].astype(feats.dtype)
+    feats = feats * selection_gate(vision, slots_bk, selection_gradient)[..., None].astype(feats.dtype)
   if st.prunes and not st.llm_prune:
-    slots_bk, valid_bk = kept_window_slots(vision.keep_mask_btw, num_slots)
     b, k, _ = feats.shape
     target_bk = jnp.where(valid_bk, slots_bk, k)   # padding slots (zero features) go to a spare column
     placed = jnp.zeros((b, k + 1, feats.shape[-1]), feats.dtype)
