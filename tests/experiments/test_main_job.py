@@ -127,7 +127,8 @@ def test_mixed_config_trains_pruned_runs_at_the_buckets_and_leaves_fixed_configs
   assert "stts_ratios_start" not in cfg.train
   late = demo.get_config(f"runlocal=true,mixed=true,mixed_start=7,data={tmp_path}/data")
   job = main_job.make_job(late, str(tmp_path / "work2"), say=lambda s: None)
-  assert config_lib.build(ml_collections.ConfigDict(main_job.run_config(job, 0, "stts")))["train"].stts_ratios_start == 7
+  late_stts = config_lib.build(ml_collections.ConfigDict(main_job.run_config(job, 0, "stts")))["train"]
+  assert late_stts.stts_ratios_start == 7
   # the unpruned run does not depend on when the pruned runs start mixing: shared between workdirs
   assert main_job.run_config(job, 0, "unpruned") == main_job.run_config(
       main_job.make_job(fixed, str(tmp_path / "work3"), say=lambda s: None), 0, "unpruned")
