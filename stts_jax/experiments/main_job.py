@@ -177,7 +177,8 @@ def ensure_dataset(job: Job, progress: bool = True) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 # Training settings of the learned scorer alone (its aux loss; exploration and gradient of its selection):
 # the other runs leave them out, so their configs and workdirs do not depend on them.
-STTS_ONLY_TRAIN_KEYS = ("aux_gradient", "aux_decay_steps", "random_selection", "selection_gradient")
+STTS_ONLY_TRAIN_KEYS = ("aux_gradient", "aux_decay_steps", "random_selection", "selection_gradient",
+                        "policy_gradient", "policy_temperature")
 
 
 def run_config(job: Job, seed: int, run: str) -> dict[str, Any]:

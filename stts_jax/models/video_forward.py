@@ -51,6 +51,7 @@ from stts_jax.models import packing
 from stts_jax.models import partitioning
 from stts_jax.models import pruning
 from stts_jax.models import scorer as scorer_lib
+from stts_jax.models import selection_policy
 from stts_jax.models import sequence
 from stts_jax.models import windows as windows_lib
 from stts_jax.models.vlm import vision_token_mask
@@ -65,6 +66,7 @@ class VisionOutput:
   scores_btw: Any   # float [B, T, W]; window scores (zeros when unpruned)
   aux_loss: Any   # float scalar; temporal aux loss ("stts" only, else 0)
   packed: Any   # bool scalar; pruned: False iff this batch ran the dense ViT fallback (unpruned: False)
+  selection_logp: Any = None   # float [B]; log p of each video's sampled drop order (`policy_temperature`)
 
 
 @struct.dataclass
@@ -82,6 +84,7 @@ class VideoOutput:
   example_ids: Any = None   # int32 [B, S]; example slot of each token (example-packed rows only, -1 padding)
   hidden: Any = None   # float [B, S, E]; final-normed decoder output (logits=False only)
   lm_head: Any = None   # float [E, V]; the LM head kernel, logits = hidden @ lm_head (logits=False only)
+  selection_logp: Any = None   # float [B]; as VisionOutput (training with `policy_temperature` only)
 
 
 def normalize_patches(patches: Shaped[Array, "*B P I"]) -> Float[Array, "*B P I"]:
@@ -231,6 +234,7 @@ def vit_pruned(model, scored: ScoredVision, frame_mask: Bool[Array, "B T"], *,
 
 
 _EXPLORE_STREAM = 0x5E1EC7   # folded into the step's rng: exploration draws apart from other uses
+_POLICY_STREAM = 0x9011C7   # likewise for the sampled keep masks of `policy_temperature`
 
 
 def explore_selection(scores_btw: Float[Array, "B T W"], rng: jax.Array, prob: float,
@@ -252,13 +256,16 @@ def explore_selection(scores_btw: Float[Array, "B T W"], rng: jax.Array, prob: f
 def vit_features_video(model, patches: Shaped[Array, "B T P I"], frame_mask: Bool[Array, "B T"],
                        rng: Optional[jax.Array] = None, *, deterministic: bool = True,
                        video_ids: Optional[Int[Array, "B T"]] = None, num_videos: int = 1,
-                       aux_gradient: str = "all", random_selection: float = 0.0) -> VisionOutput:
+                       aux_gradient: str = "all", random_selection: float = 0.0,
+                       policy_temperature: float = 0.0) -> VisionOutput:
   """The ViT half of the STTS forward (module docstring): features for the adapter plus the keep mask.
 
   Pruned: `vit_scored` then `vit_pruned`. video_ids / num_videos: example-packed rows
   (`frame_example`, V); None: one video per row. aux_gradient: as `vit_scored`. random_selection
   (training only, `train.random_selection`): each video's keep mask comes from random scores instead
-  of its own with this probability (`explore_selection`)."""
+  of its own with this probability (`explore_selection`). policy_temperature (training only, learned
+  scorer, `train.policy_gradient`): each video's keep mask is a sample from the scorer's ranking at
+  this temperature (`selection_policy`), and `selection_logp` holds its log-probability."""
   cfg = model.config
   b, t, p, i = patches.shape
   if not cfg.stts.prunes:
@@ -273,13 +280,25 @@ def vit_features_video(model, patches: Shaped[Array, "B T P I"], frame_mask: Boo
   scored, aux = vit_scored(model, patches, frame_mask, rng, deterministic=deterministic, video_ids=video_ids,
                            aux_gradient=aux_gradient)
   selected = scored
+  sampling = policy_temperature > 0 and not deterministic and cfg.stts.method == "stts"
+  if sampling:
+    if rng is None or video_ids is not None or random_selection > 0:
+      raise ValueError("vit_features_video: policy_temperature in training needs an `rng`, one video per row "
+                       "(no example packing) and no random_selection")
+    keys = selection_policy.sample_keys(scored.scores_btw, jax.random.fold_in(rng, _POLICY_STREAM),
+                                        policy_temperature)
+    selected = dataclasses.replace(scored, scores_btw=keys)
   if random_selection > 0 and not deterministic:
     if rng is None:
       raise ValueError("vit_features_video: random_selection in training mode needs an `rng`")
     selected = dataclasses.replace(scored, scores_btw=explore_selection(
         scored.scores_btw, jax.random.fold_in(rng, _EXPLORE_STREAM), random_selection, video_ids, num_videos))
   features, keep, fits = vit_pruned(model, selected, frame_mask, video_ids=video_ids, num_videos=num_videos)
-  return VisionOutput(features, keep, scored.scores_btw.astype(jnp.float32), aux, fits)
+  logp = None
+  if sampling:
+    logp = selection_policy.drop_log_prob(scored.scores_btw, selected.scores_btw, keep, frame_mask,
+                                          policy_temperature)
+  return VisionOutput(features, keep, scored.scores_btw.astype(jnp.float32), aux, fits, logp)
 
 
 def vit_after_prune(model, hidden_btpd: Float[Array, "B T P D"], keep_mask: Bool[Array, "B T W"], *,
@@ -502,12 +521,14 @@ def llm_forward(model, batch: dict[str, Any], vision: VisionOutput, *, logits: b
       target_ids=dec.target_ids, loss_mask=dec.loss_mask,
       token_mask=dec.token_mask, aux_loss=vision.aux_loss, keep_mask=vision.keep_mask_btw,
       scores=vision.scores_btw, num_kept=pruning.num_kept(vision.keep_mask_btw),
-      num_truncated=dec.num_truncated, packed=vision.packed, example_ids=dec.example_ids, **head)
+      num_truncated=dec.num_truncated, packed=vision.packed, example_ids=dec.example_ids,
+      selection_logp=vision.selection_logp, **head)
 
 
 def forward_video(model, batch: dict[str, Any], *, rng: Optional[jax.Array] = None,
                   deterministic: bool = True, logits: bool = True, aux_gradient: str = "all",
-                  random_selection: float = 0.0, selection_gradient: float = 0.0) -> VideoOutput:
+                  random_selection: float = 0.0, selection_gradient: float = 0.0,
+                  policy_temperature: float = 0.0) -> VideoOutput:
   """The full STTS video forward (module docstring). Static shapes: one compilation per (B, T, S).
   Example-packed batches (`token_example` present; `models/example_packing.py`) take the packed path.
 
@@ -515,7 +536,8 @@ def forward_video(model, batch: dict[str, Any], *, rng: Optional[jax.Array] = No
   aux_gradient: where the aux loss's gradient goes (`vit_scored`; `train.aux_gradient`). random_selection:
   training-time exploration of the keep mask (`explore_selection`; `train.random_selection`).
   selection_gradient: the task loss's gradient to the kept windows' scores (`selection_gate`;
-  `train.selection_gradient`)."""
+  `train.selection_gradient`). policy_temperature: sampled keep masks and their log-probability
+  (`vit_features_video`; `train.policy_gradient`)."""
   _check_batch(batch)
   patches = jnp.asarray(batch["patches"])
   frame_mask = jnp.asarray(batch["frame_mask"], bool)
@@ -526,8 +548,9 @@ def forward_video(model, batch: dict[str, Any], *, rng: Optional[jax.Array] = No
     vision = vit_features_video(model, patches, frame_mask, rng, deterministic=deterministic,
                                 video_ids=jnp.asarray(batch["frame_example"], jnp.int32),
                                 num_videos=batch["example_frames"].shape[1], aux_gradient=aux_gradient,
-                                random_selection=random_selection)
+                                random_selection=random_selection, policy_temperature=policy_temperature)
   else:
     vision = vit_features_video(model, patches, frame_mask, rng, deterministic=deterministic,
-                                aux_gradient=aux_gradient, random_selection=random_selection)
+                                aux_gradient=aux_gradient, random_selection=random_selection,
+                                policy_temperature=policy_temperature)
   return llm_forward(model, batch, vision, logits=logits, selection_gradient=selection_gradient)

@@ -94,6 +94,13 @@ class TrainConfig:
     gate of value 1 on its pooled feature (`video_forward.selection_gate`), at this weight: a signal about
     which kept windows the answer uses. 0 (default): off (the authors': the scorer learns from the task
     loss only through the soft bias). Passed to the forward when > 0.
+  policy_gradient: > 0: each training video's keep mask is a sample from the scorer's own ranking
+    (`models/selection_policy.py`, at `policy_temperature`), and a REINFORCE term at this weight,
+    mean over videos of (answer CE of the video - the batch's mean) x log p(its drop order), makes the
+    samples that answered better more likely: a signal about which windows the answer needs, also for
+    windows the scorer would drop. Learned scorer only, one video per row, without `random_selection`.
+    0 (default): off (the authors' top-k keep mask). Evaluation never samples.
+  policy_temperature: the sampler's temperature: logits logit(s) / temperature for score s.
   loss: "answer" (default) runs the LM head only at the answer positions (`stts_jax/train/loss.py`),
     never [B, S, V] logits; "full" computes the logits of every position (the plain forward; for
     before/after measurements and parity). Both give the same loss and gradients.
@@ -121,6 +128,8 @@ class TrainConfig:
   aux_gradient: str = "all"
   random_selection: float = 0.0
   selection_gradient: float = 0.0
+  policy_gradient: float = 0.0
+  policy_temperature: float = 1.0
   scorer_warmup_steps: int = 0
   scorer_warmup_lr: float = 3e-3
   seed: int = 0
@@ -157,6 +166,11 @@ class TrainConfig:
                        f"{self.aux_decay_steps}")
     if self.selection_gradient < 0:
       raise ValueError(f"train.selection_gradient must be >= 0, got {self.selection_gradient}")
+    if self.policy_gradient < 0 or not self.policy_temperature > 0:
+      raise ValueError(f"train: policy_gradient must be >= 0 and policy_temperature > 0, got "
+                       f"{self.policy_gradient}, {self.policy_temperature}")
+    if self.policy_gradient > 0 and self.random_selection > 0:
+      raise ValueError("train: policy_gradient samples its own keep masks; set random_selection to 0")
     if not 0.0 <= self.random_selection <= 1.0:
       raise ValueError(f"train.random_selection must be in [0, 1], got {self.random_selection}")
     if self.aux_gradient not in aux_loss.GRADIENT_MODES:

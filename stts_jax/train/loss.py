@@ -55,14 +55,17 @@ def head_logits(hidden_bke: Float[Array, "B K E"], head_ev: Float[Array, "E V"])
   return partitioning.constrain(logits, LOGITS_NAMES)
 
 
-def _ce_sum(logits_bkv: Float[Array, "B K V"], target_bk: Int[Array, "B K"],
-            mask_bk: Bool[Array, "B K"]) -> Float[Array, ""]:
+def _token_ce(logits_bkv: Float[Array, "B K V"], target_bk: Int[Array, "B K"]) -> Float[Array, "B K"]:
   logz = jax.nn.logsumexp(logits_bkv, axis=-1)
   # A masked sum over the vocab instead of take_along_axis: a reduction over the (sharded) vocab
   # axis, where a gather would first all-gather the vocab.
   vocab = jax.lax.broadcasted_iota(jnp.int32, (1, 1, logits_bkv.shape[-1]), 2)
-  target = jnp.sum(jnp.where(vocab == target_bk[..., None], logits_bkv, 0.0), axis=-1)
-  return jnp.sum(jnp.where(mask_bk, logz - target, 0.0))
+  return logz - jnp.sum(jnp.where(vocab == target_bk[..., None], logits_bkv, 0.0), axis=-1)
+
+
+def _ce_sum(logits_bkv: Float[Array, "B K V"], target_bk: Int[Array, "B K"],
+            mask_bk: Bool[Array, "B K"]) -> Float[Array, ""]:
+  return jnp.sum(jnp.where(mask_bk, _token_ce(logits_bkv, target_bk), 0.0))
 
 
 def answer_positions(loss_mask_bs: Bool[Array, "B S"], k: int) -> tuple[Int[Array, "B K"], Bool[Array, "B K"]]:
@@ -111,6 +114,19 @@ def chunked_cross_entropy(hidden_bse: Float[Array, "B S E"], head_ev: Float[Arra
 
   total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), jnp.arange(num_chunks, dtype=jnp.int32))
   return total
+
+
+def example_cross_entropy(hidden_bse: Float[Array, "B S E"], head_ev: Float[Array, "E V"],
+                          target_ids_bs: Int[Array, "B S"], loss_mask_bs: Bool[Array, "B S"], *,
+                          max_tokens: int) -> Float[Array, "B"]:
+  """Mean CE per answer token of each example over its first `max_tokens` loss positions (0 for an
+  example without any): the per-video reward of `train.policy_gradient`. Example-packed rows (several
+  examples per row) get one value per row."""
+  idx_bk, valid_bk = answer_positions(loss_mask_bs, max_tokens)
+  hidden_bke = jnp.take_along_axis(hidden_bse, idx_bk[..., None], axis=1)
+  target_bk = jnp.take_along_axis(target_ids_bs.astype(jnp.int32), idx_bk, axis=1)
+  total_b = jnp.sum(jnp.where(valid_bk, _token_ce(head_logits(hidden_bke, head_ev), target_bk), 0.0), axis=-1)
+  return total_b / jnp.maximum(jnp.sum(valid_bk, axis=-1), 1).astype(jnp.float32)
 
 
 def answer_cross_entropy(hidden_bse: Float[Array, "B S E"], head_ev: Float[Array, "E V"],

@@ -2,7 +2,8 @@
 non-finite guard, optimizer update. Pure of host state; the loop jits it once.
 
 loss = sum over answer tokens of CE / (answer tokens in the global batch)
-       + aux_weight * temporal aux loss (DESIGN.md section 3.10).
+       + aux_weight * temporal aux loss (DESIGN.md section 3.10)
+       [+ policy_gradient * mean over videos of (CE_v - mean CE) * log p(drop order_v)  (optional)].
 
 The CE (`TrainConfig.loss`): "answer" runs the LM head only at the answer positions (`train/loss.py`:
 the first `max_answer_tokens` of each example gathered, with an exact chunked fallback for longer
@@ -121,6 +122,24 @@ def aux_weight_at(cfg: TrainConfig, step: jax.Array) -> jax.Array:
   return jnp.float32(cfg.aux_weight) * frac
 
 
+def policy_term(out: Any, cfg: TrainConfig) -> jax.Array:
+  """REINFORCE surrogate of `train.policy_gradient`: mean over the videos of a (micro)batch of
+  stop_gradient(CE_v - mean CE) * log p(drop order_v), CE_v the video's mean CE per answer token
+  (the reward's baseline is the batch mean, so a batch whose samples all answer alike teaches
+  nothing). 0 when off or when the forward sampled no keep masks (no learned scorer)."""
+  logp = getattr(out, "selection_logp", None)
+  if cfg.policy_gradient <= 0 or logp is None:
+    return jnp.zeros((), jnp.float32)
+  if cfg.loss != "answer":
+    raise ValueError("train.policy_gradient needs train.loss='answer' (its reward is the per-video answer CE)")
+  ce_b = jax.lax.stop_gradient(loss_lib.example_cross_entropy(
+      out.hidden, out.lm_head, out.target_ids, out.loss_mask, max_tokens=cfg.max_answer_tokens))
+  has_answer = jnp.any(out.loss_mask, axis=-1)
+  n = jnp.maximum(jnp.sum(has_answer), 1).astype(jnp.float32)
+  advantage = jnp.where(has_answer, ce_b - jnp.sum(jnp.where(has_answer, ce_b, 0.0)) / n, 0.0)
+  return jnp.sum(advantage * logp) / n
+
+
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, cfg: TrainConfig,
                forward: Optional[Forward] = None) -> dict[str, jax.Array]:
   """Runs one step in place on `state`; returns scalar metrics.
@@ -133,7 +152,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, cfg: TrainConf
   forward: `forward(model, batch, *, rng, deterministic)` returning an object with `logits`,
   `target_ids`, `loss_mask`, `aux_loss`, `keep_mask`, `num_truncated` (as
   `video_forward.VideoOutput`); default `video_forward.forward_video`.
-  Metrics: loss, ce, aux_loss, aux_weight (`aux_weight_at` this step), kept_ratio (kept / real
+  Metrics: loss, ce, aux_loss, aux_weight (`aux_weight_at` this step), policy (`policy_term`), kept_ratio (kept / real
   windows), loss_tokens, truncated_tokens (LLM tokens cut by the static length; should stay 0),
   dense_fallback (microbatches whose kept patches did not fit the static packed rows and ran the
   exact but slower dense ViT; should stay near 0, else raise `stts.num_rows`), ce_fallback (microbatches with an example of more than
@@ -149,6 +168,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, cfg: TrainConf
     forward = functools.partial(forward, random_selection=cfg.random_selection)
   if cfg.selection_gradient > 0:
     forward = functools.partial(forward, selection_gradient=cfg.selection_gradient)
+  if cfg.policy_gradient > 0:
+    forward = functools.partial(forward, policy_temperature=cfg.policy_temperature)
   model, optimizer = state.model, state.optimizer
   num_micro = cfg.grad_accum
   rng = jax.random.fold_in(jax.random.key(cfg.seed), state.step[...])
@@ -161,13 +182,15 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, cfg: TrainConf
     out, ce_sum, ce_fallback = cross_entropy(forward, m, mb, micro_rng, cfg)
     aux = jnp.asarray(out.aux_loss, jnp.float32)
     loss = ce_sum / normalizer + aux_weight * aux / num_micro
+    pg = policy_term(out, cfg)
+    loss = loss + cfg.policy_gradient * pg / num_micro
     keep = out.keep_mask & mb["frame_mask"][:, :, None]
     stats = {"ce_sum": ce_sum, "aux_loss": aux / num_micro,
              "kept_windows": jnp.sum(keep).astype(jnp.float32),
              "valid_windows": (jnp.sum(mb["frame_mask"]) * keep.shape[-1]).astype(jnp.float32),
              "loss_tokens": jnp.sum(out.loss_mask).astype(jnp.float32),
              "truncated_tokens": jnp.sum(out.num_truncated).astype(jnp.float32),
-             "dense_fallback": _dense_fallback(m, out), "ce_fallback": ce_fallback}
+             "dense_fallback": _dense_fallback(m, out), "ce_fallback": ce_fallback, "policy": pg / num_micro}
     return loss, stats
 
   grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
@@ -185,7 +208,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, cfg: TrainConf
 
     zeros_stats = {k: jnp.zeros((), jnp.float32) for k in
                    ("ce_sum", "aux_loss", "kept_windows", "valid_windows", "loss_tokens",
-                    "truncated_tokens", "dense_fallback", "ce_fallback")}
+                    "truncated_tokens", "dense_fallback", "ce_fallback", "policy")}
     zeros_grads = jax.tree.map(lambda p: jnp.zeros_like(p, dtype=_accum_dtype(cfg, p)), params)
     (loss, stats, grads), _ = jax.lax.scan(
         body, (jnp.zeros((), jnp.float32), zeros_stats, zeros_grads),
@@ -212,6 +235,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, cfg: TrainConf
       "truncated_tokens": stats["truncated_tokens"],
       "dense_fallback": stats["dense_fallback"],
       "ce_fallback": stats["ce_fallback"],
+      "policy": stats["policy"],
       "grad_norm": grad_norm,
       "lr": lr["main"],
       "lr_scorer": lr["scorer"],

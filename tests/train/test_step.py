@@ -254,3 +254,65 @@ def test_random_selection_reaches_the_forward_of_the_train_step():
 def test_selection_gradient_must_be_non_negative():
   with pytest.raises(ValueError, match="train.selection_gradient"):
     helpers.train_cfg(selection_gradient=-1.0)
+
+
+def test_policy_gradient_settings_are_checked():
+  with pytest.raises(ValueError, match="policy_gradient"):
+    helpers.train_cfg(policy_gradient=-1.0)
+  with pytest.raises(ValueError, match="policy_temperature"):
+    helpers.train_cfg(policy_gradient=1.0, policy_temperature=0.0)
+  with pytest.raises(ValueError, match="random_selection"):
+    helpers.train_cfg(policy_gradient=1.0, random_selection=0.5)
+
+
+def test_policy_term_weighs_each_video_log_prob_by_its_answer_loss_above_the_batch_mean():
+  import types
+
+  from stts_jax.train import loss as loss_lib
+  from stts_jax.train import step as step_lib
+  rng = np.random.default_rng(0)
+  b, s, e, v = 3, 7, 8, 11
+  hidden = jnp.asarray(rng.normal(size=(b, s, e)), jnp.float32)
+  head = jnp.asarray(rng.normal(size=(e, v)), jnp.float32)
+  targets = jnp.asarray(rng.integers(0, v, size=(b, s)), jnp.int32)
+  mask = np.zeros((b, s), bool)
+  mask[0, 2:4] = True
+  mask[1, 5] = True                                   # video 2 has no answer token: no reward, no weight
+  mask = jnp.asarray(mask)
+  ce_b = loss_lib.example_cross_entropy(hidden, head, targets, mask, max_tokens=4)
+  total = loss_lib.full_cross_entropy(jnp.einsum("bse,ev->bsv", hidden, head), targets, mask)
+  np.testing.assert_allclose(float(ce_b[0] * 2 + ce_b[1]), float(total), rtol=1e-5)   # per token means
+  assert float(ce_b[2]) == 0.0
+  cfg = helpers.train_cfg(policy_gradient=1.0)
+
+  def term(logp):
+    out = types.SimpleNamespace(selection_logp=logp, hidden=hidden, lm_head=head, target_ids=targets,
+                                loss_mask=mask)
+    return step_lib.policy_term(out, cfg)
+
+  grad = np.asarray(jax.grad(term)(jnp.zeros(b, jnp.float32)))
+  mean = float(ce_b[0] + ce_b[1]) / 2
+  np.testing.assert_allclose(grad, [(float(ce_b[0]) - mean) / 2, (float(ce_b[1]) - mean) / 2, 0.0], rtol=1e-5)
+  assert float(step_lib.policy_term(types.SimpleNamespace(selection_logp=None), cfg)) == 0.0
+
+
+def test_policy_gradient_reaches_the_forward_and_the_loss_in_one_compiled_step():
+  from flax import nnx
+
+  from stts_jax.models import video_forward
+  from stts_jax.models.vlm import Molmo2
+  from stts_jax.testing.tiny import tiny_model_config
+  model_cfg = tiny_model_config(method="stts", ratio=0.5)
+  batches = [next(helpers.batches(batch_size=2, num_frames=4, seq_len=128, seed=s)) for s in (1, 2)]
+  mesh = helpers.mesh_1()
+  cfg = helpers.train_cfg(policy_gradient=2.0, aux_weight=0.5)
+  _, state, step_fn = helpers.build_step(mesh, cfg, batch=batches[0],
+                                         model_fn=lambda: Molmo2(model_cfg, rngs=nnx.Rngs(0)),
+                                         forward=video_forward.forward_video)
+  with jax.set_mesh(mesh):
+    for batch in batches:
+      state, m = step_fn(state, helpers.put(batch, mesh))
+      m = jax.device_get(m)
+      assert float(m["policy"]) != 0.0
+      np.testing.assert_allclose(m["loss"], m["ce"] + 0.5 * m["aux_loss"] + 2.0 * m["policy"], rtol=1e-5)
+  assert step_fn._cache_size() == 1
