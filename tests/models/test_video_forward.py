@@ -333,6 +333,7 @@ def test_explore_selection_replaces_whole_videos_with_random_scores():
   assert (first != second).any()
 
 
+@pytest.mark.slow   # several tiny-Molmo2 compiles: minutes on 2 CPU cores
 def test_random_selection_changes_only_training_keep_masks_at_the_same_budget():
   model = _model(ratio=0.5)
   batch = make_batch(model.config, [3, 3, 2, 3], 3, _seq_len(3))
@@ -347,6 +348,7 @@ def test_random_selection_changes_only_training_keep_masks_at_the_same_budget():
   np.testing.assert_array_equal(np.asarray(evaluated.keep_mask), np.asarray(_forward(model, batch).keep_mask))
 
 
+@pytest.mark.slow   # several tiny-Molmo2 compiles: minutes on 2 CPU cores
 @pytest.mark.parametrize("llm_prune", [True, False])
 def test_selection_gradient_leaves_values_and_adds_a_linear_gradient_to_the_scorer(llm_prune):
   """The gate is exactly 1 in value (same logits); its gradient to the scorer is linear in its weight and

@@ -33,6 +33,7 @@ def test_mixed_ratio_training_cycles_the_ratios_with_one_compilation_each(tmp_pa
   assert mixed.history[0]["kept_ratio"] == pytest.approx(fixed.history[0]["kept_ratio"])
 
 
+@pytest.mark.slow   # several tiny-Molmo2 compiles: minutes on 2 CPU cores
 def test_mixed_ratios_start_at_stts_ratios_start(tmp_path):
   """Steps before `stts_ratios_start` run at the model's ratio (the same compiled step as its turn in
   the cycle), then the cycle runs by step number."""

@@ -165,6 +165,7 @@ def test_dense_fallback_metric_counts_the_microbatches_that_outgrow_the_packed_r
   assert np.isfinite(float(m["loss"]))
 
 
+@pytest.mark.slow   # several tiny-Molmo2 compiles: minutes on 2 CPU cores
 def test_aux_gradient_scorer_trains_only_the_scorer_with_the_aux_loss():
   """train.aux_gradient="scorer": the aux loss moves the scorer exactly as the authors' "all" does, and
   nothing else (every other parameter moves as with aux weight 0); "all" moves the early ViT too."""
@@ -229,6 +230,7 @@ def test_random_selection_must_be_a_probability():
     helpers.train_cfg(random_selection=1.5)
 
 
+@pytest.mark.slow   # several tiny-Molmo2 compiles: minutes on 2 CPU cores
 def test_random_selection_reaches_the_forward_of_the_train_step():
   """train.random_selection = 1: every keep mask random, so the CE changes; the aux loss (the scorer's own
   scores) does not."""
