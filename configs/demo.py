@@ -33,7 +33,8 @@ falls linearly to 0, `train.aux_decay_steps`; 0: constant), `explore` (probabili
 video's keep mask is random, `train.random_selection`), `select_grad` (weight of the task loss's gradient
 to the kept windows' scores, `train.selection_gradient`), `pg` (weight of the REINFORCE term of sampled
 keep masks, `train.policy_gradient`; 0: off) and `pg_temp` (its sampler's temperature,
-`train.policy_temperature`).
+`train.policy_temperature`). `prune_start` (every pruned run, trained baselines too: steps before it
+run unpruned, `train.prune_start`; 0: pruned from the first step).
 
 `variant=hard` (data_cache/default_hard, `default_dataset.Spec(variant="hard")`): distractors that
 change more than the event, so the pixel heuristic keeps the event window at ratio 0.5 about as
@@ -79,7 +80,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   arg = common.parse_arg(arg, data="", variant="default", method="stts", ratio=0.5, steps=0, batch=16, lr=1e-3, seed=0,
                          pretrain=200, runlocal=False, mixed=False, frozen_early=False,
                          generic_early=False, aux_gradient="all", aux_decay=0, explore=0.0, select_grad=0.0,
-                         mixed_start=0, pg=0.0, pg_temp=1.0)
+                         mixed_start=0, pg=0.0, pg_temp=1.0, prune_start=0)
   from stts_jax.data import default_dataset
   from stts_jax.experiments import config as job_config   # registers the `job` section
   if arg.variant not in default_dataset.VARIANTS:
@@ -117,6 +118,9 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   if arg.select_grad and arg.method == "stts":
     # The task loss reaches the kept windows' scores (`train.selection_gradient`). Only set when asked.
     cfg.train.selection_gradient = arg.select_grad
+  if arg.prune_start:
+    # The pruned runs train unpruned for their first steps (`train.prune_start`). Only set when asked.
+    cfg.train.prune_start = arg.prune_start
   if arg.pg and arg.method == "stts":
     # Sampled keep masks and a REINFORCE term (`train.policy_gradient`). Only set when asked.
     cfg.train.policy_gradient = arg.pg

@@ -192,7 +192,7 @@ def run_config(job: Job, seed: int, run: str) -> dict[str, Any]:
   if run == "unpruned":
     d["model"]["stts"] = dict(d["model"]["stts"], method="none", num_rows=None)
     d["train"] = {k: v for k, v in d["train"].items()                        # nothing to prune
-                  if k not in ("stts_ratios", "stts_ratios_start")}
+                  if k not in ("stts_ratios", "stts_ratios_start", "prune_start")}
   elif run in BASELINE_RUNS:
     d["model"]["stts"] = dict(d["model"]["stts"], method=run)
   if run != "stts":

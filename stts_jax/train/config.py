@@ -116,6 +116,12 @@ class TrainConfig:
     resumed run continues the cycle), one compiled step per ratio; a ratio other than the model's
     `stts.ratio` runs with `stts.num_rows` None (the proven row bound: exact, the packed ViT saves
     less). () (default): every step at the model's ratio.
+  prune_start: steps before it run the pruning model unpruned (drop ratio 0: every token, no scorer in
+    the path; one more compiled step), then at its ratio (or `stts_ratios`). A stand-in for what STTS
+    starts from, a VLM that already answers from all of its tokens: a model whose language model starts
+    from scratch learns the task while pruned only if its selection keeps what the task needs, and
+    a selection learns what the task needs only from a model that answers. 0 (default): pruned from the
+    first step.
   stts_ratios_start: the first step of the mixed ratios; steps before it run at the model's
     `stts.ratio` (a model that learns at the fixed ratio first, then at every bucket). 0 (default):
     mixed from the first step.
@@ -147,6 +153,7 @@ class TrainConfig:
                                          # to finish compiling the step before the first one
   stts_ratios: tuple[float, ...] = ()
   stts_ratios_start: int = 0
+  prune_start: int = 0
   log_example_ids: bool = False          # each process appends its batches' example ids to
                                          # workdir/example_ids/process_{i}-of-{n}.jsonl
   optim: OptimConfig = OptimConfig()
@@ -185,6 +192,8 @@ class TrainConfig:
       raise ValueError("train.max_to_keep must be >= 1")
     if any(not 0.0 < float(r) < 1.0 for r in self.stts_ratios):
       raise ValueError(f"train.stts_ratios: every drop ratio must be in (0, 1), got {tuple(self.stts_ratios)}")
+    if self.prune_start < 0:
+      raise ValueError(f"train.prune_start must be >= 0, got {self.prune_start}")
     if self.stts_ratios_start < 0:
       raise ValueError(f"train.stts_ratios_start must be >= 0, got {self.stts_ratios_start}")
     self.optim.validate()

@@ -108,18 +108,21 @@ def warm_up_scorer(graphdef: Any, state: nnx.State, shardings: Any, data_iter: A
 
 def ratio_graphdefs(model_fn: Callable[[], nnx.Module], cfg: TrainConfig,
                     base_graphdef: Any) -> dict[float, Any]:
-  """Mixed-ratio training (`cfg.stts_ratios`): {drop ratio: graphdef of the TrainState whose model
-  runs at that ratio}. Only the static config differs, so every graphdef fits the one state."""
-  if not cfg.stts_ratios:
+  """{drop ratio: graphdef of the TrainState whose model runs at that ratio} for every ratio other
+  than the model's own that training uses: mixed-ratio training's `cfg.stts_ratios`, and ratio 0 for
+  the unpruned steps before `cfg.prune_start`. Only the static config differs, so every graphdef fits
+  the one state."""
+  ratios = [float(r) for r in cfg.stts_ratios] + ([0.0] if cfg.prune_start > 0 else [])
+  if not ratios:
     return {}
   base = nnx.eval_shape(lambda: step_lib.TrainState(model_fn(), cfg))
   model_cfg = base.model.config
   if not model_cfg.stts.prunes:
-    raise ValueError(f"train.stts_ratios={tuple(cfg.stts_ratios)} needs a pruning model, but stts.method is "
-                     f"{model_cfg.stts.method!r} with ratio {model_cfg.stts.ratio}")
+    raise ValueError(f"train.stts_ratios={tuple(cfg.stts_ratios)}, train.prune_start={cfg.prune_start}: "
+                     f"needs a pruning model, but stts.method is {model_cfg.stts.method!r} with ratio {model_cfg.stts.ratio}")
   structure = jax.tree.structure(nnx.split(base)[1])
   out = {}
-  for r in dict.fromkeys(float(r) for r in cfg.stts_ratios):
+  for r in dict.fromkeys(ratios):
     if r == model_cfg.stts.ratio:
       out[r] = base_graphdef
       continue
@@ -316,7 +319,8 @@ def run(model_fn: Callable[[], nnx.Module], data_iter: Iterator[Mapping[str, np.
     record = {f"scorer_warmup/{k}": float(v) for k, v in warmup_summary.items()}
     writer.write(0, record)
     history.append({"step": 0.0, **record})
-  # Mixed-ratio training: one graphdef (and compiled step) per drop ratio, chosen by the step.
+  # Mixed-ratio training and the unpruned steps before `prune_start`: one graphdef (and compiled
+  # step) per drop ratio, chosen by the step.
   by_ratio = ratio_graphdefs(model_fn, cfg, graphdef)
   ratios = tuple(float(r) for r in cfg.stts_ratios)
   # Steps before `stts_ratios_start` run at the model's ratio: its own key when it is one of the
@@ -348,7 +352,10 @@ def run(model_fn: Callable[[], nnx.Module], data_iter: Iterator[Mapping[str, np.
         host_batch = next(data_iter)
         id_log.write(step + 1, host_batch)
         batch = sharding.shard_batch(device_fields(host_batch), mesh, rules)
-        key = ratios[step % len(ratios)] if ratios and step >= cfg.stts_ratios_start else fixed_key
+        if step < cfg.prune_start:
+          key = 0.0
+        else:
+          key = ratios[step % len(ratios)] if ratios and step >= cfg.stts_ratios_start else fixed_key
         step_fn = step_fns.get(key)
         if step_fn is None:
           batch_shardings = {k: v.sharding for k, v in batch.items()}

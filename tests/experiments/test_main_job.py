@@ -118,6 +118,11 @@ def test_aux_route_and_schedule_reach_the_stts_run_only_and_default_configs_stay
   assert st.policy_gradient == 2.0 and st.policy_temperature == 0.5
   for run in ("unpruned", "random", "heuristic"):
     assert main_job.run_config(pg, 0, run) == main_job.run_config(plain, 0, run)
+  late = main_job.make_job(demo.get_config(f"runlocal=true,prune_start=5,data={tmp_path}/data"),
+                           str(tmp_path / "late"), say=lambda s: None, trained_baselines=True)
+  for run in ("stts", "random", "heuristic"):     # every pruned run starts unpruned; the unpruned run is as it was
+    assert config_lib.build(ml_collections.ConfigDict(main_job.run_config(late, 0, run)))["train"].prune_start == 5
+  assert main_job.run_config(late, 0, "unpruned") == main_job.run_config(plain, 0, "unpruned")
 
 
 def test_mixed_config_trains_pruned_runs_at_the_buckets_and_leaves_fixed_configs_alone(tmp_path):

@@ -48,6 +48,23 @@ def test_mixed_ratios_start_at_stts_ratios_start(tmp_path):
     helpers.train_cfg(stts_ratios=(0.3,), stts_ratios_start=-1)
 
 
+def test_steps_before_prune_start_run_unpruned_then_at_the_model_ratio(tmp_path):
+  """`train.prune_start`: the first steps are those of the same model at ratio 0 (every window kept),
+  then it prunes at its ratio; one compiled step per phase."""
+  late = _run(tmp_path, "late", 0.5, 3, prune_start=2)
+  kept = [h["kept_ratio"] for h in late.history]
+  assert late.compilations == 2
+  assert kept[:2] == [1.0, 1.0] and kept[2] < 0.6
+  unpruned = _run(tmp_path, "unpruned", 0.0, 2)
+  for got, want in zip(late.history[:2], unpruned.history):
+    np.testing.assert_allclose(got["loss"], want["loss"], rtol=1e-6)
+  with pytest.raises(ValueError, match="prune_start"):
+    helpers.train_cfg(prune_start=-1)
+  with pytest.raises(ValueError, match="needs a pruning model"):
+    loop.ratio_graphdefs(lambda: vlm.Molmo2(tiny.tiny_model_config(), rngs=nnx.Rngs(0)),
+                         helpers.train_cfg(prune_start=3), None)
+
+
 def test_stts_ratios_are_checked():
   with pytest.raises(ValueError, match="stts_ratios"):
     helpers.train_cfg(stts_ratios=(0.5, 1.0))
