@@ -178,6 +178,8 @@ class TrainConfig:
                        f"{self.policy_gradient}, {self.policy_temperature}")
     if self.policy_gradient > 0 and self.random_selection > 0:
       raise ValueError("train: policy_gradient samples its own keep masks; set random_selection to 0")
+    if self.policy_gradient > 0 and self.loss != "answer":
+      raise ValueError("train.policy_gradient needs train.loss='answer' (its reward is each video's answer CE)")
     if not 0.0 <= self.random_selection <= 1.0:
       raise ValueError(f"train.random_selection must be in [0, 1], got {self.random_selection}")
     if self.aux_gradient not in aux_loss.GRADIENT_MODES:

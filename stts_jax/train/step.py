@@ -130,8 +130,6 @@ def policy_term(out: Any, cfg: TrainConfig) -> jax.Array:
   logp = getattr(out, "selection_logp", None)
   if cfg.policy_gradient <= 0 or logp is None:
     return jnp.zeros((), jnp.float32)
-  if cfg.loss != "answer":
-    raise ValueError("train.policy_gradient needs train.loss='answer' (its reward is the per-video answer CE)")
   ce_b = jax.lax.stop_gradient(loss_lib.example_cross_entropy(
       out.hidden, out.lm_head, out.target_ids, out.loss_mask, max_tokens=cfg.max_answer_tokens))
   has_answer = jnp.any(out.loss_mask, axis=-1)

@@ -265,6 +265,8 @@ def test_policy_gradient_settings_are_checked():
     helpers.train_cfg(policy_gradient=1.0, policy_temperature=0.0)
   with pytest.raises(ValueError, match="random_selection"):
     helpers.train_cfg(policy_gradient=1.0, random_selection=0.5)
+  with pytest.raises(ValueError, match="train.loss='answer'"):
+    helpers.train_cfg(policy_gradient=1.0, loss="full")
 
 
 def test_policy_term_weighs_each_video_log_prob_by_its_answer_loss_above_the_batch_mean():
