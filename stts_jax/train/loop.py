@@ -119,7 +119,8 @@ def ratio_graphdefs(model_fn: Callable[[], nnx.Module], cfg: TrainConfig,
   model_cfg = base.model.config
   if not model_cfg.stts.prunes:
     raise ValueError(f"train.stts_ratios={tuple(cfg.stts_ratios)}, train.prune_start={cfg.prune_start}: "
-                     f"needs a pruning model, but stts.method is {model_cfg.stts.method!r} with ratio {model_cfg.stts.ratio}")
+                     f"needs a pruning model, but stts.method is {model_cfg.stts.method!r} with ratio "
+                     f"{model_cfg.stts.ratio}")
   structure = jax.tree.structure(nnx.split(base)[1])
   out = {}
   for r in dict.fromkeys(ratios):
