@@ -81,10 +81,15 @@ def gathered_cross_entropy(hidden_bse: Float[Array, "B S E"], head_ev: Float[Arr
                            target_ids_bs: Int[Array, "B S"], loss_mask_bs: Bool[Array, "B S"], *,
                            max_tokens: int) -> Float[Array, ""]:
   """CE sum over each example's first `max_tokens` loss positions (exact iff none has more)."""
+  return jnp.sum(_gathered_token_ce(hidden_bse, head_ev, target_ids_bs, loss_mask_bs, max_tokens))
+
+
+def _gathered_token_ce(hidden_bse, head_ev, target_ids_bs, loss_mask_bs, max_tokens: int) -> Float[Array, "B K"]:
+  """CE of each example's first `max_tokens` loss positions; 0 at padding slots."""
   idx_bk, valid_bk = answer_positions(loss_mask_bs, max_tokens)
   hidden_bke = jnp.take_along_axis(hidden_bse, idx_bk[..., None], axis=1)
   target_bk = jnp.take_along_axis(target_ids_bs.astype(jnp.int32), idx_bk, axis=1)
-  return _ce_sum(head_logits(hidden_bke, head_ev), target_bk, valid_bk)
+  return jnp.where(valid_bk, _token_ce(head_logits(hidden_bke, head_ev), target_bk), 0.0)
 
 
 def chunked_cross_entropy(hidden_bse: Float[Array, "B S E"], head_ev: Float[Array, "E V"],
@@ -122,11 +127,9 @@ def example_cross_entropy(hidden_bse: Float[Array, "B S E"], head_ev: Float[Arra
   """Mean CE per answer token of each example over its first `max_tokens` loss positions (0 for an
   example without any): the per-video reward of `train.policy_gradient`. Example-packed rows (several
   examples per row) get one value per row."""
-  idx_bk, valid_bk = answer_positions(loss_mask_bs, max_tokens)
-  hidden_bke = jnp.take_along_axis(hidden_bse, idx_bk[..., None], axis=1)
-  target_bk = jnp.take_along_axis(target_ids_bs.astype(jnp.int32), idx_bk, axis=1)
-  total_b = jnp.sum(jnp.where(valid_bk, _token_ce(head_logits(hidden_bke, head_ev), target_bk), 0.0), axis=-1)
-  return total_b / jnp.maximum(jnp.sum(valid_bk, axis=-1), 1).astype(jnp.float32)
+  total_b = jnp.sum(_gathered_token_ce(hidden_bse, head_ev, target_ids_bs, loss_mask_bs, max_tokens), axis=-1)
+  count_b = jnp.minimum(jnp.sum(loss_mask_bs, axis=-1), min(max_tokens, loss_mask_bs.shape[1]))
+  return total_b / jnp.maximum(count_b, 1).astype(jnp.float32)
 
 
 def answer_cross_entropy(hidden_bse: Float[Array, "B S E"], head_ev: Float[Array, "E V"],
