@@ -1,6 +1,6 @@
 """The demo model and training run of the main job (`scripts/main_job.py`), on the offline default dataset.
 
-  .venv/bin/python scripts/main_job.py --workdir runs/main                         # ~15 min on 2 CPU cores
+  .venv/bin/python scripts/main_job.py --workdir runs/main
   .venv/bin/python scripts/main_job.py --workdir /tmp/smoke --config configs/demo.py:runlocal=true
   .venv/bin/python scripts/train.py --config configs/demo.py:method=none --workdir /tmp/demo_none
 
@@ -14,27 +14,29 @@ per clip; the prompt has ~215 tokens of which only 72 are vision tokens):
     fragmentation; a batch that needs more takes the exact dense path, reported by the job).
   * The decoder (2 layers of width 64) is ~25 % of the unpruned step. On the LLM side pruning removes
     36 of the 232 positions (16 %, Molmo2: ~47 % because its frames have 81 tokens).
-  * Widths are small (ViT 32, LLM 64) so that a training run of 600 steps at batch 16 takes a few
-    minutes on 2 cores. Steps per dataset variant (`STEPS`: 600 default, 1000 hard) were chosen on
-    the validation splits (docs/main_job.md); recolour takes the hard variant's.
+  * Widths are small (ViT 32, LLM 64) so that a training run of 1000 steps at batch 16 takes a few
+    minutes on 2 cores. The training recipes (`RECIPES`: answer, the default, and aux) and their steps
+    per dataset variant were chosen on the validation splits (docs/main_job.md).
 
-arg: `data` (dataset dir), `variant` (default | hard | recolour: which default dataset, see below), `method`
-(stts | none | random | heuristic), `ratio`, `mixed` (bool: train at the adaptive budget's
-buckets 0.3/0.5/0.7/0.85 in turn, `train.stts_ratios`; docs/adaptive_budget.md), `mixed_start` (with
-`mixed`: the first step at mixed ratios, `train.stts_ratios_start`; 0: from the start), `steps` (0: the
-variant's `STEPS`), `batch`,
-`lr`, `seed`, `runlocal` (bool: a few steps on a small dataset for smoke tests), `frozen_early` (bool:
-every run holds the ViT embeddings and blocks 0..prune_at at stage 0's weights, `optim.freeze_vit_blocks`),
-`generic_early` (bool: as `frozen_early`, and stage 0 leaves them at their random initialisation,
-`job.vision_pretrain_freeze_blocks`; docs/main_job.md). Training switches of the STTS run, screened on
-val and not adopted (docs/main_job.md, "Val screenings for one recipe"): `aux_gradient` (all | scorer:
-where the aux loss's gradient goes, `train.aux_gradient`), `aux_decay` (steps over which the aux weight
-falls linearly to 0, `train.aux_decay_steps`; 0: constant), `explore` (probability that a training
-video's keep mask is random, `train.random_selection`), `select_grad` (weight of the task loss's gradient
-to the kept windows' scores, `train.selection_gradient`), `pg` (weight of the REINFORCE term of sampled
-keep masks, `train.policy_gradient`; 0: off) and `pg_temp` (its sampler's temperature,
-`train.policy_temperature`). `prune_start` (every pruned run, trained baselines too: steps before it
-run unpruned, `train.prune_start`; 0: pruned from the first step).
+arg: `data` (dataset dir), `variant` (default | hard | recolour: which default dataset, see below),
+`recipe` (answer | aux, `RECIPES`), `method` (stts | none | random | heuristic), `ratio`, `mixed` (bool:
+train at the adaptive budget's buckets 0.3/0.5/0.7/0.85 in turn, `train.stts_ratios`;
+docs/adaptive_budget.md), `mixed_start` (with `mixed`: the first step at mixed ratios,
+`train.stts_ratios_start`; 0: from the start), `steps` (0: the recipe's for the variant), `batch`, `lr`,
+`seed`, `runlocal` (bool: a few steps on a small dataset for smoke tests, pruned from the first step),
+`frozen_early` (bool: every run holds the ViT embeddings and blocks 0..prune_at at stage 0's weights,
+`optim.freeze_vit_blocks`), `generic_early` (bool: as `frozen_early`, and stage 0 leaves them at their
+random initialisation, `job.vision_pretrain_freeze_blocks`; docs/main_job.md). The recipe's settings,
+each overridable (-1: the recipe's): `aux` (aux loss weight, `train.aux_weight`), `pg` (weight of the
+REINFORCE term of sampled keep masks, `train.policy_gradient`; 0: top-k keep masks in training too) and
+`prune_start` (every pruned run, trained baselines too: steps before it run unpruned,
+`train.prune_start`; 0: pruned from the first step); `pg_temp` (the sampler's temperature,
+`train.policy_temperature`). Training switches of the STTS run, screened on val and not adopted
+(docs/main_job.md, "Val screenings for one recipe"): `aux_gradient` (all | scorer: where the aux loss's
+gradient goes, `train.aux_gradient`), `aux_decay` (steps over which the aux weight falls linearly to 0,
+`train.aux_decay_steps`; 0: constant), `explore` (probability that a training video's keep mask is
+random, `train.random_selection`) and `select_grad` (weight of the task loss's gradient to the kept
+windows' scores, `train.selection_gradient`).
 
 `variant=hard` (data_cache/default_hard, `default_dataset.Spec(variant="hard")`): distractors that
 change more than the event, so the pixel heuristic keeps the event window at ratio 0.5 about as
@@ -42,8 +44,7 @@ often as random. Same model and training; the checks are the ones that dataset i
 the (trained) heuristic and random by 5 points at the lower bound; STTS - unpruned is reported.
 `variant=recolour` (data_cache/default_recolour): the event is an object that is there all clip
 turning yellow, a small change among big ones, so the heuristic is misled in the model's own
-features too (the hard variant's distractors mislead it in pixels only); the hard variant's steps
-and checks.
+features too (the hard variant's distractors mislead it in pixels only); the hard variant's checks.
 """
 
 import dataclasses
@@ -55,9 +56,23 @@ from stts_jax import config as config_lib
 
 VOCAB = 512            # the default dataset's word-level tokenizer (tiny id layout)
 SEQ_LEN = 232          # longest default-dataset prompt is 227 tokens
-# Training steps per dataset variant, each chosen on its validation split (docs/main_job.md): the hard
-# variant's runs sit on the chance plateau for 200-450 steps, so 600 left most of them unconverged.
-STEPS = {"default": 600, "hard": 1000, "recolour": 1000}
+# The training recipes (docs/main_job.md), chosen on the validation splits:
+#   answer (default)  the selection is trained on the answer: aux weight 0; each training video's keep
+#                     mask is sampled from the scorer's ranking and a REINFORCE term on its answer loss
+#                     (`train.policy_gradient` 1) makes the better samples likelier; every pruned run
+#                     trains unpruned for its first 400 steps (`train.prune_start`), so the selection
+#                     learns from a model that already answers; 1000 steps on every dataset variant.
+#   aux               the aux loss ties the scorer to the heuristic (weight 3; the authors use 0.5),
+#                     pruned from the first step; 600 steps (hard / recolour: 1000). It passes the
+#                     default dataset but does not learn the recolour variant's event.
+RECIPES = {
+    "answer": dict(aux_weight=0.0, policy_gradient=1.0, prune_start=400,
+                   steps={"default": 1000, "hard": 1000, "recolour": 1000}),
+    "aux": dict(aux_weight=3.0, policy_gradient=0.0, prune_start=0,
+                # the hard variant's runs sit on the chance plateau for 200-450 steps, so 600 left most
+                # of them unconverged
+                steps={"default": 600, "hard": 1000, "recolour": 1000}),
+}
 
 
 def model_config(method: str = "stts", ratio: float = 0.5) -> config_lib.ModelConfig:
@@ -80,11 +95,18 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   arg = common.parse_arg(arg, data="", variant="default", method="stts", ratio=0.5, steps=0, batch=16, lr=1e-3, seed=0,
                          pretrain=200, runlocal=False, mixed=False, frozen_early=False,
                          generic_early=False, aux_gradient="all", aux_decay=0, explore=0.0, select_grad=0.0,
-                         mixed_start=0, pg=0.0, pg_temp=1.0, prune_start=0)
+                         mixed_start=0, recipe="answer", aux=-1.0, pg=-1.0, pg_temp=1.0, prune_start=-1)
   from stts_jax.data import default_dataset
   from stts_jax.experiments import config as job_config   # registers the `job` section
   if arg.variant not in default_dataset.VARIANTS:
     raise ValueError(f"configs/demo.py: variant must be one of {default_dataset.VARIANTS}, got {arg.variant!r}")
+  if arg.recipe not in RECIPES:
+    raise ValueError(f"configs/demo.py: recipe must be one of {sorted(RECIPES)}, got {arg.recipe!r}")
+  recipe = RECIPES[arg.recipe]
+  # -1: the recipe's value. A smoke run has too few steps for an unpruned phase.
+  aux_weight = recipe["aux_weight"] if arg.aux < 0 else arg.aux
+  pg = recipe["policy_gradient"] if arg.pg < 0 else arg.pg
+  prune_start = (0 if arg.runlocal else recipe["prune_start"]) if arg.prune_start < 0 else arg.prune_start
   default_dir = "data_cache/default" + ("" if arg.variant == "default" else f"_{arg.variant}")
   cfg = ml_collections.ConfigDict()
   cfg.name = "demo"
@@ -93,14 +115,14 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     # Smoke run: a 64-clip dataset of its own, 6 steps, 16 test examples, one round of timing.
     data, steps, batch = arg.data or default_dir + "_runlocal", 6, 8
   else:
-    data, steps, batch = arg.data or default_dir, arg.steps or STEPS.get(arg.variant, STEPS["default"]), arg.batch
+    data, steps, batch = arg.data or default_dir, arg.steps or recipe["steps"][arg.variant], arg.batch
   cfg.data = config_lib.to_dict(default_dataset.data_config(data, batch_size=batch, seq_len=SEQ_LEN,
                                                             shuffle_seed=arg.seed))
   cfg.train = dict(
-      # aux_weight 3 (the authors use 0.5), chosen on the validation split: this tower's aux loss is
-      # ~1e-3 against a CE of ~0.1, so at 0.5 the scorer drifted from its target; at 10 it held the
+      # recipe aux: weight 3 (the authors use 0.5), chosen on the validation split: this tower's aux loss
+      # is ~1e-3 against a CE of ~0.1, so at 0.5 the scorer drifted from its target; at 10 it held the
       # scorer so tightly that a hard-variant seed never left the chance plateau (docs/main_job.md).
-      num_steps=steps, grad_accum=1, aux_weight=3.0, seed=arg.seed, log_every=2 if arg.runlocal else 10,
+      num_steps=steps, grad_accum=1, aux_weight=aux_weight, seed=arg.seed, log_every=2 if arg.runlocal else 10,
       # A fresh scorer first fits the aux target alone (~10 s): see stts_jax/train/scorer_warmup.py.
       scorer_warmup_steps=(4 if arg.runlocal else 300) if arg.method == "stts" else 0,
       eval_every=0, checkpoint_every=3 if arg.runlocal else 100, max_to_keep=2, tensorboard=False,
@@ -118,12 +140,13 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   if arg.select_grad and arg.method == "stts":
     # The task loss reaches the kept windows' scores (`train.selection_gradient`). Only set when asked.
     cfg.train.selection_gradient = arg.select_grad
-  if arg.prune_start:
-    # The pruned runs train unpruned for their first steps (`train.prune_start`). Only set when asked.
-    cfg.train.prune_start = arg.prune_start
-  if arg.pg and arg.method == "stts":
-    # Sampled keep masks and a REINFORCE term (`train.policy_gradient`). Only set when asked.
-    cfg.train.policy_gradient = arg.pg
+  if prune_start:
+    # The pruned runs train unpruned for their first steps (`train.prune_start`). Set only when used,
+    # so that run configs without it (and the workdirs that record them) stay as they were.
+    cfg.train.prune_start = prune_start
+  if pg and arg.method == "stts":
+    # Sampled keep masks and a REINFORCE term (`train.policy_gradient`). Set only when used.
+    cfg.train.policy_gradient = pg
     if arg.pg_temp != 1.0:
       cfg.train.policy_temperature = arg.pg_temp
   if arg.mixed:

@@ -18,7 +18,7 @@ from stts_jax.experiments import report as report_lib
 
 
 def _job(tmp_path, **kw):
-  cfg = demo.get_config(f"runlocal=true,data={tmp_path}/data")
+  cfg = demo.get_config(f"runlocal=true,aux=2,data={tmp_path}/data")
   return main_job.make_job(cfg, str(tmp_path / "work"), say=lambda s: None, **kw)
 
 
@@ -37,10 +37,24 @@ def test_demo_config_builds_and_traces():
   assert jax.tree.leaves(nnx.state(abstract, nnx.Param))
   built = config_lib.build(cfg)
   assert set(built) >= {"model", "data", "train", "mesh", "eval", "job"}
-  assert built["data"].seq_len == demo.SEQ_LEN and built["train"].num_steps == 600
-  # Steps are per dataset variant (the hard one needs longer); an explicit `steps` wins.
-  assert config_lib.build(demo.get_config("variant=hard"))["train"].num_steps == demo.STEPS["hard"] == 1000
+  assert built["data"].seq_len == demo.SEQ_LEN and built["train"].num_steps == 1000
+  # The default recipe trains the selection on the answer: no aux loss, sampled keep masks with the
+  # REINFORCE term, the first 400 steps unpruned; each setting can be overridden.
+  train = built["train"]
+  assert (train.aux_weight, train.policy_gradient, train.prune_start) == (0.0, 1.0, 400)
+  assert config_lib.build(demo.get_config("pg=0,prune_start=0,aux=0.5"))["train"].aux_weight == 0.5
+  assert "policy_gradient" not in demo.get_config("pg=0").train
+  # The aux recipe: aux weight 3, top-k keep masks, pruned from the first step; steps per dataset
+  # variant (the hard one needs longer); an explicit `steps` wins.
+  aux = config_lib.build(demo.get_config("recipe=aux"))["train"]
+  assert (aux.num_steps, aux.aux_weight, aux.policy_gradient, aux.prune_start) == (600, 3.0, 0.0, 0)
+  assert "prune_start" not in demo.get_config("recipe=aux").train    # recorded aux-recipe run configs unchanged
+  assert config_lib.build(demo.get_config("recipe=aux,variant=hard"))["train"].num_steps == 1000
   assert config_lib.build(demo.get_config("variant=hard,steps=70"))["train"].num_steps == 70
+  # A smoke run prunes from its first step.
+  assert "prune_start" not in demo.get_config("runlocal=true").train
+  with pytest.raises(ValueError, match="recipe"):
+    demo.get_config("recipe=authors")
   # The tower is pretrained (stage 0) and fine-tuned at a tenth of the LLM's rate, never frozen:
   # a frozen tower would let the unpruned run skip the ViT backward that STTS's scorer still needs.
   assert built["job"].vision_pretrain_steps == 200 and not built["train"].optim.freeze
@@ -91,7 +105,8 @@ def test_trained_baseline_runs_change_only_the_method(tmp_path):
     # everything else is the STTS run's: ratio, packed rows, steps, data order, optimiser
     c["model"]["stts"]["method"], c["name"] = "stts", st["name"]
     c["train"].update(scorer_warmup_steps=4, aux_weight=st["train"]["aux_weight"])
-    assert c == st
+    assert c == dict(st, train={k: v for k, v in st["train"].items() if k not in main_job.STTS_ONLY_TRAIN_KEYS})
+    assert st["train"]["policy_gradient"] == 1.0 and "policy_gradient" not in c["train"]
     built = config_lib.build(ml_collections.ConfigDict(main_job.run_config(job, 0, b)))
     assert built["model"].stts.prunes and built["model"].stts.ratio == 0.5
     assert main_job.eval_config_for(job, b).cells(8) == [(b, 0.5, 8)]
@@ -100,15 +115,15 @@ def test_trained_baseline_runs_change_only_the_method(tmp_path):
 
 
 def test_aux_route_and_schedule_reach_the_stts_run_only_and_default_configs_stay_as_they_were(tmp_path):
-  plain_train = demo.get_config(f"runlocal=true,data={tmp_path}/data").train
+  plain_train = demo.get_config(f"runlocal=true,pg=0,data={tmp_path}/data").train
   assert not set(main_job.STTS_ONLY_TRAIN_KEYS) & set(plain_train)
-  cfg = demo.get_config(f"runlocal=true,aux_gradient=scorer,aux_decay=5,explore=0.25,select_grad=2,data={tmp_path}/data")
+  cfg = demo.get_config(f"runlocal=true,pg=0,aux_gradient=scorer,aux_decay=5,explore=0.25,select_grad=2,data={tmp_path}/data")
   job = main_job.make_job(cfg, str(tmp_path / "work"), say=lambda s: None, trained_baselines=True)
   st = config_lib.build(ml_collections.ConfigDict(main_job.run_config(job, 0, "stts")))["train"]
   assert st.aux_gradient == "scorer" and st.aux_decay_steps == 5 and st.random_selection == 0.25
   assert st.selection_gradient == 2.0
   # the other runs have no aux loss: their configs (and workdirs) are those of the default route
-  plain = main_job.make_job(demo.get_config(f"runlocal=true,data={tmp_path}/data"), str(tmp_path / "plain"),
+  plain = main_job.make_job(demo.get_config(f"runlocal=true,pg=0,data={tmp_path}/data"), str(tmp_path / "plain"),
                             say=lambda s: None, trained_baselines=True)
   for run in ("unpruned", "random", "heuristic"):
     assert main_job.run_config(job, 0, run) == main_job.run_config(plain, 0, run)
@@ -341,11 +356,11 @@ def test_hard_variant_config_checks_the_heuristic_and_reports_parity(tmp_path, m
   assert len(names) == 3 and not any("unpruned >=" in n for n in names)
   assert names[1].startswith("STTS - heuristic pruning") and rep["checks"][1]["bound"] == 5.0
   assert "vs_stts" in rep["table"][0]
-  # The recolour variant: its own dataset dir, the hard variant's steps and checks.
+  # The recolour variant: its own dataset dir, the hard variant's checks.
   cfg = demo.get_config("variant=recolour")
   rjob = job_config.build_job_config(cfg.job)
   assert cfg.data.path == "data_cache/default_recolour" and rjob.dataset_variant == "recolour"
-  assert cfg.train.num_steps == demo.STEPS["hard"]
+  assert cfg.train.num_steps == demo.RECIPES["answer"]["steps"]["recolour"] == 1000
   assert (rjob.max_accuracy_gap, rjob.min_gain_over_heuristic) == (job.max_accuracy_gap, job.min_gain_over_heuristic)
   assert rjob.vision_pretrain_event_weight == 600.0 and job.vision_pretrain_event_weight == 0.0
 
