@@ -35,7 +35,7 @@ REINFORCE term of sampled keep masks, `train.policy_gradient`; 0: top-k keep mas
 (docs/main_job.md, "Val screenings for one recipe"): `aux_gradient` (all | scorer: where the aux loss's
 gradient goes, `train.aux_gradient`), `aux_decay` (steps over which the aux weight falls linearly to 0,
 `train.aux_decay_steps`; 0: constant), `explore` (probability that a training video's keep mask is
-random, `train.random_selection`) and `select_grad` (weight of the task loss's gradient to the kept
+random, `train.random_selection`; needs `pg=0`) and `select_grad` (weight of the task loss's gradient to the kept
 windows' scores, `train.selection_gradient`).
 
 `variant=hard` (data_cache/default_hard, `default_dataset.Spec(variant="hard")`): distractors that
