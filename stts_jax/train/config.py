@@ -122,6 +122,13 @@ class TrainConfig:
     from scratch learns the task while pruned only if its selection keeps what the task needs, and
     a selection learns what the task needs only from a model that answers. 0 (default): pruned from the
     first step.
+  keep_checkpoint_steps: steps whose checkpoints are also written to `workdir/kept_checkpoints` and
+    never deleted by `max_to_keep` (what another run starts from with `init_from`).
+  init_from / init_from_step: a pruning run with `prune_start` > 0 starts from the checkpoint of step
+    `init_from_step` (<= `prune_start`) in the directory `init_from` (another run's `kept_checkpoints`),
+    the unpruned run of the same config, instead of recomputing its unpruned steps (`train/fork.py`:
+    the state the full run holds at that step). Used only when `workdir` has no checkpoint yet.
+    "" (default): from the run's own init.
   stts_ratios_start: the first step of the mixed ratios; steps before it run at the model's
     `stts.ratio` (a model that learns at the fixed ratio first, then at every bucket). 0 (default):
     mixed from the first step.
@@ -154,6 +161,9 @@ class TrainConfig:
   stts_ratios: tuple[float, ...] = ()
   stts_ratios_start: int = 0
   prune_start: int = 0
+  keep_checkpoint_steps: tuple[int, ...] = ()
+  init_from: str = ""
+  init_from_step: int = 0
   log_example_ids: bool = False          # each process appends its batches' example ids to
                                          # workdir/example_ids/process_{i}-of-{n}.jsonl
   optim: OptimConfig = OptimConfig()
@@ -196,6 +206,14 @@ class TrainConfig:
       raise ValueError(f"train.stts_ratios: every drop ratio must be in (0, 1), got {tuple(self.stts_ratios)}")
     if self.prune_start < 0:
       raise ValueError(f"train.prune_start must be >= 0, got {self.prune_start}")
+    if any(int(s) < 1 for s in self.keep_checkpoint_steps):
+      raise ValueError(f"train.keep_checkpoint_steps must be >= 1, got {tuple(self.keep_checkpoint_steps)}")
+    if self.init_from and not 1 <= self.init_from_step <= self.prune_start:
+      raise ValueError(f"train.init_from_step={self.init_from_step}: a run starts from another run's checkpoint "
+                       f"only within its unpruned steps (1 <= init_from_step <= train.prune_start={self.prune_start})")
+    if self.init_from and self.scorer_warmup_steps:
+      raise ValueError("train.init_from: the scorer warm-up changes the scorer before the first step, which a run "
+                       "that starts from another run's checkpoint skips (set train.scorer_warmup_steps=0)")
     if self.stts_ratios_start < 0:
       raise ValueError(f"train.stts_ratios_start must be >= 0, got {self.stts_ratios_start}")
     self.optim.validate()

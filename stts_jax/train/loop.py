@@ -27,11 +27,13 @@ from flax import nnx
 from stts_jax.models import partitioning
 from stts_jax.train import checkpoint as ckpt_lib
 from stts_jax.train import distributed
+from stts_jax.train import fork
 from stts_jax.parallel import sharding
 from stts_jax.train import step as step_lib
 from stts_jax.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
+KEPT_DIR = "kept_checkpoints"   # `train.keep_checkpoint_steps`, beside `checkpoints`; never pruned
 
 # Host batch fields of these dtypes go to the devices; others (int64 example ids, strings) stay
 # on the host (logged, never traced).
@@ -302,11 +304,17 @@ def run(model_fn: Callable[[], nnx.Module], data_iter: Iterator[Mapping[str, np.
   """
   checkpointer = ckpt_lib.Checkpointer(os.path.join(os.path.abspath(workdir), "checkpoints"),
                                        max_to_keep=cfg.max_to_keep, async_save=cfg.async_checkpoint)
+  kept = None
+  if cfg.keep_checkpoint_steps:
+    kept = ckpt_lib.Checkpointer(os.path.join(os.path.abspath(workdir), KEPT_DIR),
+                                 max_to_keep=len(cfg.keep_checkpoint_steps), async_save=cfg.async_checkpoint)
   latest = checkpointer.latest_step()
-  warmup_summary = None
+  warmup_summary = fork_summary = None
   if latest is None:
     graphdef, state, shardings = init_state(model_fn, cfg, mesh, rules)
-    if cfg.scorer_warmup_steps:
+    if cfg.init_from:
+      state, fork_summary = fork.start_from(graphdef, state, shardings, data_iter, cfg, mesh)
+    elif cfg.scorer_warmup_steps:
       state, warmup_summary = warm_up_scorer(graphdef, state, shardings, data_iter, cfg, mesh, rules)
   else:
     graphdef, abs_state, shardings = abstract_state(model_fn, cfg, mesh, rules)
@@ -320,6 +328,8 @@ def run(model_fn: Callable[[], nnx.Module], data_iter: Iterator[Mapping[str, np.
     record = {f"scorer_warmup/{k}": float(v) for k, v in warmup_summary.items()}
     writer.write(0, record)
     history.append({"step": 0.0, **record})
+  if fork_summary is not None:
+    log.info("run starts at step %d from %s", cfg.init_from_step, cfg.init_from)
   # Mixed-ratio training and the unpruned steps before `prune_start`: one graphdef (and compiled
   # step) per drop ratio, chosen by the step.
   by_ratio = ratio_graphdefs(model_fn, cfg, graphdef)
@@ -346,6 +356,8 @@ def run(model_fn: Callable[[], nnx.Module], data_iter: Iterator[Mapping[str, np.
     history.append({"step": float(step), **scores})
 
   try:
+    if fork_summary is not None and cfg.eval_every and start % cfg.eval_every == 0:
+      evaluate(start)   # the point the full run evaluates after its step `start`
     with _Preemption() as preemption, jax.set_mesh(mesh):
       window_start, window_steps, window_tokens = time.perf_counter(), 0, 0.0
       pack_stats = _PackStats()
@@ -406,10 +418,14 @@ def run(model_fn: Callable[[], nnx.Module], data_iter: Iterator[Mapping[str, np.
           break
         if done == cfg.num_steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
           checkpointer.save(done, state, data_iter, config_json)
+        if kept is not None and done in cfg.keep_checkpoint_steps:
+          kept.save(done, state, data_iter, config_json)
       if not preempted and start < cfg.num_steps:
         evaluate(cfg.num_steps)
   finally:
     checkpointer.close()
+    if kept is not None:
+      kept.close()
     writer.close()
     id_log.close()
     if progress is not None:
