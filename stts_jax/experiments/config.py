@@ -50,6 +50,11 @@ class JobConfig:
     random initialisation (`PretrainConfig.freeze_vit_blocks`).
   vision_pretrain_event_weight: stage 0's loss weight of event windows (0: as decoys;
     `PretrainConfig.event_weight`).
+  fork_pruned_runs: with `train.prune_start` k > 0, the pruned runs (STTS and the trained baselines)
+    start from the unpruned run's checkpoint at step k (`train.init_from`, `train/fork.py`: the state
+    they would reach by training their k unpruned steps themselves) instead of recomputing those
+    steps. Used when the unpruned run kept that checkpoint (it does when it trains with this set);
+    False: every run trains from its own init.
   val_every: every this many training steps (and at the last step) each run evaluates its own method
     at the trained ratio on the validation split (multiple-choice likelihood, the test eval's
     evaluator); the points go to the run's metrics.jsonl as `eval/val_accuracy` (0: off). Decisions
@@ -88,6 +93,7 @@ class JobConfig:
   vision_pretrain_pruned_ratio: float = 0.0
   vision_pretrain_freeze_blocks: int = 0
   vision_pretrain_event_weight: float = 0.0
+  fork_pruned_runs: bool = True
   val_every: int = 50
   val_examples: Optional[int] = 256
   chance_margin: float = 0.10

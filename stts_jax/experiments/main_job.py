@@ -16,6 +16,9 @@ Stages, each reusing finished work in `workdir`:
              trained with a different config is an error (never silently mixed).
              With `job.trained_baselines` also `seed{s}/random` and `seed{s}/heuristic`: the STTS
              run's config with that method (same ratio, rows, steps, data order; no scorer warm-up).
+             With `train.prune_start` k > 0 (`job.fork_pruned_runs`), the unpruned run keeps its
+             step-k checkpoint and the pruned runs start from it (`train/fork.py`: their first k steps
+             are unpruned, so that is the state they would reach themselves; `started_from.json`).
              Every `job.val_every` steps and at the end, each run evaluates its own method at the
              trained ratio on the first `job.val_examples` VALIDATION questions (`validation.val_eval_fn`,
              the test eval's evaluator, compiled once per run); the points go to its metrics.jsonl
@@ -64,6 +67,7 @@ from stts_jax.experiments import vision_pretrain
 from stts_jax.models import vlm
 from stts_jax.experiments.config import JobConfig
 from stts_jax.train import checkpoint as ckpt_lib
+from stts_jax.train import loop as loop_lib
 from stts_jax.train import main as train_main
 from stts_jax.parallel import mesh as mesh_lib
 from stts_jax.parallel import sharding
@@ -271,6 +275,47 @@ def pretrain_vision(job: Job, progress: bool = True) -> Optional[tuple[dict[str,
   return params, meta
 
 
+FORK_FILE = "started_from.json"
+
+
+def fork_settings(job: Job, seed: int, run: str, start: Optional[int]) -> dict[str, Any]:
+  """Train settings that share the unpruned steps (`job.fork_pruned_runs`): the unpruned run keeps its
+  checkpoint at `train.prune_start`; a pruned run not started yet starts from it when it is there (and
+  records that in `started_from.json`)."""
+  k = job.train.prune_start
+  if not job.job.fork_pruned_runs or k == 0:
+    return {}
+  if run == "unpruned":
+    return {"keep_checkpoint_steps": (k,)}
+  if start is not None:
+    return {}
+  source = os.path.join(job.run_dir(seed, "unpruned"), loop_lib.KEPT_DIR)
+  if k not in _kept_steps(source):
+    job.say(f"  seed {seed} {run}: trains its {k} unpruned steps itself ({source} holds no step-{k} checkpoint)")
+    return {}
+  with open(os.path.join(job.run_dir(seed, run), FORK_FILE), "w") as f:
+    json.dump({"init_from": source, "init_from_step": k}, f, indent=1)
+  return {"init_from": source, "init_from_step": k}
+
+
+def _kept_steps(directory: str) -> list[int]:
+  if not os.path.isdir(directory):
+    return []
+  ck = ckpt_lib.Checkpointer(directory, async_save=False)
+  try:
+    return ck.all_steps()
+  finally:
+    ck.close()
+
+
+def read_fork(run_dir: str) -> Optional[dict[str, Any]]:
+  path = os.path.join(run_dir, FORK_FILE)
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
 def train(job: Job, seed: int, run: str,
           vision: Optional[tuple[dict[str, np.ndarray], dict[str, Any]]] = None) -> dict[str, Any]:
   """Trains (or reuses / resumes) one run, from the pretrained vision tower if given; returns its
@@ -305,11 +350,15 @@ def train(job: Job, seed: int, run: str,
     if vision is not None:
       model_cfg, params = model_config_of(cfg), vision[0]
       model_fn = lambda: vision_pretrain.load_into(vlm.Molmo2(model_cfg, rngs=nnx.Rngs(seed)), params)
-    # The validation cadence changes what is logged, not what is trained: not part of run_config.json.
-    val_every = job.job.val_every
+    # The validation cadence and where the unpruned steps come from change what is logged and computed,
+    # not what is trained: not part of run_config.json.
+    extra = dict(eval_every=job.job.val_every, **fork_settings(job, seed, run, start))
+    if extra.get("init_from"):
+      job.say(f"  {label}: starts from {extra['init_from']} step {extra['init_from_step']} (the unpruned run's "
+              f"state after the {extra['init_from_step']} unpruned steps it shares with this run)")
     result = train_main.train_and_evaluate(
-        ml_collections.ConfigDict(dict(cfg, train=dict(cfg["train"], eval_every=val_every))), run_dir,
-        model_fn=model_fn, eval_fn=validation_lib.val_eval_fn(job, run) if val_every else None)
+        ml_collections.ConfigDict(dict(cfg, train=dict(cfg["train"], **extra))), run_dir,
+        model_fn=model_fn, eval_fn=validation_lib.val_eval_fn(job, run) if job.job.val_every else None)
     seconds = time.time() - t0
     if result.preempted:
       raise KeyboardInterrupt(f"{label}: stopped by SIGTERM (checkpoint saved; re-run to resume)")
@@ -321,7 +370,9 @@ def train(job: Job, seed: int, run: str,
     job.say(f"  {label}: validation accuracy " + " ".join(f"{int(h['step'])}:{h[validation_lib.VAL_ACC] * 100:.1f}"
                                                           for h in val)
             + f" % ({np.median([h['eval/val_seconds'] for h in val]):.1f} s per evaluation)")
+  started = read_fork(run_dir)
   return {"workdir": run_dir, "status": status, "steps": steps, "seconds": round(seconds, 1),
+          **({"started_from": started} if started else {}),
           "final_ce": losses[-1]["ce"] if losses else None,
           "final_val_accuracy": val[-1][validation_lib.VAL_ACC] if val else None,
           "loop_step_time_s": float(np.median([h["step_time"] for h in losses[1:]])) if len(losses) > 1 else None}

@@ -211,9 +211,6 @@ class TrainConfig:
     if self.init_from and not 1 <= self.init_from_step <= self.prune_start:
       raise ValueError(f"train.init_from_step={self.init_from_step}: a run starts from another run's checkpoint "
                        f"only within its unpruned steps (1 <= init_from_step <= train.prune_start={self.prune_start})")
-    if self.init_from and self.scorer_warmup_steps:
-      raise ValueError("train.init_from: the scorer warm-up changes the scorer before the first step, which a run "
-                       "that starts from another run's checkpoint skips (set train.scorer_warmup_steps=0)")
     if self.stts_ratios_start < 0:
       raise ValueError(f"train.stts_ratios_start must be >= 0, got {self.stts_ratios_start}")
     self.optim.validate()

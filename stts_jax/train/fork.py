@@ -9,13 +9,14 @@ by `train.keep_checkpoint_steps`, `loop.KEPT_DIR`):
   * every leaf the source holds (parameters, optimizer moments and counts, step counters) and the data
     iterator's position are restored from it;
   * the leaves only this run has (the learned scorer's parameters and their optimizer moments) start
-    from this run's own init and get the k optimizer updates with zero gradient the full run gives
-    them: Adam's moments stay 0 but AdamW's decoupled weight decay still shrinks the scorer's matrices.
+    from this run's own init (after its scorer warm-up, which touches the scorer alone) and get the
+    k optimizer updates with zero gradient the full run gives them: Adam's moments stay 0 but AdamW's
+    decoupled weight decay still shrinks the scorer's matrices.
 
 The result is the state the full run holds after its k-th step (`tests/train/test_fork.py` checks the
-forked run against the full one). `TrainConfig.validate` holds `init_from_step` <= `prune_start` and no scorer
-warm-up; the caller vouches that the source run is this run's config with the pruning removed
-(`main_job` forks only such pairs).
+forked run against the full one). `TrainConfig.validate` holds `init_from_step` <= `prune_start`;
+the caller vouches that the source run is this run's config with the pruning removed (`main_job`
+forks only such pairs).
 """
 
 import logging

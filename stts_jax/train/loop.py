@@ -312,10 +312,11 @@ def run(model_fn: Callable[[], nnx.Module], data_iter: Iterator[Mapping[str, np.
   warmup_summary = fork_summary = None
   if latest is None:
     graphdef, state, shardings = init_state(model_fn, cfg, mesh, rules)
-    if cfg.init_from:
-      state, fork_summary = fork.start_from(graphdef, state, shardings, data_iter, cfg, mesh)
-    elif cfg.scorer_warmup_steps:
+    if cfg.scorer_warmup_steps:
       state, warmup_summary = warm_up_scorer(graphdef, state, shardings, data_iter, cfg, mesh, rules)
+    if cfg.init_from:
+      # After the warm-up (scorer only, iterator rewound), as in the run that trains its unpruned steps.
+      state, fork_summary = fork.start_from(graphdef, state, shardings, data_iter, cfg, mesh)
   else:
     graphdef, abs_state, shardings = abstract_state(model_fn, cfg, mesh, rules)
     state, _ = checkpointer.restore(latest, abs_state, data_iter)

@@ -114,6 +114,30 @@ def test_trained_baseline_runs_change_only_the_method(tmp_path):
     main_job.run_config(job, 0, "oracle")
 
 
+def test_pruned_runs_start_from_the_unpruned_runs_kept_checkpoint(tmp_path, monkeypatch):
+  """`job.fork_pruned_runs`: the unpruned run keeps its step-`prune_start` checkpoint; a pruned run
+  that has not started yet starts from it when it is there, and records that."""
+  cfg = demo.get_config(f"runlocal=true,prune_start=3,data={tmp_path}/data")
+  job = main_job.make_job(cfg, str(tmp_path / "work"), say=lambda s: None, trained_baselines=True)
+  assert main_job.fork_settings(job, 0, "unpruned", None) == {"keep_checkpoint_steps": (3,)}
+  assert "prune_start" not in main_job.run_config(job, 0, "unpruned")["train"]
+  kept = {}
+  monkeypatch.setattr(main_job, "_kept_steps", lambda d: kept.get(d, []))
+  os.makedirs(job.run_dir(0, "stts"))
+  assert main_job.fork_settings(job, 0, "stts", None) == {}        # the unpruned run kept nothing
+  source = os.path.join(job.run_dir(0, "unpruned"), "kept_checkpoints")
+  kept[source] = [3]
+  for run in ("stts", "random", "heuristic"):
+    os.makedirs(job.run_dir(0, run), exist_ok=True)
+    assert main_job.fork_settings(job, 0, run, None) == {"init_from": source, "init_from_step": 3}
+    assert main_job.read_fork(job.run_dir(0, run)) == {"init_from": source, "init_from_step": 3}
+  assert main_job.fork_settings(job, 0, "stts", 3) == {}           # resuming: its own checkpoints
+  off = main_job.make_job(ml_collections.ConfigDict(dict(cfg.to_dict(), job=dict(cfg.job, fork_pruned_runs=False))),
+                          str(tmp_path / "work2"), say=lambda s: None)
+  assert main_job.fork_settings(off, 0, "unpruned", None) == {} == main_job.fork_settings(off, 0, "stts", None)
+  assert main_job.fork_settings(_job(tmp_path), 0, "unpruned", None) == {}   # prune_start 0: nothing to share
+
+
 def test_aux_route_and_schedule_reach_the_stts_run_only_and_default_configs_stay_as_they_were(tmp_path):
   plain_train = demo.get_config(f"runlocal=true,pg=0,data={tmp_path}/data").train
   assert not set(main_job.STTS_ONLY_TRAIN_KEYS) & set(plain_train)
@@ -455,7 +479,8 @@ def test_report_files_and_console_text(tmp_path):
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_main_job_runlocal_end_to_end_then_rerun_reuses_and_adds_trained_baselines(tmp_path):
-  cfg = demo.get_config(f"runlocal=true,data={tmp_path}/data")
+  # prune_start 3 of 6 steps: every pruned run starts from the unpruned run's step-3 checkpoint
+  cfg = demo.get_config(f"runlocal=true,prune_start=3,data={tmp_path}/data")
   lines = []
   rep = main_job.run(cfg, str(tmp_path / "work"), say=lines.append, progress=False,
                      results_dir=str(tmp_path / "results"), command="python scripts/main_job.py --smoke")
@@ -481,6 +506,10 @@ def test_main_job_runlocal_end_to_end_then_rerun_reuses_and_adds_trained_baselin
       assert json.load(f)["vision_tower"]["pretrain"]["pruned_ratio"] == 0.5
   stts_history = main_job.read_history(os.path.join(tmp_path, "work", "seed0", "stts"))
   assert stts_history[0]["step"] == 0 and stts_history[0]["scorer_warmup/steps"] == 4
+  kept = os.path.join(tmp_path, "work", "seed0", "unpruned", "kept_checkpoints")
+  assert rep["runs"]["seed0/stts"]["started_from"] == {"init_from": kept, "init_from_step": 3}
+  assert [h["step"] for h in stts_history if "loss" in h] == [4, 6]   # its own steps only (log_every 2)
+  assert f"seed 0 stts: starts from {kept} step 3" in text
   # every comparison has its paired bootstrap on the 16 test questions, and the exit status follows the checks
   for r in rows[:1] + rows[2:]:
     assert r["vs_stts"]["pooled"]["n_questions"] == 16 and len(r["vs_stts"]["per_seed"]) == 1
@@ -511,6 +540,7 @@ def test_main_job_runlocal_end_to_end_then_rerun_reuses_and_adds_trained_baselin
   assert "vision tower: reused" in "\n".join(lines2)
   assert [r["accuracy"] for r in rep2["table"][:6]] == [r["accuracy"] for r in rep["table"]]
   assert [r["weights"] for r in rep2["table"][6:]] == ["trained with random pruning", "trained with heuristic pruning"]
+  assert all(rep2["runs"][f"seed0/{r}"]["started_from"]["init_from_step"] == 3 for r in ("random", "heuristic"))
   assert rep2["checks"][1]["against"] == "random@random"
   assert [len(v["curve"]) for v in rep2["validation"]["runs"].values()] == [1, 1, 1, 1]
   assert rep2["validation"]["runs"]["seed0/stts"] == rep["validation"]["runs"]["seed0/stts"]   # kept, not re-run
