@@ -220,15 +220,20 @@ def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
   return [] if a == b else [prefix.rstrip(".")]
 
 
-def latest_step(run_dir: str) -> Optional[int]:
-  root = os.path.join(run_dir, "checkpoints")
-  if not os.path.isdir(root):
-    return None
-  ck = ckpt_lib.Checkpointer(root, async_save=False)
+def checkpoint_steps(directory: str) -> list[int]:
+  """Steps of the Orbax checkpoints in `directory`, ascending ([] if there is none)."""
+  if not os.path.isdir(directory):
+    return []
+  ck = ckpt_lib.Checkpointer(directory, async_save=False)
   try:
-    return ck.latest_step()
+    return sorted(ck.all_steps())
   finally:
     ck.close()
+
+
+def latest_step(run_dir: str) -> Optional[int]:
+  steps = checkpoint_steps(os.path.join(run_dir, "checkpoints"))
+  return steps[-1] if steps else None
 
 
 def read_history(run_dir: str) -> list[dict[str, Any]]:
@@ -290,22 +295,12 @@ def fork_settings(job: Job, seed: int, run: str, start: Optional[int]) -> dict[s
   if start is not None:
     return {}
   source = os.path.join(job.run_dir(seed, "unpruned"), loop_lib.KEPT_DIR)
-  if k not in _kept_steps(source):
+  if k not in checkpoint_steps(source):
     job.say(f"  seed {seed} {run}: trains its {k} unpruned steps itself ({source} holds no step-{k} checkpoint)")
     return {}
   with open(os.path.join(job.run_dir(seed, run), FORK_FILE), "w") as f:
     json.dump({"init_from": source, "init_from_step": k}, f, indent=1)
   return {"init_from": source, "init_from_step": k}
-
-
-def _kept_steps(directory: str) -> list[int]:
-  if not os.path.isdir(directory):
-    return []
-  ck = ckpt_lib.Checkpointer(directory, async_save=False)
-  try:
-    return ck.all_steps()
-  finally:
-    ck.close()
 
 
 def read_fork(run_dir: str) -> Optional[dict[str, Any]]:

@@ -122,7 +122,7 @@ def test_pruned_runs_start_from_the_unpruned_runs_kept_checkpoint(tmp_path, monk
   assert main_job.fork_settings(job, 0, "unpruned", None) == {"keep_checkpoint_steps": (3,)}
   assert "prune_start" not in main_job.run_config(job, 0, "unpruned")["train"]
   kept = {}
-  monkeypatch.setattr(main_job, "_kept_steps", lambda d: kept.get(d, []))
+  monkeypatch.setattr(main_job, "checkpoint_steps", lambda d: kept.get(d, []))
   os.makedirs(job.run_dir(0, "stts"))
   assert main_job.fork_settings(job, 0, "stts", None) == {}        # the unpruned run kept nothing
   source = os.path.join(job.run_dir(0, "unpruned"), "kept_checkpoints")
