@@ -81,6 +81,7 @@ def test_notebook_layout(name):
   assert "/work/" not in "".join(c.source for c in nb.cells), "no local paths"
 
 
+@pytest.mark.slow   # executes the notebook (~45 s)
 def test_explore_scores_runs(tmp_path, monkeypatch):
   out = tmp_path / "figs"
   nb = execute("explore_scores.ipynb", dict(OUT_DIR=str(out), FIT_STEPS=8, CHECKPOINTS=(str(tmp_path / "none"),)),

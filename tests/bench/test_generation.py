@@ -3,9 +3,12 @@
 import json
 import os
 
+import pytest
+
 from stts_jax.bench import generation
 
 
+@pytest.mark.slow   # generation benchmark compiles prefill and decode per variant
 def test_generation_tiny_two_frames(tmp_path):
   out = generation.run(str(tmp_path), models=("tiny",), frames=(2,), rounds=2, min_seconds=0.0,
                        max_new_tokens=4)

@@ -116,6 +116,7 @@ def test_one_compilation_per_part_across_batches_with_different_keep_patterns():
   assert len(cell.packed) == 3 and len(cell.rows_needed) == 3
 
 
+@pytest.mark.slow   # benchmark cells with and without packing
 def test_heldout_rows_come_from_other_batches_and_compare_packing_adds_the_packed_cell():
   cfg = _tiny()
   bench = BenchConfig(frames=(FRAMES,), ratios=(0.3,), parts=("vision",), warmup=0, repeats=1, num_batches=2,

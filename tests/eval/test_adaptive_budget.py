@@ -313,6 +313,7 @@ def test_grouped_passes_match_per_batch_results_and_fill_bucket_passes(stts_mode
   assert sum(len(ts["vision"]) for ts in grouped.bucket_times.values()) == sum(len(c) for c in per_bucket.values())
 
 
+@pytest.mark.slow   # two full sweeps
 def test_sweep_grouped_and_per_batch_agree_per_question(tmp_path, stts_model):
   from stts_jax.data import default_dataset
   from stts_jax.eval import adaptive_eval
@@ -337,6 +338,7 @@ def test_sweep_grouped_and_per_batch_agree_per_question(tmp_path, stts_model):
   assert "ms / video" in md and "grouped by bucket across batches" in md
 
 
+@pytest.mark.slow   # both bucket paths compiled per bucket
 def test_bucket_passes_from_the_score_pass_equal_passes_from_the_patches(stts_model):
   """Reusing the score pass's ViT (up to the soft block) changes no output: against bucket passes
   that start from the patches, and against a plain fixed-ratio call at each video's bucket. Bucket
@@ -372,6 +374,7 @@ def test_bucket_passes_from_the_score_pass_equal_passes_from_the_patches(stts_mo
     np.testing.assert_allclose(out_r["option_logprobs"][rows], ref["option_logprobs"][rows], atol=1e-5)
 
 
+@pytest.mark.slow   # every bucket compiled twice (mesh and single device)
 @pytest.mark.multidevice
 def test_data_parallel_adaptive_passes_equal_single_device(stts_model):
   """On a data-parallel mesh (4 of the 8 virtual devices) the score pass, the buckets and every bucket
@@ -436,6 +439,7 @@ def test_adaptive_refuses_several_processes(monkeypatch):
     ab.AdaptivePredictor(predictor_lib.Predictor(max_new_tokens=3), ab.AdaptiveRule(0.5))
 
 
+@pytest.mark.slow   # two sweeps, every bucket compiled on the mesh and on one device
 @pytest.mark.multidevice
 def test_sweep_on_a_mesh_equals_single_device_per_question(tmp_path, stts_model):
   import jax

@@ -156,6 +156,7 @@ def test_data_parallel_and_rebatched_predictions_equal_single_device(stts_model)
   assert not np.array_equal(parallel["keep_mask"][0], parallel["keep_mask"][3])   # same T, other draw
 
 
+@pytest.mark.slow   # evaluation compiles at two ratios
 def test_variant_at_another_ratio_drops_a_row_count_sized_for_the_trained_ratio():
   """The demo STTS model packs 8 frames into 5 rows at ratio 0.5; at ratio 0.25 its 54 kept windows
   need 6, so the evaluation variant falls back to the proven bound instead of failing."""

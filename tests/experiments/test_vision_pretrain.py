@@ -139,6 +139,7 @@ def test_freeze_vit_blocks_leaves_the_early_tower_at_its_init(tiny_data, tmp_pat
     vp.PretrainConfig(freeze_vit_blocks=-1).validate()
 
 
+@pytest.mark.slow   # two pretraining runs
 def test_event_weight_weighs_event_windows_only(tiny_data, tmp_path):
   """event_weight = tag_weight is today's loss (bit-identical tower); another value moves the tower;
   towers saved without the field stay reusable (it is left out of the settings when 0)."""

@@ -6,6 +6,7 @@ import itertools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from stts_jax.models import pruning
@@ -64,6 +65,7 @@ def test_log_prob_is_finite_with_padding_frames_and_saturated_scores():
   assert (np.asarray(grad)[0, 2] == 0).all() and (np.asarray(grad)[0, 0] == 0).all()   # padding, frame 0
 
 
+@pytest.mark.slow   # tiny-Molmo2 forwards in training and evaluation (the sampled step: tests/train/test_step.py)
 def test_training_forward_samples_keep_masks_at_the_same_budget_and_evaluation_does_not():
   model = _model(ratio=0.5)
   batch = make_batch(model.config, [3, 3, 2, 3], 3, _seq_len(3))

@@ -21,6 +21,7 @@ def _run(tmp_path, name, ratio, steps, stts_ratios=(), **train):
                   sharding.make_rules(), str(tmp_path / name), forward=video_forward.forward_video)
 
 
+@pytest.mark.slow   # two tiny-Molmo2 runs, three step compiles
 def test_mixed_ratio_training_cycles_the_ratios_with_one_compilation_each(tmp_path):
   mixed = _run(tmp_path, "mixed", 0.5, 4, stts_ratios=(0.25, 0.5))
   kept = [h["kept_ratio"] for h in mixed.history]
@@ -48,6 +49,7 @@ def test_mixed_ratios_start_at_stts_ratios_start(tmp_path):
     helpers.train_cfg(stts_ratios=(0.3,), stts_ratios_start=-1)
 
 
+@pytest.mark.slow   # two tiny-Molmo2 runs; the unpruned prefix's equality is also in tests/train/test_fork.py
 def test_steps_before_prune_start_run_unpruned_then_at_the_model_ratio(tmp_path):
   """`train.prune_start`: the first steps are those of the same model at ratio 0 (every window kept),
   then it prunes at its ratio; one compiled step per phase."""

@@ -135,6 +135,7 @@ def test_freeze_and_scorer_learning_rate():
   assert float(m["lr_scorer"]) == 0.0 and float(m["lr"]) == pytest.approx(1e-2)
 
 
+@pytest.mark.slow   # several tiny-Molmo2 step compiles
 def test_dense_fallback_metric_counts_the_microbatches_that_outgrow_the_packed_rows():
   """A tiny STTS Molmo2 with the fewest packed rows (3 for 6 frames of 9 windows at ratio 0.5) and
   one video per micro-batch: `dense_fallback` counts the videos whose kept windows need more rows,
