@@ -95,11 +95,15 @@ def start_from(graphdef: Any, state: nnx.State, shardings: Any, data_iter: Any, 
     raise ValueError(f"train.init_from={cfg.init_from}: {len(wrong)} leaves differ in shape or dtype, e.g. {k}: "
                      f"{theirs[k].shape} {theirs[k].dtype} vs this run's {ours[k].shape} {ours[k].dtype}")
   own = sorted(set(ours) - set(theirs))
-  updates = int(np.asarray(theirs["optimizer/step"]))
+  # A replicated scalar: any local shard holds it (also when the array spans several processes).
+  step = theirs["optimizer/step"]
+  updates = int(np.asarray(step.addressable_data(0) if isinstance(step, jax.Array) else step))
   if own:
     state = zero_gradient_updates(graphdef, state, shardings, updates, mesh)
+  # The source's arrays keep the layout they were saved with; device_put moves them (and this run's
+  # own leaves) into this run's shardings without gathering anything onto one host.
   pure = jax.tree_util.tree_map_with_path(
-      lambda path, leaf: np.asarray(theirs.get(sharding.path_str(path), leaf)), nnx.to_pure_dict(state))
+      lambda path, leaf: theirs.get(sharding.path_str(path), leaf), nnx.to_pure_dict(state))
   nnx.replace_by_pure_dict(state, pure)
   state = jax.device_put(state, shardings)
   summary = {"init_from": cfg.init_from, "init_from_step": cfg.init_from_step, "restored_leaves": len(theirs),
