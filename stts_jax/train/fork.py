@@ -35,17 +35,8 @@ log = logging.getLogger(__name__)
 
 
 def _flat(tree: Any) -> dict[str, Any]:
-  """{'a/b/0/c': leaf} of a nested dict (list indices and int keys as strings)."""
-  out = {}
-
-  def walk(node, prefix):
-    if isinstance(node, dict):
-      for k, v in node.items():
-        walk(v, f"{prefix}{k}/")
-    else:
-      out[prefix.rstrip("/")] = node
-  walk(tree, "")
-  return out
+  """{'a/b/0/c': leaf} (`sharding.path_str`: the same names for an NNX pure dict and Orbax's restored one)."""
+  return {sharding.path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def _is_array(x: Any) -> bool:

@@ -329,8 +329,6 @@ def run(model_fn: Callable[[], nnx.Module], data_iter: Iterator[Mapping[str, np.
     record = {f"scorer_warmup/{k}": float(v) for k, v in warmup_summary.items()}
     writer.write(0, record)
     history.append({"step": 0.0, **record})
-  if fork_summary is not None:
-    log.info("run starts at step %d from %s", cfg.init_from_step, cfg.init_from)
   # Mixed-ratio training and the unpruned steps before `prune_start`: one graphdef (and compiled
   # step) per drop ratio, chosen by the step.
   by_ratio = ratio_graphdefs(model_fn, cfg, graphdef)
