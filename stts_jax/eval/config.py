@@ -23,6 +23,8 @@ class EvalConfig:
 
   split: data split (manifest `{data.path}/{split}.jsonl`, TFDS split, ...).
   methods / ratios: pruning variants of the same params (`ModelConfig.stts.method` / `.ratio`).
+  method_ratios: ((method, ratios), ...): the ratios of the methods it names, instead of `ratios`
+    (e.g. (("random", (0.5,)),): random at 0.5 only while the others sweep `ratios`).
   frames: frame counts T to evaluate (test-time scaling, e.g. (8, 16) with ratio 0.5 at 16 keeps
     the LLM token budget of 8 unpruned frames); () -> `data.max_frames` only. The sequence length
     grows with T by `tokens_per_extra_frame` (None -> W + 2 + 8: pooled tokens, frame markers and
@@ -42,6 +44,7 @@ class EvalConfig:
   split: str = "test"
   methods: tuple[str, ...] = ("none", "random", "heuristic", "stts")
   ratios: tuple[float, ...] = (0.3, 0.5, 0.7)
+  method_ratios: tuple[tuple[str, tuple[float, ...]], ...] = ()
   frames: tuple[int, ...] = ()
   tokens_per_extra_frame: int | None = None
   max_fps: float | None = None
@@ -60,9 +63,13 @@ class EvalConfig:
     bad = [m for m in self.methods if m not in config_lib.PRUNING_METHODS]
     if bad or not self.methods:
       raise ValueError(f"eval.methods {list(self.methods)}: each must be one of {config_lib.PRUNING_METHODS}")
-    for r in self.ratios:
+    for r in self.ratios + tuple(r for _, rs in self.method_ratios for r in rs):
       if not 0.0 <= r < 1.0:
         raise ValueError(f"eval.ratios: {r} outside [0, 1)")
+    named = [m for m, _ in self.method_ratios]
+    if len(set(named)) != len(named) or any(m not in self.methods for m in named):
+      raise ValueError(f"eval.method_ratios names {named}: each must be one of eval.methods {list(self.methods)}, "
+                       f"at most once")
     if any(f < 1 for f in self.frames):
       raise ValueError(f"eval.frames must be >= 1, got {self.frames}")
     unknown = [e for e in self.evaluators if e not in EVALUATORS]
@@ -87,10 +94,11 @@ class EvalConfig:
   def cells(self, default_frames: int) -> list[tuple[str, float, int]]:
     """(method, ratio, frames) to evaluate, in table order, without duplicates."""
     frames = self.frames or (default_frames,)
+    own = dict(self.method_ratios)
     out: list[tuple[str, float, int]] = []
     for f in frames:
       for m in self.methods:
-        ratios = (0.0,) if m == "none" else self.ratios
+        ratios = (0.0,) if m == "none" else own.get(m, self.ratios)
         for r in ratios:
           cell = ("none", 0.0, f) if r == 0.0 else (m, float(r), f)
           if cell not in out:

@@ -21,9 +21,13 @@ class JobConfig:
   dataset_clips: (train, val, test) clips of the default dataset; None -> its standard spec.
   dataset_variant: which default dataset the job builds into `data.path` (one of
     `default_dataset.VARIANTS`, `Spec.variant`; a dir holding the other variant is rebuilt, never mixed).
-  dataset_workers: render/encode processes for the dataset build (0: one per CPU).
-  eval_ratios: pruned fractions of the accuracy-vs-ratio sweep on the STTS-trained model
-    (stts, random and heuristic at each); the trained ratio is always included.
+  dataset_workers: render/encode processes for the dataset build (0: two per CPU; a worker waits on
+    its ffmpeg encode for about a third of the time).
+  eval_ratios: pruned fractions of the accuracy-vs-ratio sweep on the STTS-trained model; the
+    trained ratio is always included.
+  sweep_baselines: random and heuristic pruning of the STTS-trained model at every `eval_ratios`
+    too (False: at the trained ratio only, STTS alone sweeps; None: when `trained_baselines` is set,
+    i.e. the evidence run sweeps all three and the first command, whose time is budgeted, STTS alone).
   baseline_ratios: ratios of the training-free random / heuristic pruning of the unpruned-trained
     model (None -> the trained ratio only).
   eval_examples: evaluate the first N test examples (None: the whole split).
@@ -73,6 +77,7 @@ class JobConfig:
   dataset_variant: str = "default"
   dataset_workers: int = 0
   eval_ratios: tuple[float, ...] = (0.25, 0.5, 0.75)
+  sweep_baselines: Optional[bool] = None
   baseline_ratios: Optional[tuple[float, ...]] = None
   eval_examples: Optional[int] = None
   speed_batches: int = 4
@@ -94,7 +99,7 @@ class JobConfig:
   vision_pretrain_freeze_blocks: int = 0
   vision_pretrain_event_weight: float = 0.0
   fork_pruned_runs: bool = True
-  val_every: int = 50
+  val_every: int = 100
   val_examples: Optional[int] = 256
   chance_margin: float = 0.10
   rise_window: int = 2

@@ -162,7 +162,7 @@ def ensure_dataset(job: Job, progress: bool = True) -> dict[str, Any]:
     bar = tqdm.tqdm(total=sum(spec.num_clips), desc="dataset", unit="clip", dynamic_ncols=True)
   t0 = time.time()
   kw = {"progress": bar.update} if bar is not None else {}
-  meta = default_dataset.build(path, spec, workers=job.job.dataset_workers or os.cpu_count() or 1,
+  meta = default_dataset.build(path, spec, workers=job.job.dataset_workers or 2 * (os.cpu_count() or 1),
                                with_tfds=False, **kw)
   if bar is not None:
     bar.close()
@@ -377,6 +377,7 @@ def train(job: Job, seed: int, run: str,
 # 3. evaluation
 # ---------------------------------------------------------------------------------------------
 def eval_config_for(job: Job, run: str) -> EvalConfig:
+  own: tuple = ()
   if run == "unpruned":
     methods, ratios = ("none", "random", "heuristic"), job.job.baseline_ratios or (job.ratio,)
   elif run in BASELINE_RUNS:
@@ -384,7 +385,11 @@ def eval_config_for(job: Job, run: str) -> EvalConfig:
   else:
     methods = tuple(dict.fromkeys(("none", job.model.stts.method, "random", "heuristic")))
     ratios = tuple(sorted(set(job.job.eval_ratios) | {job.ratio}))
-  return dataclasses.replace(job.eval, methods=methods, ratios=tuple(ratios), max_examples=job.job.eval_examples
+    sweep = job.job.sweep_baselines
+    if not (job.job.trained_baselines if sweep is None else sweep):
+      own = tuple((m, (job.ratio,)) for m in methods if m not in ("none", job.model.stts.method))
+  return dataclasses.replace(job.eval, methods=methods, ratios=tuple(ratios), method_ratios=own,
+                             max_examples=job.job.eval_examples
                              if job.job.eval_examples is not None else job.eval.max_examples).validate()
 
 

@@ -99,6 +99,16 @@ def test_cells_and_config():
     eval_config.build_eval_config({"ratios": [1.0]})
   built = config_lib.build(ml_collections.ConfigDict({"eval": {"split": "val"}}))
   assert built["eval"].split == "val"
+  # method_ratios: the named methods at their own ratios, the others at `ratios`
+  own = eval_config.build_eval_config({"methods": ["none", "stts", "random"], "ratios": [0.25, 0.5, 0.75],
+                                       "method_ratios": [["random", [0.5]]]})
+  assert own.method_ratios == (("random", (0.5,)),)
+  assert own.cells(8) == [("none", 0.0, 8), ("stts", 0.25, 8), ("stts", 0.5, 8), ("stts", 0.75, 8),
+                          ("random", 0.5, 8)]
+  with pytest.raises(ValueError, match="method_ratios"):
+    eval_config.build_eval_config({"methods": ["none", "stts"], "method_ratios": [["random", [0.5]]]})
+  with pytest.raises(ValueError, match="ratios"):
+    eval_config.build_eval_config({"methods": ["random"], "method_ratios": [["random", [1.5]]]})
 
 
 def test_with_frames_grows_the_sequence_for_test_time_scaling(tmp_path):

@@ -87,6 +87,17 @@ def test_run_configs_seeds_steps_and_eval_cells(tmp_path):
   cells_st = main_job.eval_config_for(job, "stts").cells(8)
   assert cells_un == [("none", 0.0, 8), ("random", 0.5, 8), ("heuristic", 0.5, 8)]
   assert cells_st == [("none", 0.0, 8), ("stts", 0.5, 8), ("random", 0.5, 8), ("heuristic", 0.5, 8)]
+  # The sweep at eval_ratios: STTS alone in the first command; random and heuristic too with trained
+  # baselines (the evidence run) or when asked.
+  swept = [("none", 0.0, 8)] + [("stts", r, 8) for r in (0.25, 0.5, 0.75)]
+  job.job = dataclasses.replace(job.job, eval_ratios=(0.25, 0.75))
+  assert main_job.eval_config_for(job, "stts").cells(8) == swept + [("random", 0.5, 8), ("heuristic", 0.5, 8)]
+  for flags in ({"trained_baselines": True}, {"sweep_baselines": True}):
+    job.job = dataclasses.replace(job.job, **flags)
+    assert main_job.eval_config_for(job, "stts").cells(8) == swept + [
+        (m, r, 8) for m in ("random", "heuristic") for r in (0.25, 0.5, 0.75)]
+    job.job = dataclasses.replace(job.job, trained_baselines=False, sweep_baselines=None)
+  assert main_job.eval_config_for(job, "unpruned").cells(8) == cells_un
   with pytest.raises(ValueError, match="pruned variant"):
     cfg = demo.get_config(f"runlocal=true,data={tmp_path}/data,method=none")
     main_job.make_job(cfg, str(tmp_path / "w2"))
@@ -516,7 +527,7 @@ def test_main_job_runlocal_end_to_end_then_rerun_reuses_and_adds_trained_baselin
   assert "Paired bootstrap over test questions" in text
   assert main_job.exit_status(rep, say=lines.append) == (1 if report_lib.failed_checks(rep) else 0)
   assert main_job.exit_status(rep, strict=False, say=lines.append) == 0
-  # Validation: job.val_every (50) > 6 steps, so each run has its last-step point only; reported, not checked.
+  # Validation: job.val_every (100) > 6 steps, so each run has its last-step point only; reported, not checked.
   assert {k: [s for s, _ in v["curve"]] for k, v in rep["validation"]["runs"].items()} == {
       "seed0/unpruned": [6], "seed0/stts": [6]}
   assert all(v["examples"] == 14 and v["stopped_rising"] is None for v in rep["validation"]["runs"].values())

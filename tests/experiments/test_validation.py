@@ -58,7 +58,7 @@ def test_plateau_rule_on_hand_made_curves():
 
 def test_job_config_validation_fields():
   job = JobConfig()
-  assert job.val_every == 50 and job.val_examples == 256 and not job.require_converged
+  assert job.val_every == 100 and job.val_examples == 256 and not job.require_converged
   assert (job.chance_margin, job.rise_window, job.rise_tolerance) == (0.10, 2, 0.01)
   with pytest.raises(ValueError, match="require_converged needs validation curves"):
     JobConfig(val_every=0, require_converged=True).validate()
