@@ -1,7 +1,7 @@
 """The main job: build the offline default dataset, train an unpruned and an STTS demo model, evaluate
 STTS against random and heuristic pruning on the test split, time both side by side, report.
 
-  bash scripts/setup_env.sh && .venv/bin/python scripts/main_job.py --workdir runs/main      # ~15 min, 2 cores
+  bash scripts/setup_env.sh && .venv/bin/python scripts/main_job.py --workdir runs/main      # ~18 min, 2 cores
   .venv/bin/python scripts/main_job.py --workdir runs/main3 --seeds 0,1,2                    # mean +- sd
   .venv/bin/python scripts/main_job.py --workdir /tmp/smoke --config configs/demo.py:runlocal=true
   .venv/bin/python scripts/main_job.py --workdir runs/main --results_dir docs/results/main_job/demo   # files to commit

@@ -21,8 +21,8 @@ class JobConfig:
   dataset_clips: (train, val, test) clips of the default dataset; None -> its standard spec.
   dataset_variant: which default dataset the job builds into `data.path` (one of
     `default_dataset.VARIANTS`, `Spec.variant`; a dir holding the other variant is rebuilt, never mixed).
-  dataset_workers: render/encode processes for the dataset build (0: two per CPU; a worker waits on
-    its ffmpeg encode for about a third of the time).
+  dataset_workers: render/encode processes for the dataset build (0: two per CPU, as each waits on
+    its video encoder and file writes part of the time).
   eval_ratios: pruned fractions of the accuracy-vs-ratio sweep on the STTS-trained model; the
     trained ratio is always included.
   sweep_baselines: random and heuristic pruning of the STTS-trained model at every `eval_ratios`
