@@ -164,5 +164,7 @@ def test_answer_mode_rejects_a_forward_without_hidden_states():
     return dataclasses.replace(out, hidden=None)
   model = Molmo2(tiny_model_config(), rngs=nnx.Rngs(0))
   batch = {k: jnp.asarray(v) for k, v in next(helpers.batches(batch_size=1)).items() if k != "example_id"}
-  with pytest.raises(ValueError, match="hidden"):
-    step_lib.cross_entropy(logits_only, model, batch, jax.random.key(0), helpers.train_cfg(loss="answer"))
+  graphdef, state = nnx.split(model)
+  with pytest.raises(ValueError, match="hidden"):   # raised while tracing: eval_shape computes nothing
+    jax.eval_shape(lambda st: step_lib.cross_entropy(logits_only, nnx.merge(graphdef, st), batch, jax.random.key(0),
+                                                     helpers.train_cfg(loss="answer")), state)
