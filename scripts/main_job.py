@@ -12,7 +12,9 @@ intervals, the checks and the paths written (report.json, table.md, plots/). Exi
 fails (`--no-strict` or job.strict=False: report only). `--trained_baselines` also trains a random-
 and a heuristic-pruning model to compare with. Every run logs a validation-accuracy curve (job.val_every,
 job.val_examples); `--results_dir` copies report.json, table.md, speed.json, val_curves.json and plots/
-there with a provenance.json (this command line, git commit, machine, wall time). See docs/main_job.md.
+there with a provenance.json (this command line, git commit, machine, wall time). `--train_only stts`
+builds the dataset and trains that run alone (no eval, timing or report; train_only.json holds its
+validation curve). See docs/main_job.md.
 """
 
 import functools
@@ -43,6 +45,8 @@ flags.DEFINE_bool("trained_baselines", None, "also train random- and heuristic-p
 flags.DEFINE_bool("strict", None, "exit 1 when a check fails; --no-strict only reports (default: job.strict)")
 flags.DEFINE_string("results_dir", None, "also copy the result files there, with provenance.json (e.g. a directory "
                     "under docs/results/ to commit)")
+flags.DEFINE_list("train_only", None, "only build the dataset and train these runs (e.g. stts: the model for "
+                  "scripts/evaluate.py's sweeps), write train_only.json; no eval, timing or report")
 FLAGS = flags.FLAGS
 
 
@@ -53,6 +57,10 @@ def main(argv, command=None):
   from stts_jax.experiments import main_job
   seeds = [int(s) for s in FLAGS.seeds.split(",") if s.strip()] if FLAGS.seeds else None
   print(f"jax {jax.__version__} on {jax.device_count()} {jax.default_backend()} device(s)", flush=True)
+  if FLAGS.train_only:
+    main_job.train_only(FLAGS.config, FLAGS.workdir, FLAGS.train_only, seeds=seeds, steps=FLAGS.steps,
+                        results_dir=FLAGS.results_dir, command=command)
+    return 0
   report = main_job.run(FLAGS.config, FLAGS.workdir, seeds=seeds, steps=FLAGS.steps, retime=FLAGS.retime,
                         trained_baselines=FLAGS.trained_baselines, results_dir=FLAGS.results_dir, command=command)
   return main_job.exit_status(report, FLAGS.strict)     # app.run exits with it

@@ -4,6 +4,7 @@ methods on the held-out test split, times both models side by side and writes th
   run(config, workdir, *, seeds=None, steps=None, retime=False, trained_baselines=None,
       results_dir=None, command=None) -> report dict
   exit_status(report, strict=None) -> 0, or 1 when a check failed and the job is strict
+  train_only(config, workdir, runs, ...) -> stages 1-2 for some runs alone (train_only.json)
 
 config: a top-level config (`configs/demo.py`) with sections model (the pruned variant: method
 "stts", ratio 0.5; the job derives the unpruned one), data, train, mesh, eval and job (`JobConfig`).
@@ -44,7 +45,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import jax
 import ml_collections
@@ -615,6 +616,48 @@ def run(config: Any, workdir: str, *, seeds=None, steps=None, retime: bool = Fal
   return rep
 
 
+def train_only(config: Any, workdir: str, runs: Sequence[str], *, seeds=None, steps=None,
+               progress: bool = True, compilation_cache: bool = True, results_dir: Optional[str] = None,
+               command: Optional[str] = None, say: Callable[[str], None] = _say) -> dict[str, Any]:
+  """Stages 1 and 2 for `runs` alone (e.g. ("stts",): the STTS model for `scripts/evaluate.py`'s sweeps,
+  without the unpruned run it is compared with in the report). The runs are the ones `run` trains in
+  the same workdir (same run configs; a pruned run whose unpruned run kept no step-k checkpoint trains
+  its k unpruned steps itself, the state it would start from). Writes `train_only.json` (per run:
+  status, steps, seconds, final CE, validation curve; command, commit, machine) and, with `results_dir`,
+  copies it there with a provenance.json. Returns that dict."""
+  t_start = time.time()
+  prov = provenance_lib.record(command)
+  job = make_job(config, workdir, seeds=seeds, steps=steps, say=say)
+  bad = [r for r in runs if r not in job.runs]
+  if not runs or bad:
+    raise ValueError(f"main job: train_only runs must be among {job.runs}, got {list(runs)}")
+  os.makedirs(job.workdir, exist_ok=True)
+  if compilation_cache:
+    enable_compilation_cache(os.path.join(job.workdir, "jax_cache"))
+  say(f"STTS main job, training only {', '.join(runs)} -> {job.workdir}: seeds {list(job.job.seeds)}, "
+      f"{job.train.num_steps} steps per run")
+  dataset = ensure_dataset(job, progress)
+  vision = pretrain_vision(job, progress)
+  out = {"runs": {}}
+  for s in job.job.seeds:
+    for r in runs:
+      summary = train(job, s, r, vision)
+      curve = [[int(h["step"]), h[validation_lib.VAL_ACC]] for h in read_history(summary["workdir"])
+               if validation_lib.VAL_ACC in h]
+      out["runs"][f"seed{s}/{r}"] = dict(summary, val_accuracy=curve)
+  out.update(prov, dataset={k: v for k, v in dataset.items() if k in ("path", "spec")},
+             val_examples=job.job.val_examples, wall_seconds=round(time.time() - t_start, 1))
+  path = os.path.join(job.workdir, "train_only.json")
+  with open(path, "w") as f:
+    json.dump(out, f, indent=1)
+  if results_dir:
+    provenance_lib.copy_with_provenance({"train_only.json": path}, results_dir,
+                                        {k: out[k] for k in ("command", "commit", "machine", "date")},
+                                        wall_seconds=out["wall_seconds"], workdir=job.workdir)
+    say(f"  copied train_only.json to {results_dir} (with provenance.json)")
+  return out
+
+
 def exit_status(report: dict[str, Any], strict: Optional[bool] = None, say: Callable[[str], None] = _say) -> int:
   """The job's exit status: 1 when a check failed (`report_lib.failed_checks`) and the job is strict,
   else 0. strict: None -> the report's `job.strict`. Says which checks failed either way."""
@@ -631,4 +674,4 @@ def exit_status(report: dict[str, Any], strict: Optional[bool] = None, say: Call
 
 __all__ = ["BASELINE_RUNS", "Job", "RUNS", "copy_results", "ensure_dataset", "eval_config_for", "evaluate",
            "exit_status", "keep_mask_examples", "latest_step", "make_job", "measure_speed", "read_history", "run",
-           "run_config", "train"]
+           "run_config", "train", "train_only"]
