@@ -197,6 +197,39 @@ def test_mixed_config_trains_pruned_runs_at_the_buckets_and_leaves_fixed_configs
     demo.get_config("runlocal=true,mixed_start=7")
 
 
+def test_train_only_trains_the_named_runs_per_seed_and_writes_their_curves(tmp_path, monkeypatch):
+  """`train_only`: the dataset, stage 0 and the named runs of every seed, in that order, nothing else;
+  train_only.json holds each run's summary and validation curve; unknown runs are refused."""
+  cfg = demo.get_config(f"runlocal=true,data={tmp_path}/data")
+  calls = []
+  monkeypatch.setattr(main_job, "ensure_dataset", lambda job, progress: calls.append("dataset") or
+                      {"path": "d", "spec": {"variant": "default"}, "status": "built"})
+  monkeypatch.setattr(main_job, "pretrain_vision", lambda job, progress: calls.append("tower") or ("params", {}))
+
+  def fake_train(job, seed, run, vision):
+    assert vision == ("params", {})
+    calls.append(f"seed{seed}/{run}")
+    run_dir = job.run_dir(seed, run)
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
+      for step, acc in ((3, 0.25), (6, 0.5 + seed / 10)):
+        f.write(json.dumps({"step": step, "eval/val_accuracy": acc}) + "\n")
+    return {"workdir": run_dir, "status": "trained", "steps": 6}
+  monkeypatch.setattr(main_job, "train", fake_train)
+  out = main_job.train_only(cfg, str(tmp_path / "work"), ["stts"], seeds=(0, 1), say=lambda s: None,
+                            compilation_cache=False, results_dir=str(tmp_path / "res"), command="python x.py")
+  assert calls == ["dataset", "tower", "seed0/stts", "seed1/stts"]
+  assert out["runs"]["seed1/stts"]["val_accuracy"] == [[3, 0.25], [6, 0.6]]
+  assert out["command"] == "python x.py" and out["val_examples"] == cfg.job.val_examples
+  with open(tmp_path / "work" / "train_only.json") as f:
+    assert json.load(f) == json.loads(json.dumps(out))
+  with open(tmp_path / "res" / "provenance.json") as f:
+    assert json.load(f)["files"] == ["train_only.json"]
+  for bad in ([], ["random"], ["stts", "scorer"]):     # random: a run only with trained baselines
+    with pytest.raises(ValueError, match="train_only runs must be among"):
+      main_job.train_only(cfg, str(tmp_path / "work"), bad, say=lambda s: None, compilation_cache=False)
+
+
 def test_eval_cache_needs_per_question_records():
   cell = {"note": "", "records": {"multiple_choice": {"likelihood": [{"example_id": "a"}]}}}
   assert main_job._has_records({"cells": [cell, {"note": "not run: no scorer", "records": {}}]})
@@ -489,6 +522,22 @@ def test_report_files_and_console_text(tmp_path):
 # end to end
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.slow
+def test_train_only_then_the_whole_job_reuses_the_run(tmp_path):
+  """A run trained alone is the run the whole job trains in that workdir: the job reuses it (same
+  run config), and the run that trained its own unpruned steps records no fork."""
+  cfg = demo.get_config(f"runlocal=true,prune_start=3,data={tmp_path}/data")
+  work = str(tmp_path / "work")
+  out = main_job.train_only(cfg, work, ["stts"], say=lambda s: None, progress=False)
+  assert out["runs"]["seed0/stts"]["status"] == "trained" and "started_from" not in out["runs"]["seed0/stts"]
+  assert [s for s, _ in out["runs"]["seed0/stts"]["val_accuracy"]] == [6]
+  assert not os.path.exists(os.path.join(work, "seed0", "unpruned"))
+  assert main_job.train_only(cfg, work, ["stts"], say=lambda s: None, progress=False)["runs"]["seed0/stts"][
+      "status"] == "reused"
+  rep = main_job.run(cfg, work, say=lambda s: None, progress=False)
+  assert [(k, r["status"]) for k, r in rep["runs"].items()] == [("seed0/unpruned", "trained"), ("seed0/stts", "reused")]
+
+
+@pytest.mark.slow
 def test_main_job_runlocal_end_to_end_then_rerun_reuses_and_adds_trained_baselines(tmp_path):
   # prune_start 3 of 6 steps: every pruned run starts from the unpruned run's step-3 checkpoint
   cfg = demo.get_config(f"runlocal=true,prune_start=3,data={tmp_path}/data")
@@ -531,7 +580,7 @@ def test_main_job_runlocal_end_to_end_then_rerun_reuses_and_adds_trained_baselin
   assert {k: [s for s, _ in v["curve"]] for k, v in rep["validation"]["runs"].items()} == {
       "seed0/unpruned": [6], "seed0/stts": [6]}
   assert all(v["examples"] == 14 and v["stopped_rising"] is None for v in rep["validation"]["runs"].values())
-  assert "Validation accuracy % (14 val questions, every 50 steps and the last;" in text
+  assert "Validation accuracy % (14 val questions, every 100 steps and the last;" in text
   # Result files with provenance (--results_dir)
   assert rep["command"] == "python scripts/main_job.py --smoke" and "commit" in rep and "host" in rep["machine"]
   with open(tmp_path / "results" / "provenance.json") as f:
