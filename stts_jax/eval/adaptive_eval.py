@@ -11,7 +11,7 @@ vision windows (= LLM vision tokens) per video. It returns a JSON-able dict with
                      *not above* the fixed ratio's (None if none is), adaptive - fixed accuracy with
                      the paired bootstrap over questions (`experiments.stats`),
   vs_fixed_05        per adaptive point: % fewer kept windows than fixed 0.5, accuracy difference and
-                     its paired interval,
+                     its paired interval (`operating_point` picks the val sweep's operating point from it),
 and `plot(results, path)` draws both curves (all clips and one panel per camera type).
 `pool(runs, seeds)` combines several training seeds' sweeps of the same comparison into one such dict
 (seed means; paired bootstrap pooled over seeds, as the main job's statistics).
@@ -231,6 +231,19 @@ def _num(x: Optional[float], fmt: str = ".1f", unit: str = "") -> str:
   return "-" if x is None else f"{x:{fmt}}{unit}"
 
 
+def operating_point(results: dict[str, Any], min_fewer_pct: float = 25.0) -> Optional[dict[str, Any]]:
+  """The operating point of a (val) sweep (docs/adaptive_budget.md): of the adaptive points keeping at
+  least `min_fewer_pct` % fewer windows than fixed 0.5, the one with the highest lower bound of adaptive -
+  fixed 0.5; ties (at the 0.1 points the tables print) go to the higher mean, then the smaller threshold.
+  Returns its `vs_fixed_05` row, or None when no point keeps that many fewer windows."""
+  rows = [v for v in results.get("vs_fixed_05") or []
+          if v["fewer_windows_pct"] >= min_fewer_pct and v["adaptive_minus_fixed05"]]
+  if not rows:
+    return None
+  return max(rows, key=lambda v: (round(100 * v["adaptive_minus_fixed05"]["lo"], 1),
+                                  round(100 * v["adaptive_minus_fixed05"]["mean"], 1), -v["threshold"]))
+
+
 def markdown(results: dict[str, Any]) -> str:
   """The tables of a sweep. "ms / video": every timed pass of the point (adaptive: score passes and
   bucket passes) over the scored videos; grouped or not as `group_batches` says."""
@@ -277,6 +290,12 @@ def markdown(results: dict[str, Any]) -> str:
       lines.append(f"| {v['threshold']:g} | {v['kept_windows']:.1f} | {v['fewer_windows_pct']:.1f} | "
                    f"{iv(v['adaptive_minus_fixed05'])} | {_num(v.get('fixed05_over_adaptive_time'), '.2f', 'x')}"
                    + per_seed(v.get("adaptive_minus_fixed05_per_seed")) + " |")
+    op = operating_point(results)
+    lines += ["", "Operating point (`adaptive_eval.operating_point`: of the points with >= 25 % fewer windows, the "
+              "highest lower bound; ties: the higher mean, then the smaller value): " +
+              ("none keeps 25 % fewer windows" if op is None else
+               f"{par} {op['threshold']:g}, {op['kept_windows']:.1f} kept, {op['fewer_windows_pct']:.1f} % fewer, "
+               f"{iv(op['adaptive_minus_fixed05'])}")]
   rows = []
   for p in results["fixed"]:
     t = p.get("seconds_per_batch") or {}
@@ -405,4 +424,5 @@ def pool(runs: Sequence[dict[str, Any]], seeds: Sequence[int], *, resamples: int
           "matched": matched, "vs_fixed_05": vs05}
 
 
-__all__ = ["EXAMPLES_FILE", "PER_EXAMPLE_KEYS", "markdown", "plot", "pool", "read", "sweep", "write"]
+__all__ = ["EXAMPLES_FILE", "PER_EXAMPLE_KEYS", "markdown", "operating_point", "plot", "pool", "read", "sweep",
+           "write"]

@@ -193,6 +193,28 @@ def test_sweep_report_markdown_and_plot(tmp_path):
   assert adaptive_eval.read(str(tmp_path)) == dict(res, provenance={"commit": "x"})
 
 
+def test_operating_point_rule_and_the_committed_val_choices():
+  """`operating_point`: of the points >= 25 % fewer windows than fixed 0.5, the highest lower bound;
+  ties at 0.1 points go to the higher mean, then the smaller value; none qualifying -> None. On the
+  committed val sweeps it gives the operating points docs/adaptive_budget.md reports."""
+  import os
+  from stts_jax.eval import adaptive_eval
+  ci = lambda m, lo: {"mean": m, "lo": lo, "hi": m + 0.01}  # noqa: E731
+  row = lambda t, fewer, m, lo: {"threshold": t, "kept_windows": 36 * (1 - fewer / 100),  # noqa: E731
+                                 "fewer_windows_pct": fewer, "adaptive_minus_fixed05": ci(m, lo)}
+  rows = [row(0.1, 20.0, 0.0, 0.0), row(0.2, 30.0, -0.01, -0.0301), row(0.3, 40.0, -0.005, -0.0299),
+          row(0.4, 50.0, -0.005, -0.03), row(0.5, 60.0, -0.02, -0.05)]
+  assert adaptive_eval.operating_point({"vs_fixed_05": rows})["threshold"] == 0.3   # 0.1: too few fewer windows
+  assert adaptive_eval.operating_point({"vs_fixed_05": rows[:1]}) is None
+  assert adaptive_eval.operating_point({"vs_fixed_05": rows}, min_fewer_pct=10.0)["threshold"] == 0.1
+  root = os.path.join(os.path.dirname(__file__), "..", "..", "docs", "results", "adaptive_budget")
+  for name, want in (("val_default_mixed_aux3", 0.045), ("val_hard_mixed_aux3", 0.03),
+                     ("val_default_mixed_answer", 0.3), ("val_recolour_mixed_answer_mass", 0.1),
+                     ("val_recolour_mixed600_aux0", 0.9995)):
+    with open(os.path.join(root, name, "adaptive.json")) as f:
+      assert adaptive_eval.operating_point(json.load(f))["threshold"] == want, name
+
+
 def _seed_sweep(rng, kept_adaptive, n_q=40):
   """A sweep results dict (the layout of `adaptive_eval.sweep`) with random per-question outcomes."""
   ids = [f"q{i}" for i in range(n_q)]
