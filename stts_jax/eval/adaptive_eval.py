@@ -290,6 +290,8 @@ def markdown(results: dict[str, Any]) -> str:
       lines.append(f"| {v['threshold']:g} | {v['kept_windows']:.1f} | {v['fewer_windows_pct']:.1f} | "
                    f"{iv(v['adaptive_minus_fixed05'])} | {_num(v.get('fixed05_over_adaptive_time'), '.2f', 'x')}"
                    + per_seed(v.get("adaptive_minus_fixed05_per_seed")) + " |")
+  if results["vs_fixed_05"] and results["split"] == "val":
+    # chosen on val only: a test sweep is read at the val sweep's operating point
     op = operating_point(results)
     lines += ["", "Operating point (`adaptive_eval.operating_point`: of the points with >= 25 % fewer windows, the "
               "highest lower bound; ties: the higher mean, then the smaller value): " +
@@ -298,8 +300,8 @@ def markdown(results: dict[str, Any]) -> str:
                f"{iv(op['adaptive_minus_fixed05'])}")]
   rows = []
   for p in results["fixed"]:
-    t = p.get("seconds_per_batch") or {}
-    rows.append((f"fixed {p['ratio']:g}", t))
+    if p.get("seconds_per_batch"):          # pooled seeds carry no pass timings
+      rows.append((f"fixed {p['ratio']:g}", p["seconds_per_batch"]))
   for p in results["adaptive"]:
     for r, t in (p.get("seconds_per_bucket_pass") or {}).items():
       rows.append((f"adaptive {par} {p['threshold']:g}, bucket {r}", t))

@@ -254,6 +254,10 @@ def test_pool_over_seeds_means_matched_points_and_pooled_bootstrap(tmp_path):
   adaptive_eval.write(res, str(tmp_path))
   md = open(tmp_path / "adaptive.md").read()
   assert "Seeds [0, 1] pooled" in md and "| per seed |" in md
+  assert "nan" not in md and "Seconds per pass" not in md      # no pass timings pooled
+  # the operating point is chosen on val sweeps only
+  assert "Operating point" not in md
+  assert "Operating point (`adaptive_eval.operating_point`" in adaptive_eval.markdown(dict(res, split="val"))
   assert (tmp_path / "adaptive.png").stat().st_size > 0
 
 
