@@ -210,7 +210,9 @@ def test_operating_point_rule_and_the_committed_val_choices():
   root = os.path.join(os.path.dirname(__file__), "..", "..", "docs", "results", "adaptive_budget")
   for name, want in (("val_default_mixed_aux3", 0.045), ("val_hard_mixed_aux3", 0.03),
                      ("val_default_mixed_answer", 0.3), ("val_recolour_mixed_answer_mass", 0.1),
-                     ("val_recolour_mixed600_aux0", 0.9995)):
+                     ("val_recolour_mixed600_aux0", 0.9995), ("val_recolour_mixed600_1600steps_aux0", 0.9995),
+                     ("val_default_mixed_buckets6", 0.045), ("val_hard_mixed_buckets6", 0.055),
+                     ("val_recolour_mixed1600_mass_3seeds", 0.3)):
     with open(os.path.join(root, name, "adaptive.json")) as f:
       assert adaptive_eval.operating_point(json.load(f))["threshold"] == want, name
 
