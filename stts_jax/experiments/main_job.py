@@ -642,9 +642,8 @@ def train_only(config: Any, workdir: str, runs: Sequence[str], *, seeds=None, st
   for s in job.job.seeds:
     for r in runs:
       summary = train(job, s, r, vision)
-      curve = [[int(h["step"]), h[validation_lib.VAL_ACC]] for h in read_history(summary["workdir"])
-               if validation_lib.VAL_ACC in h]
-      out["runs"][f"seed{s}/{r}"] = dict(summary, val_accuracy=curve)
+      out["runs"][f"seed{s}/{r}"] = dict(summary,
+                                         val_accuracy=validation_lib.val_curve(read_history(summary["workdir"])))
   out.update(prov, dataset={k: v for k, v in dataset.items() if k in ("path", "spec")},
              val_examples=job.job.val_examples, wall_seconds=round(time.time() - t_start, 1))
   path = os.path.join(job.workdir, "train_only.json")
